@@ -1,0 +1,556 @@
+"""The one experiment schema shared by ``run_simulation.py``, ``flwr run`` and the CLI.
+
+An experiment is a tree of frozen dataclasses. It can be built from
+
+* a TOML file with one table per section (``[lora]``, ``[train]``, ...),
+* a flat Flower ``run_config`` whose keys are dotted (``"lora.r"``), which is what
+  ``flwr run --run-config`` and ``[tool.flwr.app.config]`` produce,
+* ``--set section.key=value`` overrides on the command line.
+
+Unknown keys and ill-typed or out-of-range values raise ``ValueError`` naming the key.
+Flower run-config values may only be bool/int/float/str, so sequences are written as
+comma-separated strings in the flat form.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+FlatValue = bool | int | float | str
+
+# A target_modules value that starts with this prefix is a full-match regex (PEFT's
+# "a string is a regex"); anything else is a comma-separated list of module names.
+REGEX_PREFIX = "re:"
+
+
+def _check(cond: bool, key: str, value: object, what: str) -> None:
+    """Raise a ``ValueError`` naming the field when ``cond`` is false."""
+    if not cond:
+        raise ValueError(f"`{key}` should be {what} but the value passed is {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters (PEFT's names; the seed's defaults)."""
+
+    r: int = 8  # rank of the update: A is (r, in), B is (out, r)
+    lora_alpha: float = 16.0  # scaling = lora_alpha / r (or / sqrt(r) with rsLoRA)
+    lora_dropout: float = 0.1  # dropout on the LoRA branch input
+    # Module names (exact or ".name" suffix) or, as a str, a full-match regex.
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"  # init of A; B = 0
+    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
+    # Whole modules trained and shared next to the adapter (e.g. a new classifier).
+    modules_to_save: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            "r",
+            self.r,
+            "a positive integer value",
+        )
+        _check(
+            _is_real(self.lora_alpha) and self.lora_alpha > 0,
+            "lora_alpha",
+            self.lora_alpha,
+            "a positive number",
+        )
+        _check(
+            _is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+            "lora_dropout",
+            self.lora_dropout,
+            "a number in [0, 1)",
+        )
+        if isinstance(self.target_modules, str):
+            _check(
+                bool(self.target_modules),
+                "target_modules",
+                self.target_modules,
+                "a non-empty regex",
+            )
+        else:
+            _check(
+                len(self.target_modules) > 0
+                and all(isinstance(t, str) and t for t in self.target_modules),
+                "target_modules",
+                self.target_modules,
+                "a non-empty list of module names",
+            )
+        _check(
+            self.init_lora_weights in ("kaiming", "gaussian"),
+            "init_lora_weights",
+            self.init_lora_weights,
+            "one of 'kaiming', 'gaussian'",
+        )
+        _check(
+            all(isinstance(t, str) and t for t in self.modules_to_save),
+            "modules_to_save",
+            self.modules_to_save,
+            "a list of module names",
+        )
+
+    @property
+    def scaling(self) -> float:
+        """Factor applied to ``B @ A``: ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA)."""
+        if self.use_rslora:
+            return float(self.lora_alpha) / math.sqrt(self.r)
+        return float(self.lora_alpha) / self.r
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained model to adapt."""
+
+    # Built-in name (minilm, smollm2-135m, tiny-bert, tiny-llama, tiny-gpt2),
+    # a Hugging Face id, or a local directory.
+    name: str = "minilm"
+    task: Literal["auto", "seq_cls", "causal_lm"] = "auto"  # auto: from the model
+    num_labels: int = 2  # classes for seq_cls
+    max_length: int = 64  # tokens per example after truncation
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        _check(bool(self.name), "model.name", self.name, "a non-empty string")
+        _check(
+            self.task in ("auto", "seq_cls", "causal_lm"),
+            "model.task",
+            self.task,
+            "one of 'auto', 'seq_cls', 'causal_lm'",
+        )
+        _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
+        _check(self.max_length >= 2, "model.max_length", self.max_length, ">= 2")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which text, how it is held out and how it is split across clients."""
+
+    # rotten_tomatoes | shakespeare | synthetic | a path to .csv / .jsonl / .txt
+    name: str = "rotten_tomatoes"
+    text_column: str = "text"  # local files: column with the text
+    label_column: str = "label"  # local files: column with the class (seq_cls)
+    group_column: str = ""  # local files: column naming the natural owner
+    test_fraction: float = 0.2  # global held-out split (centralised evaluation)
+    max_examples: int = 0  # use a seeded subsample of this size (0: all)
+    min_group_size: int = 0  # drop natural groups with fewer examples
+    partitioner: Literal["iid", "dirichlet", "natural"] = "natural"
+    dirichlet_alpha: float = 0.5  # concentration for the Dirichlet label split
+    local_test_fraction: float = 0.1  # each client's own validation split
+    eval_max_examples: int = 0  # cap the held-out set used per evaluation (0: all)
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        _check(bool(self.name), "data.name", self.name, "a non-empty string")
+        _check(
+            0.0 < self.test_fraction < 1.0,
+            "data.test_fraction",
+            self.test_fraction,
+            "in (0, 1)",
+        )
+        _check(
+            0.0 <= self.local_test_fraction < 1.0,
+            "data.local_test_fraction",
+            self.local_test_fraction,
+            "in [0, 1)",
+        )
+        _check(self.max_examples >= 0, "data.max_examples", self.max_examples, ">= 0")
+        _check(
+            self.min_group_size >= 0,
+            "data.min_group_size",
+            self.min_group_size,
+            ">= 0",
+        )
+        _check(
+            self.partitioner in ("iid", "dirichlet", "natural"),
+            "data.partitioner",
+            self.partitioner,
+            "one of 'iid', 'dirichlet', 'natural'",
+        )
+        _check(
+            self.dirichlet_alpha > 0,
+            "data.dirichlet_alpha",
+            self.dirichlet_alpha,
+            "> 0",
+        )
+        _check(
+            self.eval_max_examples >= 0,
+            "data.eval_max_examples",
+            self.eval_max_examples,
+            ">= 0",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training loop (one client, or the centralised reference)."""
+
+    lr: float = 5e-4  # peak AdamW learning rate
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    local_steps: int = 10  # optimiser steps per fit call (per round)
+    local_epochs: float = 0.0  # if > 0: epochs over the local data instead of steps
+    warmup_steps: int = 0  # linear warm-up inside one fit call
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0: off)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on the device
+    num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
+        _check(
+            self.eval_batch_size >= 1,
+            "train.eval_batch_size",
+            self.eval_batch_size,
+            ">= 1",
+        )
+        _check(self.local_steps >= 0, "train.local_steps", self.local_steps, ">= 0")
+        _check(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, ">= 0")
+        _check(
+            self.local_steps > 0 or self.local_epochs > 0,
+            "train.local_steps",
+            self.local_steps,
+            "> 0 (or set train.local_epochs > 0)",
+        )
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            "train.lr_schedule",
+            self.lr_schedule,
+            "one of 'constant', 'cosine'",
+        )
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(
+            self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0"
+        )
+        _check(
+            self.device == "auto"
+            or self.device in ("cpu", "cuda", "mps")
+            or self.device.startswith("cuda:"),
+            "train.device",
+            self.device,
+            "one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'",
+        )
+        _check(
+            self.precision in ("fp32", "bf16", "fp16"),
+            "train.precision",
+            self.precision,
+            "one of 'fp32', 'bf16', 'fp16'",
+        )
+        _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Federated rounds, sampling, aggregation and evaluation."""
+
+    num_rounds: int = 5
+    num_clients: int = 10  # partitions = simulated SuperNodes
+    fraction_fit: float = 1.0  # share of available clients trained per round
+    fraction_evaluate: float = 0.0  # share evaluated per round (0: no federated eval)
+    min_fit_clients: int = 2  # wait for (and require) at least this many replies
+    min_evaluate_clients: int = 2
+    min_available_clients: int = 2
+    aggregation: str = "fedit"  # rule name in lora_flwr.aggregation
+    lr_decay: float = 1.0  # client lr in round t = train.lr * lr_decay ** (t - 1)
+    eval_every: int = 1  # centralised evaluation every N rounds (0: only at the end)
+    max_update_norm: float = 0.0  # reject replies whose update norm exceeds this (0: off)
+    client_num_cpus: float = 1.0  # Ray resources per simulated client
+    client_num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Validate every field."""
+        _check(self.num_rounds >= 1, "fed.num_rounds", self.num_rounds, ">= 1")
+        _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, ">= 1")
+        for name in ("fraction_fit", "fraction_evaluate"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"fed.{name}", value, "in [0, 1]")
+        _check(self.fraction_fit > 0, "fed.fraction_fit", self.fraction_fit, "> 0")
+        for name in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+            value = getattr(self, name)
+            _check(
+                1 <= value <= self.num_clients,
+                f"fed.{name}",
+                value,
+                f"in [1, fed.num_clients={self.num_clients}]",
+            )
+        _check(bool(self.aggregation), "fed.aggregation", self.aggregation, "a name")
+        _check(0 < self.lr_decay <= 1.0, "fed.lr_decay", self.lr_decay, "in (0, 1]")
+        _check(self.eval_every >= 0, "fed.eval_every", self.eval_every, ">= 0")
+        _check(
+            self.max_update_norm >= 0,
+            "fed.max_update_norm",
+            self.max_update_norm,
+            ">= 0",
+        )
+        _check(
+            self.client_num_cpus > 0,
+            "fed.client_num_cpus",
+            self.client_num_cpus,
+            "> 0",
+        )
+        _check(
+            self.client_num_gpus >= 0,
+            "fed.client_num_gpus",
+            self.client_num_gpus,
+            ">= 0",
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: everything a run needs, saved next to its results."""
+
+    name: str = "default"  # run name; results go to <output_dir>/<name>
+    seed: int = 0  # seeds init, data split, sampling and training
+    output_dir: str = "results"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    def __post_init__(self) -> None:
+        """Validate the top-level fields."""
+        _check(bool(self.name), "name", self.name, "a non-empty string")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        """Build from a nested mapping (a parsed TOML file).
+
+        Raises
+        ------
+        ValueError
+            On an unknown key or a value of the wrong type or range.
+        """
+        return typing.cast(ExperimentConfig, _build(cls, data, prefix=""))
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, FlatValue]) -> ExperimentConfig:
+        """Build from a flat Flower run_config with dotted keys (``"lora.r"``)."""
+        return cls.from_dict(unflatten(flat))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ExperimentConfig:
+        """Load a TOML experiment file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Config file not found: {path}. Pass an existing TOML file, e.g. "
+                "configs/default.toml."
+            )
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"Config file {path} is not valid TOML: {exc}") from exc
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: Sequence[str]) -> ExperimentConfig:
+        """Return a copy with ``section.key=value`` overrides applied.
+
+        Values are parsed with :func:`ast.literal_eval` when possible (so ``3``,
+        ``1e-3``, ``True`` and ``'x'`` work) and otherwise taken as plain strings.
+        """
+        flat = self.to_flat()
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"Override {item!r} should look like section.key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if key not in flat:
+                raise ValueError(f"Unknown config key: {key}")
+            flat[key] = parse_value(raw.strip())
+        return ExperimentConfig.from_flat(flat)
+
+    # ---------------------------------------------------------------- exporters
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain-Python form (lists for tuples), e.g. to save as JSON."""
+        return typing.cast(dict[str, Any], _to_plain(self))
+
+    def to_flat(self) -> dict[str, FlatValue]:
+        """Flat run_config form: dotted keys, sequences as comma-separated strings."""
+        out: dict[str, FlatValue] = {}
+        _flatten(self, "", out)
+        return out
+
+    def to_toml(self) -> str:
+        """Serialise as TOML (one table per section) that :meth:`from_toml` reads."""
+        lines: list[str] = []
+        sections: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                sections.append(f.name)
+            else:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        for name in sections:
+            lines.append(f"\n[{name}]")
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- helpers
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def parse_value(raw: str) -> FlatValue:
+    """Parse a command-line value: a Python literal if it is one, else the string."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return raw
+
+
+def unflatten(flat: Mapping[str, FlatValue]) -> dict[str, Any]:
+    """Turn ``{"lora.r": 8}`` into ``{"lora": {"r": 8}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"Config key {key!r} clashes with a value at {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _to_plain(obj: object) -> object:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _flatten(obj: object, prefix: str, out: dict[str, FlatValue]) -> None:
+    assert dataclasses.is_dataclass(obj)
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _flatten(value, key + ".", out)
+        elif isinstance(value, tuple):
+            out[key] = ",".join(value)
+        elif f.name == "target_modules" and isinstance(value, str):
+            out[key] = REGEX_PREFIX + value
+        else:
+            out[key] = value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> object:
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"Config section `{prefix.rstrip('.') or '<root>'}` should be a table "
+            f"but the value passed is {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"Unknown config key: {full}")
+        hint = hints[key]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, prefix=full + ".")
+        else:
+            kwargs[key] = _coerce(full, hint, value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ValueError(f"Bad config section `{prefix or '<root>'}`: {exc}") from exc
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``hint`` and convert where lossless."""
+    origin = typing.get_origin(hint)
+    if key.endswith("target_modules"):
+        return _coerce_target_modules(key, value)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(
+                f"`{key}` should be one of {list(allowed)} but the value passed is "
+                f"{value!r}"
+            )
+        return value
+    if origin is tuple:
+        return _coerce_str_tuple(key, value)
+    if origin in (types.UnionType, typing.Union):  # pragma: no cover - none left
+        raise ValueError(f"`{key}` has an unsupported type")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"`{key}` should be true or false but the value passed is {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"`{key}` should be an integer but the value passed is {value!r}")
+    if hint is float:
+        if _is_real(value):
+            return float(value)
+        raise ValueError(f"`{key}` should be a number but the value passed is {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"`{key}` should be a string but the value passed is {value!r}")
+    raise ValueError(f"`{key}` has an unsupported type {hint!r}")  # pragma: no cover
+
+
+def _coerce_str_tuple(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(p.strip() for p in value.split(",") if p.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(
+        f"`{key}` should be a list of strings or a comma-separated string but the "
+        f"value passed is {value!r}"
+    )
+
+
+def _coerce_target_modules(key: str, value: Any) -> tuple[str, ...] | str:
+    if isinstance(value, str) and value.startswith(REGEX_PREFIX):
+        return value[len(REGEX_PREFIX) :]
+    return _coerce_str_tuple(key, value)
