@@ -183,12 +183,13 @@ def _unpack(archive: Path, asset: Asset, target: Path) -> None:
                     rel = _relative(member.name, asset.member, is_dir)
                     if rel is None or not member.isfile():
                         continue
-                    src = tf.extractfile(member)
-                    assert src is not None
+                    fileobj = tf.extractfile(member)
+                    if fileobj is None:  # pragma: no cover - isfile() ensures one
+                        continue
                     out = tmp / rel
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    with src, out.open("wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    with fileobj, out.open("wb") as dst:
+                        shutil.copyfileobj(fileobj, dst)
                     extracted += 1
         if extracted == 0:
             raise RuntimeError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -74,10 +75,10 @@ class LoraConfig:
         )
         if isinstance(self.target_modules, str):
             _check(
-                bool(self.target_modules),
+                bool(self.target_modules) and _is_regex(self.target_modules),
                 "target_modules",
                 self.target_modules,
-                "a non-empty regex",
+                "a non-empty, valid regex",
             )
         else:
             _check(
@@ -94,7 +95,14 @@ class LoraConfig:
             "one of 'kaiming', 'gaussian'",
         )
         _check(
-            all(isinstance(t, str) and t for t in self.modules_to_save),
+            isinstance(self.use_rslora, bool),
+            "use_rslora",
+            self.use_rslora,
+            "true or false",
+        )
+        _check(
+            not isinstance(self.modules_to_save, str)
+            and all(isinstance(t, str) and t for t in self.modules_to_save),
             "modules_to_save",
             self.modules_to_save,
             "a list of module names",
@@ -102,7 +110,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        """Factor applied to ``B @ A``: ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA)."""
+        """Return the factor on ``B @ A``: alpha / r (rsLoRA: alpha / sqrt(r))."""
         if self.use_rslora:
             return float(self.lora_alpha) / math.sqrt(self.r)
         return float(self.lora_alpha) / self.r
@@ -268,7 +276,9 @@ class FedConfig:
     aggregation: str = "fedit"  # rule name in lora_flwr.aggregation
     lr_decay: float = 1.0  # client lr in round t = train.lr * lr_decay ** (t - 1)
     eval_every: int = 1  # centralised evaluation every N rounds (0: only at the end)
-    max_update_norm: float = 0.0  # reject replies whose update norm exceeds this (0: off)
+    max_update_norm: float = (
+        0.0  # reject replies whose update norm exceeds this (0: off)
+    )
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     client_num_gpus: float = 0.0
 
@@ -280,7 +290,11 @@ class FedConfig:
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"fed.{name}", value, "in [0, 1]")
         _check(self.fraction_fit > 0, "fed.fraction_fit", self.fraction_fit, "> 0")
-        for name in ("min_fit_clients", "min_evaluate_clients", "min_available_clients"):
+        for name in (
+            "min_fit_clients",
+            "min_evaluate_clients",
+            "min_available_clients",
+        ):
             value = getattr(self, name)
             _check(
                 1 <= value <= self.num_clients,
@@ -371,7 +385,9 @@ class ExperimentConfig:
         flat = self.to_flat()
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"Override {item!r} should look like section.key=value")
+                raise ValueError(
+                    f"Override {item!r} should look like section.key=value"
+                )
             key, raw = item.split("=", 1)
             key = key.strip()
             if key not in flat:
@@ -404,7 +420,8 @@ class ExperimentConfig:
             lines.append(f"\n[{name}]")
             section = getattr(self, name)
             for f in dataclasses.fields(section):
-                lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+                value = _to_plain(getattr(section, f.name), f.name)
+                lines.append(f"{f.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 
@@ -448,18 +465,32 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    if isinstance(value, tuple):
+    if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
 
-def _to_plain(obj: object) -> object:
+def _to_plain(obj: object, name: str = "") -> object:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: _to_plain(getattr(obj, f.name), f.name)
+            for f in dataclasses.fields(obj)
+        }
     if isinstance(obj, tuple):
         return list(obj)
+    if name == "target_modules" and isinstance(obj, str):
+        # A regex keeps its prefix so that from_dict / from_toml read it back as one.
+        return REGEX_PREFIX + obj
     return obj
+
+
+def _is_regex(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _flatten(obj: object, prefix: str, out: dict[str, FlatValue]) -> None:
@@ -521,21 +552,29 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"`{key}` should be true or false but the value passed is {value!r}")
+        raise ValueError(
+            f"`{key}` should be true or false but the value passed is {value!r}"
+        )
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"`{key}` should be an integer but the value passed is {value!r}")
+        raise ValueError(
+            f"`{key}` should be an integer but the value passed is {value!r}"
+        )
     if hint is float:
         if _is_real(value):
             return float(value)
-        raise ValueError(f"`{key}` should be a number but the value passed is {value!r}")
+        raise ValueError(
+            f"`{key}` should be a number but the value passed is {value!r}"
+        )
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"`{key}` should be a string but the value passed is {value!r}")
+        raise ValueError(
+            f"`{key}` should be a string but the value passed is {value!r}"
+        )
     raise ValueError(f"`{key}` has an unsupported type {hint!r}")  # pragma: no cover
 
 

@@ -1,0 +1,239 @@
+"""Tokenise a :class:`TextDataset` once, then batch it with dynamic padding.
+
+Examples are stored unpadded; :func:`collate` pads a batch to its longest example
+(right padding), so short snippets do not pay for ``max_length``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lora_flwr.data.datasets import Task, TextDataset
+
+IGNORE_INDEX = -100  # label value skipped by Hugging Face / torch cross-entropy
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """Token ids per example, ready for :func:`collate`.
+
+    Attributes
+    ----------
+    input_ids
+        One 1-D int64 tensor per example: unpadded, truncated to ``max_length``,
+        with the special tokens the tokenizer adds.
+    labels
+        Class ids, int64 of shape ``(num_examples,)``, for ``seq_cls``; ``None`` for
+        ``causal_lm`` (the labels are the inputs).
+    task
+        ``"seq_cls"`` or ``"causal_lm"``.
+    pad_token_id
+        Id written in padded positions.
+    """
+
+    input_ids: tuple[torch.Tensor, ...]
+    labels: torch.Tensor | None
+    task: Task
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        """Return the number of examples."""
+        return len(self.input_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of (unpadded) tokens."""
+        return sum(int(ids.numel()) for ids in self.input_ids)
+
+
+def tokenize(
+    ds: TextDataset, tokenizer: Any, task: Task, max_length: int
+) -> TokenizedDataset:
+    """Encode every text with one batched tokenizer call.
+
+    Parameters
+    ----------
+    ds
+        The examples.
+    tokenizer
+        A Hugging Face tokenizer (fast ones encode in parallel in Rust). Its
+        ``pad_token_id`` is used, else its ``eos_token_id``.
+    task
+        ``"seq_cls"`` (``ds`` must have labels) or ``"causal_lm"``.
+    max_length
+        Tokens kept per example, special tokens included.
+
+    Returns
+    -------
+    TokenizedDataset
+        Unpadded ids (and class ids for ``seq_cls``).
+
+    Raises
+    ------
+    ValueError
+        For ``seq_cls`` without labels, a tokenizer without pad and eos tokens, a
+        ``max_length`` below 1, or a text that encodes to no token.
+    """
+    if task not in ("seq_cls", "causal_lm"):
+        raise ValueError(
+            f"`task` should be 'seq_cls' or 'causal_lm' but the value passed is "
+            f"{task!r}"
+        )
+    if max_length < 1:
+        raise ValueError(
+            f"`max_length` should be >= 1 but the value passed is {max_length}"
+        )
+    if task == "seq_cls" and ds.labels is None:
+        raise ValueError(
+            "`task` = 'seq_cls' needs a labelled corpus but this one has no labels; "
+            "use a causal LM (`model.task` = 'causal_lm') or a corpus with labels"
+        )
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None)
+    if pad_id is None:
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has neither a pad nor an eos "
+            "token; set `tokenizer.pad_token` before tokenizing"
+        )
+    if len(ds) == 0:
+        encoded: list[list[int]] = []
+    else:
+        encoded = tokenizer(
+            list(ds.texts),
+            truncation=True,
+            max_length=max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if len(ids) == 0]
+    if empty:
+        raise ValueError(
+            f"Examples {empty[:5]} encode to no token; drop empty texts before "
+            "tokenizing"
+        )
+    # One tensor split into views: 3x faster than a tensor per example.
+    lengths = [len(ids) for ids in encoded]
+    flat = torch.tensor([i for ids in encoded for i in ids], dtype=torch.long)
+    input_ids = tuple(torch.split(flat, lengths)) if lengths else ()
+    labels = (
+        torch.tensor(ds.labels, dtype=torch.long)
+        if task == "seq_cls" and ds.labels is not None
+        else None
+    )
+    return TokenizedDataset(
+        input_ids=input_ids, labels=labels, task=task, pad_token_id=int(pad_id)
+    )
+
+
+def collate(tok: TokenizedDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Pad the examples at ``indices`` into one batch.
+
+    Parameters
+    ----------
+    tok
+        The tokenised examples.
+    indices
+        Which examples, in batch order.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        ``input_ids`` and ``attention_mask`` of shape ``(batch, longest)``, right
+        padded; ``labels``: class ids ``(batch,)`` for ``seq_cls``, or a copy of
+        ``input_ids`` with padded positions set to -100 for ``causal_lm`` (models
+        shift them internally).
+    """
+    if len(indices) == 0:
+        raise ValueError("`indices` should name at least one example but is empty")
+    seqs = [tok.input_ids[int(i)] for i in indices]
+    longest = max(int(s.numel()) for s in seqs)
+    input_ids = torch.full((len(seqs), longest), tok.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : seq.numel()] = seq
+        attention_mask[row, : seq.numel()] = 1
+    if tok.task == "seq_cls":
+        assert tok.labels is not None, "seq_cls data always has labels"
+        labels = tok.labels[torch.as_tensor([int(i) for i in indices])]
+    else:
+        # Mask by position, not by id: with pad == eos a real eos stays a target.
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def iter_batches(
+    tok: TokenizedDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over the data in batches.
+
+    Parameters
+    ----------
+    tok
+        The tokenised examples.
+    batch_size
+        Examples per batch (the last one may be smaller unless ``drop_last``).
+    shuffle
+        Visit the examples in a random order drawn from ``generator``.
+    generator
+        Source of the order; the same seeded generator state gives the same
+        batches. ``None`` uses torch's global generator.
+    drop_last
+        Skip a last batch smaller than ``batch_size``.
+
+    Yields
+    ------
+    dict[str, torch.Tensor]
+        Batches from :func:`collate`.
+    """
+    if batch_size < 1:
+        raise ValueError(
+            f"`batch_size` should be >= 1 but the value passed is {batch_size}"
+        )
+    n = len(tok)
+    order = (
+        torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
+    )
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield collate(tok, order[start : start + batch_size])
+
+
+def infinite_batches(
+    tok: TokenizedDataset, batch_size: int, *, generator: torch.Generator | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches for step-based training, reshuffled every epoch.
+
+    A partial last batch of an epoch is kept, so a client with fewer examples than
+    ``batch_size`` still trains (on all of them per step).
+
+    Parameters
+    ----------
+    tok
+        The tokenised examples (at least one).
+    batch_size
+        Examples per batch.
+    generator
+        Source of every epoch's order; ``None`` uses torch's global generator.
+
+    Yields
+    ------
+    dict[str, torch.Tensor]
+        Batches from :func:`collate`.
+    """
+    if len(tok) == 0:
+        raise ValueError(
+            "`infinite_batches` needs at least one example but the dataset is empty"
+        )
+    while True:
+        yield from iter_batches(tok, batch_size, shuffle=True, generator=generator)

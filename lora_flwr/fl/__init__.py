@@ -1,0 +1,1 @@
+"""The Flower layer: the only package that imports flwr."""

@@ -1,0 +1,121 @@
+"""ServerApp: builds the FedLoRA strategy, centralised evaluation and run outputs.
+
+``app`` serves ``flwr run`` (config from ``run_config``); ``make_server_app(cfg)``
+serves the in-process simulation, whose apps get an empty run_config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.common import Context
+from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+
+from lora_flwr.config import ExperimentConfig
+from lora_flwr.experiment import get_workspace, test_data
+from lora_flwr.fl.strategy import FedLoRA, NDArrays
+from lora_flwr.lora.io import atomic_write, save_peft
+from lora_flwr.results import format_header, format_row, plot_history, write_history
+
+TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    """Where a run writes its outputs: ``<output_dir>/<name>``."""
+    return Path(cfg.output_dir) / cfg.name
+
+
+def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoRA:
+    """The strategy for ``cfg``, wired to centralised evaluation and run outputs.
+
+    The server process loads the base model once: to build the seeded initial
+    adapter, to evaluate the global adapter and to save it as a PEFT directory.
+    """
+    out = run_dir if run_dir is not None else run_dir_for(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.toml", lambda p: p.write_text(cfg.to_toml()))
+    ws = get_workspace(cfg)
+    ws.adapter.reset(cfg.seed)
+    initial = ws.adapter.get_weights()
+    test = test_data(ws, cfg)
+    task_type = TASK_TYPES.get(ws.task)
+    base_name = cfg.model.name
+
+    def evaluate_fn(server_round: int, arrays: NDArrays) -> dict[str, float]:
+        ws.adapter.set_weights(arrays)
+        metrics = ws.trainer.evaluate(test, progress=False)
+        return {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")}
+
+    def save(path: Path, arrays: NDArrays) -> None:
+        ws.adapter.set_weights(arrays)
+        save_peft(ws.adapter, path, base_model_name_or_path=base_name, task_type=task_type)
+
+    strategy: FedLoRA
+    shape = _table_shape(cfg, ws.task)
+
+    def on_round_end(record: dict[str, Any], arrays: NDArrays) -> None:
+        history = strategy.history
+        if len(history) == 1:
+            print(format_header(shape), flush=True)
+        print(format_row(record, shape), flush=True)
+        write_history(history, out)
+        rnd = int(record["round"])
+        if rnd > 0:
+            save(out / "checkpoints" / f"round-{rnd:03d}", arrays)
+        if rnd == cfg.fed.num_rounds:
+            save(out / "adapter", arrays)
+            plot_history(history, out)
+
+    strategy = FedLoRA(
+        cfg=cfg,
+        initial_arrays=initial,
+        names=ws.adapter.weight_names(),
+        evaluate_fn=evaluate_fn,
+        on_round_end=on_round_end,
+    )
+    return strategy
+
+
+def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
+    """A template record fixing the table's columns before any round is known."""
+    task_key = "test_accuracy" if task == "seq_cls" else "test_perplexity"
+    row: dict[str, Any] = {
+        "round": 0,
+        "train_loss": 0.0,
+        "test_loss": 0.0,
+        task_key: 0.0,
+        "fit_ok": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "round_seconds": 0.0,
+    }
+    if cfg.fed.fraction_evaluate > 0:
+        row["fed_loss"] = 0.0
+    return [row]
+
+
+def make_server_fn(
+    cfg: ExperimentConfig | None = None, run_dir: Path | None = None
+) -> Callable[[Context], ServerAppComponents]:
+    """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``."""
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)  # type: ignore[arg-type]
+        strategy = build_strategy(exp, run_dir)
+        return ServerAppComponents(
+            strategy=strategy, config=ServerConfig(num_rounds=exp.fed.num_rounds)
+        )
+
+    return server_fn
+
+
+def make_server_app(
+    cfg: ExperimentConfig | None = None, run_dir: Path | None = None
+) -> ServerApp:
+    """A ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
+    return ServerApp(server_fn=make_server_fn(cfg, run_dir))
+
+
+app = make_server_app()

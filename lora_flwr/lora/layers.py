@@ -1,0 +1,186 @@
+"""LoRA layer: a frozen linear map plus a trainable low-rank update.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models":
+
+    h = W0 x + (alpha / r) * B A x,   A in R^{r x in},  B in R^{out x r}
+
+A is Kaiming-uniform (as in loralib/PEFT), B is zero, so the wrapped layer starts out
+computing exactly what the base layer does. Pure torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# transformers' GPT-2 style Conv1D (weight stored as (in, out)). Imported lazily so the
+# module works without transformers; matched by class name to avoid a hard import.
+_CONV1D_NAMES = ("Conv1D",)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a GPT-2 style ``Conv1D`` (a transposed linear layer)."""
+    return type(module).__name__ in _CONV1D_NAMES and hasattr(module, "nf")
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """Input and output sizes of a ``nn.Linear`` or ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module):
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise TypeError(f"LoRA supports nn.Linear and Conv1D, not {type(module).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """Wrap a ``nn.Linear`` (or GPT-2 ``Conv1D``) with a LoRA branch.
+
+    Parameters
+    ----------
+    base_layer
+        The pretrained layer. Its parameters are frozen.
+    r
+        Rank of the update.
+    lora_alpha
+        Numerator of the scaling.
+    lora_dropout
+        Dropout probability on the LoRA branch input.
+    scaling
+        ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
+    init_lora_weights
+        ``"kaiming"`` (uniform, as loralib) or ``"gaussian"`` (normal, std ``1/r``) for
+        A. B is always zero.
+    generator
+        CPU random generator for A (seeded by :class:`LoRAAdapter`); the global CPU
+        RNG when None.
+
+    Notes
+    -----
+    Parameter names follow PEFT without the adapter name: ``lora_A.weight`` is
+    ``(r, in_features)`` and ``lora_B.weight`` is ``(out_features, r)``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        scaling: float,
+        init_lora_weights: str = "kaiming",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        in_features, out_features = in_out_features(base_layer)
+        self.base_layer = base_layer
+        # GPT-2 Conv1D keeps its weight as (in, out): deltas must be transposed.
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = scaling
+        self.lora_dropout: nn.Module = (
+            nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        )
+        # LoRA factors stay float32 even over a half-precision base: the optimiser
+        # state and the aggregated arrays keep full precision.
+        # Built empty and filled by reset_lora_parameters: nn.Linear's own init would
+        # draw from (and advance) the global RNG of the base layer's device.
+        device = self._base_weight().device
+        self.lora_A = nn.Linear(in_features, r, bias=False, device="meta")
+        self.lora_B = nn.Linear(r, out_features, bias=False, device="meta")
+        self.lora_A.to_empty(device=device)
+        self.lora_B.to_empty(device=device)
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.reset_lora_parameters(init_lora_weights, generator=generator)
+        # A new module starts in train mode; follow the layer it replaces, or LoRA
+        # dropout would stay active inside a model that is in eval mode.
+        self.train(base_layer.training)
+
+    def _base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
+
+    @torch.no_grad()
+    def reset_lora_parameters(
+        self,
+        init_lora_weights: str = "kaiming",
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Re-initialise A (Kaiming-uniform or Gaussian) and zero B.
+
+        A is drawn on the CPU (from ``generator``, else the global CPU RNG) and then
+        copied to the layer's device, so one seed gives the same A on every device.
+        """
+        lora_a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+        if init_lora_weights == "kaiming":
+            # Same bound as nn.Linear's default init (a=sqrt(5)), as in loralib.
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(lora_a, std=1.0 / self.r, generator=generator)
+        else:
+            raise ValueError(f"Unknown initialization {init_lora_weights=}")
+        self.lora_A.weight.copy_(lora_a)
+        nn.init.zeros_(self.lora_B.weight)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """Return ``scaling * B @ A`` in the base weight's layout and dtype."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        if self.fan_in_fan_out:
+            delta = delta.T
+        return delta.to(self._base_weight().dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight: ``W0 <- W0 + delta``.
+
+        A copy of ``W0`` is kept so that :meth:`unmerge` restores it bit for bit
+        (subtracting the delta again would only restore it up to rounding).
+        Merging an already merged layer does nothing.
+        """
+        if self.merged:
+            return
+        weight = self._base_weight()
+        merged = weight + self.get_delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError(
+                "NaNs or Infs detected in the merged weights; the adapter is broken"
+            )
+        self._unmerged_weight = weight.detach().clone()
+        weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight saved by :meth:`merge`. No-op when not merged."""
+        if not self.merged:
+            return
+        assert self._unmerged_weight is not None
+        self._base_weight().copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute ``base(x) + scaling * B(A(dropout(x)))``."""
+        result: torch.Tensor = self.base_layer(x)
+        if self.merged:
+            return result
+        lora_a = self.lora_A.weight
+        lora_x = self.lora_dropout(x).to(lora_a.dtype)
+        update: torch.Tensor = self.lora_B(self.lora_A(lora_x))
+        return result + update.to(result.dtype) * self.scaling
+
+    def extra_repr(self) -> str:
+        """Show rank and scaling in ``print(model)``."""
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -1,0 +1,313 @@
+"""LoRATrainer: the local training and evaluation loop (in-process PyTorch).
+
+The seed's ``NewLoRATrainer`` / ``SetWorkDir`` / ``Train`` / ``GetAdapterWeights`` /
+``SetAdapterWeights``. Training runs here, in this process; a failure raises. There is
+no subprocess and no "simulated" fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from lora_flwr.config import TrainConfig
+from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
+from lora_flwr.lora import LoRAAdapter, save_peft
+
+# Metric keys, shared with the Flower layer and the results tables.
+TRAIN_LOSS = "train_loss"
+NUM_EXAMPLES = "num_examples"
+NUM_STEPS = "num_steps"
+NUM_TOKENS = "num_tokens"
+SECONDS = "seconds"
+TOKENS_PER_S = "tokens_per_s"
+EVAL_LOSS = "loss"
+ACCURACY = "accuracy"
+PERPLEXITY = "perplexity"
+
+
+def resolve_device(device: str) -> torch.device:
+    """Turn ``"auto"`` into CUDA when present (then MPS), else CPU; check the rest."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"`train.device` is {device!r} but CUDA is not available; use 'auto' or 'cpu'"
+        )
+    return dev
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("`train.precision`='fp16' needs a GPU; use 'bf16' or 'fp32'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based) of ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LoRATrainer:
+    """Train and evaluate a LoRA adapter on local data.
+
+    Parameters
+    ----------
+    adapter
+        An adapter already applied to its model; only its parameters are trained.
+    task
+        ``"seq_cls"`` (accuracy) or ``"causal_lm"`` (perplexity).
+    config
+        Optimiser, schedule, batch size, steps, device and precision.
+    work_dir
+        Where :meth:`save_adapter` and the metrics log (``metrics.jsonl``) go.
+    """
+
+    def __init__(
+        self,
+        adapter: LoRAAdapter,
+        task: str,
+        config: TrainConfig,
+        *,
+        work_dir: str | Path | None = None,
+    ) -> None:
+        if task not in ("seq_cls", "causal_lm"):
+            raise ValueError(f"`task` should be 'seq_cls' or 'causal_lm', not {task!r}")
+        self.adapter = adapter
+        self.model: nn.Module = adapter.model
+        self.task = task
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.autocast_dtype = _autocast_dtype(config.precision, self.device)
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.model.to(self.device)
+        self.work_dir: Path | None = None
+        if work_dir is not None:
+            self.set_work_dir(work_dir)
+
+    # ------------------------------------------------------------ seed's API
+    def set_work_dir(self, path: str | Path) -> None:
+        """Set (and create) the directory for the adapter and the metrics log."""
+        self.work_dir = Path(path)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def get_adapter_weights(self) -> list[npt.NDArray[np.float32]]:
+        """The adapter's arrays in its documented order."""
+        return self.adapter.get_weights()
+
+    def set_adapter_weights(self, arrays: list[npt.NDArray[np.float32]]) -> None:
+        """Overwrite the adapter's arrays (count, shape, dtype and values checked)."""
+        self.adapter.set_weights(arrays)
+
+    def save_adapter(self, name: str = "adapter") -> Path:
+        """Save the adapter as a PEFT directory inside the work dir."""
+        if self.work_dir is None:
+            raise ValueError("No work dir set; call `set_work_dir(path)` first")
+        return save_peft(self.adapter, self.work_dir / name)
+
+    # ----------------------------------------------------------------- train
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def num_steps_for(self, data: TokenizedDataset) -> int:
+        """Optimiser steps one ``train`` call takes on ``data`` under the config."""
+        if self.config.local_epochs > 0:
+            per_epoch = math.ceil(len(data) / self.config.batch_size)
+            return max(1, math.ceil(self.config.local_epochs * per_epoch))
+        return self.config.local_steps
+
+    def train(
+        self,
+        data: TokenizedDataset,
+        *,
+        steps: int | None = None,
+        lr: float | None = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+    ) -> dict[str, float]:
+        """Run ``steps`` AdamW steps on the adapter parameters.
+
+        Parameters
+        ----------
+        data
+            Tokenized local training data.
+        steps
+            Optimiser steps (default: ``local_steps``, or ``local_epochs`` worth).
+        lr
+            Peak learning rate (default: ``config.lr``).
+        seed
+            Seeds batch order and dropout; same seed, same data, same start weights
+            give bit-identical results on CPU.
+        progress
+            Show a progress bar (default: when stderr is a terminal).
+        on_step
+            Called as ``on_step(step, loss)`` after each optimiser step (1-based),
+            e.g. to evaluate mid-run without breaking the schedule.
+
+        Returns
+        -------
+        dict
+            ``train_loss`` (mean over steps), ``num_examples``, ``num_steps``,
+            ``num_tokens``, ``seconds``, ``tokens_per_s``.
+        """
+        if len(data) == 0:
+            raise ValueError("Cannot train on an empty dataset")
+        cfg = self.config
+        total = self.num_steps_for(data) if steps is None else steps
+        if total < 1:
+            raise ValueError(f"`steps` should be >= 1 but the value passed is {total}")
+        peak = cfg.lr if lr is None else lr
+        params = self.adapter.parameters()
+        optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.autocast_dtype is torch.float16
+        )
+        generator = torch.Generator().manual_seed(seed)
+        batches = infinite_batches(data, cfg.batch_size, generator=generator)
+        show = sys.stderr.isatty() if progress is None else progress
+        losses: list[float] = []
+        examples = tokens = 0
+        self.model.train()
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for step in _progress(range(total), show, "train"):
+                batch = self._to_device(next(batches))
+                for group in optimizer.param_groups:
+                    group["lr"] = peak * lr_factor(
+                        step, total, cfg.warmup_steps, cfg.lr_schedule
+                    )
+                with self._autocast():
+                    loss = self.model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Training loss became {loss.item()} at step {step}; lower "
+                        "`train.lr` or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step + 1, losses[-1])
+                examples += int(batch["input_ids"].shape[0])
+                tokens += int(batch["attention_mask"].sum().item())
+        seconds = time.perf_counter() - start
+        self.model.eval()
+        metrics = {
+            TRAIN_LOSS: float(np.mean(losses)),
+            NUM_EXAMPLES: float(examples),
+            NUM_STEPS: float(total),
+            NUM_TOKENS: float(tokens),
+            SECONDS: seconds,
+            TOKENS_PER_S: tokens / seconds if seconds > 0 else 0.0,
+        }
+        self._log("train", metrics)
+        return metrics
+
+    # -------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(
+        self, data: TokenizedDataset, *, progress: bool | None = None
+    ) -> dict[str, float]:
+        """Loss and accuracy (classification) or perplexity (causal LM) on ``data``.
+
+        The loss is averaged per example for classification and per predicted token
+        for causal LM, so perplexity is ``exp(loss)``.
+        """
+        if len(data) == 0:
+            raise ValueError("Cannot evaluate on an empty dataset")
+        was_training = self.model.training
+        self.model.eval()
+        show = sys.stderr.isatty() if progress is None else progress
+        loss_sum = 0.0
+        count = 0
+        correct = 0
+        start = time.perf_counter()
+        for batch in _progress(
+            iter_batches(data, self.config.eval_batch_size, shuffle=False), show, "eval"
+        ):
+            batch = self._to_device(batch)
+            with self._autocast():
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits.float()
+            labels = batch["labels"]
+            if self.task == "seq_cls":
+                loss_sum += float(
+                    nn.functional.cross_entropy(logits, labels, reduction="sum")
+                )
+                correct += int((logits.argmax(-1) == labels).sum())
+                count += int(labels.shape[0])
+            else:
+                shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+                shift_labels = labels[:, 1:].reshape(-1)
+                loss_sum += float(
+                    nn.functional.cross_entropy(
+                        shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+                    )
+                )
+                count += int((shift_labels != -100).sum())
+        self.model.train(was_training)
+        if count == 0:
+            raise ValueError("Evaluation data holds no predictable tokens")
+        loss = loss_sum / count
+        metrics = {EVAL_LOSS: loss, NUM_EXAMPLES: float(len(data))}
+        if self.task == "seq_cls":
+            metrics[ACCURACY] = correct / count
+        else:
+            metrics[PERPLEXITY] = math.exp(min(loss, 700.0))
+        metrics[SECONDS] = time.perf_counter() - start
+        self._log("evaluate", metrics)
+        return metrics
+
+    def _log(self, kind: str, metrics: dict[str, float]) -> None:
+        if self.work_dir is None:
+            return
+        line = json.dumps({"event": kind, "time": time.time(), **metrics})
+        with (self.work_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+
+def _progress(it: range | Iterator[Any], show: bool, desc: str) -> Iterator[Any]:
+    if not show:
+        yield from it
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(it, desc=desc, leave=False)
