@@ -1,6 +1,6 @@
-"""Run a federated LoRA experiment in one process (Flower simulation engine, Ray).
+"""Run a federated LoRA experiment in one process (Flower simulation, Ray).
 
-    python run_simulation.py [--config configs/default.toml] [--set fed.num_rounds=3 ...]
+    python run_simulation.py [--config configs/default.toml] [--set key=value ...]
 
 Prints a per-round table and writes ``<output_dir>/<name>/``: the resolved config,
 ``history.json`` / ``history.csv``, the final adapter (PEFT directory), per-round
@@ -88,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
         cfg = ExperimentConfig.from_toml(args.config).with_overrides(args.overrides)

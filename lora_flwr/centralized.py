@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import centralized_train_data, get_workspace, test_data
-from lora_flwr.lora.io import atomic_write
+from lora_flwr.lora.io import write_text_atomic
 
 log = logging.getLogger("lora_flwr.centralized")
 
@@ -56,7 +56,7 @@ def run_centralized(
         raise ValueError(f"`steps` should be >= 1 but the value passed is {total}")
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / f"{cfg.name}-centralized"
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.toml", lambda p: p.write_text(cfg.to_toml()))
+    write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
     ws.adapter.reset(cfg.seed)
     ws.trainer.set_work_dir(out)
@@ -98,9 +98,7 @@ def run_centralized(
         "train_seconds": time.perf_counter() - start,
     }
     ws.trainer.save_adapter("adapter")
-    atomic_write(
-        out / "history.json", lambda p: p.write_text(json.dumps(result, indent=2))
-    )
+    write_text_atomic(out / "history.json", json.dumps(result, indent=2))
     return result
 
 

@@ -47,13 +47,13 @@ _TOKENIZED: dict[tuple[object, ...], TokenizedDataset] = {}
 
 
 def _model_config(cfg: ExperimentConfig) -> ModelConfig:
-    """The model config, with ``num_labels`` taken from the data when it has labels."""
+    """Resolve ``model.task`` from the data and check the label count fits."""
     splits = load_splits(cfg.data, seed=cfg.seed)
     model_cfg = cfg.model
     if model_cfg.task == "auto":
         model_cfg = ModelConfig(
             name=model_cfg.name,
-            task=splits.task,  # type: ignore[arg-type]
+            task=splits.task,
             num_labels=model_cfg.num_labels,
             max_length=model_cfg.max_length,
         )
@@ -110,7 +110,7 @@ def _tokenized(
 
 
 def splits(cfg: ExperimentConfig) -> DatasetSplits:
-    """The experiment's train pool and global held-out split (cached per process)."""
+    """Return the train pool and global held-out split (cached per process)."""
     return load_splits(cfg.data, seed=cfg.seed)
 
 

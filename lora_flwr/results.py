@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_flwr.lora.io import atomic_write
+from lora_flwr.lora.io import atomic_write, write_text_atomic
 
 Record = Mapping[str, Any]
 
@@ -64,7 +64,7 @@ def format_row(record: Record, records: Sequence[Record]) -> str:
 
 
 def format_table(records: Sequence[Record]) -> str:
-    """The whole per-round table as text."""
+    """Format the whole per-round table as text."""
     lines = [format_header(records)]
     lines += [format_row(r, records) for r in records]
     return "\n".join(lines)
@@ -74,7 +74,7 @@ def write_history(records: Sequence[Record], run_dir: Path) -> None:
     """Write ``history.json`` and ``history.csv`` (atomically) into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     text = json.dumps(list(records), indent=2, default=float)
-    atomic_write(run_dir / "history.json", lambda p: p.write_text(text))
+    write_text_atomic(run_dir / "history.json", text)
     keys: list[str] = []
     for r in records:
         keys += [k for k in r if k not in keys]
@@ -83,7 +83,7 @@ def write_history(records: Sequence[Record], run_dir: Path) -> None:
     writer.writeheader()
     for r in records:
         writer.writerow({k: r.get(k, "") for k in keys})
-    atomic_write(run_dir / "history.csv", lambda p: p.write_text(buf.getvalue()))
+    write_text_atomic(run_dir / "history.csv", buf.getvalue())
 
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
@@ -131,7 +131,14 @@ def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = run_dir / filename
-        atomic_write(path, lambda p, fig=fig: fig.savefig(p, format="png", dpi=100))
+        _save_png(fig, path)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+
+    atomic_write(path, write)

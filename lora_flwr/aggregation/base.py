@@ -33,7 +33,7 @@ _RULES: dict[str, AggregationRule] = {}
 
 
 def register(name: str) -> Callable[[AggregationRule], AggregationRule]:
-    """Register ``rule`` under ``name`` so configs can select it (``fed.aggregation``)."""
+    """Register a rule under ``name`` so configs can select it (``fed.aggregation``)."""
 
     def deco(rule: AggregationRule) -> AggregationRule:
         if name in _RULES:
@@ -81,4 +81,5 @@ def example_weights(updates: Sequence[ClientUpdate]) -> npt.NDArray[np.float64]:
         raise ValueError(
             f"Client example counts must be >= 0 and sum > 0, got {counts}"
         )
-    return counts / counts.sum()
+    weights: npt.NDArray[np.float64] = counts / counts.sum()
+    return weights

@@ -60,5 +60,6 @@ def check_update(
         norm = float(np.sqrt(sq))
         if norm > max_update_norm:
             raise ValueError(
-                f"update norm {norm:.4g} exceeds fed.max_update_norm={max_update_norm:g}"
+                f"update norm {norm:.4g} exceeds "
+                f"fed.max_update_norm={max_update_norm:g}"
             )

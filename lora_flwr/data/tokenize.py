@@ -174,6 +174,7 @@ def iter_batches(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    sort_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One pass over the data in batches.
 
@@ -190,6 +191,10 @@ def iter_batches(
         batches. ``None`` uses torch's global generator.
     drop_last
         Skip a last batch smaller than ``batch_size``.
+    sort_by_length
+        Visit examples longest first (ignores ``shuffle``). Batches then hold
+        examples of similar length and carry little padding: for evaluation, where
+        order does not matter.
 
     Yields
     ------
@@ -201,9 +206,12 @@ def iter_batches(
             f"`batch_size` should be >= 1 but the value passed is {batch_size}"
         )
     n = len(tok)
-    order = (
-        torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-    )
+    if sort_by_length:
+        order = sorted(range(n), key=lambda i: -int(tok.input_ids[i].numel()))
+    elif shuffle:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        order = list(range(n))
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         yield collate(tok, order[start : start + batch_size])

@@ -46,7 +46,7 @@ def client_train_seed(seed: int, server_round: int, partition_id: int) -> int:
     return seed * 1_000_003 + server_round * 10_007 + partition_id
 
 
-class LoRAClient(NumPyClient):  # type: ignore[misc]
+class LoRAClient(NumPyClient):
     """Train the global adapter on one node's data and send back only the adapter.
 
     Parameters
@@ -96,7 +96,9 @@ class LoRAClient(NumPyClient):  # type: ignore[misc]
         """
         self._receive(parameters)
         server_round = int(config.get(ROUND, 1))
-        steps = int(config.get(LOCAL_STEPS, self.ws.trainer.num_steps_for(self.train_data)))
+        steps = int(
+            config.get(LOCAL_STEPS, self.ws.trainer.num_steps_for(self.train_data))
+        )
         lr = float(config.get(LR, self.cfg.train.lr))
         metrics = self.ws.trainer.train(
             self.train_data,
@@ -105,7 +107,8 @@ class LoRAClient(NumPyClient):  # type: ignore[misc]
             seed=client_train_seed(self.cfg.seed, server_round, self.partition_id),
             progress=False,
         )
-        calls = int(self.state.get(FIT_CALLS, 0)) + 1  # type: ignore[call-overload]
+        previous = self.state.get(FIT_CALLS, 0)
+        calls = (previous if isinstance(previous, int) else 0) + 1
         self.state[FIT_CALLS] = calls
         out: dict[str, Scalar] = {
             TRAIN_LOSS: metrics[TRAIN_LOSS],
@@ -146,10 +149,10 @@ def node_partition(context: Context, default_partitions: int) -> tuple[int, int]
     if "partition-id" not in node:
         raise ValueError(
             "This SuperNode has no `partition-id` in its node config; start it with "
-            "--node-config \"partition-id=0 num-partitions=N\""
+            '--node-config "partition-id=0 num-partitions=N"'
         )
-    pid = int(node["partition-id"])  # type: ignore[arg-type]
-    num = int(node.get("num-partitions", default_partitions))  # type: ignore[arg-type]
+    pid = int(node["partition-id"])
+    num = int(node.get("num-partitions", default_partitions))
     if not 0 <= pid < num:
         raise ValueError(f"`partition-id`={pid} is outside [0, num-partitions={num})")
     return pid, num
@@ -165,7 +168,7 @@ def make_client_fn(
     """
 
     def client_fn(context: Context) -> Client:
-        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)  # type: ignore[arg-type]
+        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
         if STATE_KEY not in context.state.config_records:
             context.state.config_records[STATE_KEY] = ConfigRecord()

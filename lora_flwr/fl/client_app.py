@@ -13,7 +13,7 @@ from lora_flwr.fl.client import make_client_fn
 
 
 def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
-    """A ClientApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
+    """Build a ClientApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
     return ClientApp(client_fn=make_client_fn(cfg))
 
 

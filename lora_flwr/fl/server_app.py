@@ -16,7 +16,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import get_workspace, test_data
 from lora_flwr.fl.strategy import FedLoRA, NDArrays
-from lora_flwr.lora.io import atomic_write, save_peft
+from lora_flwr.lora.io import save_peft, write_text_atomic
 from lora_flwr.results import format_header, format_row, plot_history, write_history
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -28,14 +28,14 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
 
 
 def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoRA:
-    """The strategy for ``cfg``, wired to centralised evaluation and run outputs.
+    """Build the strategy for ``cfg``, wired to centralised evaluation and run outputs.
 
     The server process loads the base model once: to build the seeded initial
     adapter, to evaluate the global adapter and to save it as a PEFT directory.
     """
     out = run_dir if run_dir is not None else run_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "config.toml", lambda p: p.write_text(cfg.to_toml()))
+    write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
     ws.adapter.reset(cfg.seed)
     initial = ws.adapter.get_weights()
@@ -46,11 +46,15 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     def evaluate_fn(server_round: int, arrays: NDArrays) -> dict[str, float]:
         ws.adapter.set_weights(arrays)
         metrics = ws.trainer.evaluate(test, progress=False)
-        return {k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")}
+        return {
+            k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
+        }
 
     def save(path: Path, arrays: NDArrays) -> None:
         ws.adapter.set_weights(arrays)
-        save_peft(ws.adapter, path, base_model_name_or_path=base_name, task_type=task_type)
+        save_peft(
+            ws.adapter, path, base_model_name_or_path=base_name, task_type=task_type
+        )
 
     strategy: FedLoRA
     shape = _table_shape(cfg, ws.task)
@@ -79,7 +83,7 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
 
 
 def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
-    """A template record fixing the table's columns before any round is known."""
+    """Build a template record fixing the table's columns before any round is known."""
     task_key = "test_accuracy" if task == "seq_cls" else "test_perplexity"
     row: dict[str, Any] = {
         "round": 0,
@@ -102,7 +106,7 @@ def make_server_fn(
     """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``."""
 
     def server_fn(context: Context) -> ServerAppComponents:
-        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)  # type: ignore[arg-type]
+        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         strategy = build_strategy(exp, run_dir)
         return ServerAppComponents(
             strategy=strategy, config=ServerConfig(num_rounds=exp.fed.num_rounds)
@@ -114,7 +118,7 @@ def make_server_fn(
 def make_server_app(
     cfg: ExperimentConfig | None = None, run_dir: Path | None = None
 ) -> ServerApp:
-    """A ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
+    """Build a ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
     return ServerApp(server_fn=make_server_fn(cfg, run_dir))
 
 

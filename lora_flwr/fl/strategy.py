@@ -52,7 +52,7 @@ def parameters_nbytes(parameters: Parameters) -> int:
     return sum(len(t) for t in parameters.tensors)
 
 
-class FedLoRA(Strategy):  # type: ignore[misc]
+class FedLoRA(Strategy):
     """Federated LoRA with validated replies and a pluggable aggregation rule.
 
     Parameters
@@ -108,7 +108,7 @@ class FedLoRA(Strategy):  # type: ignore[misc]
         self, client_manager: ClientManager, fraction: float, minimum: int
     ) -> list[ClientProxy]:
         # Virtual nodes register asynchronously: wait for the ones we mean to use.
-        client_manager.wait_for(self.fed.min_available_clients)
+        client_manager.wait_for(self.fed.min_available_clients, timeout=3600)
         available = client_manager.num_available()
         num = min(available, max(math.ceil(fraction * available), minimum))
         clients: list[ClientProxy] = client_manager.sample(
@@ -117,7 +117,7 @@ class FedLoRA(Strategy):  # type: ignore[misc]
         return clients
 
     def round_lr(self, server_round: int) -> float:
-        """Client learning rate in ``server_round``: ``lr * lr_decay ** (round - 1)``."""
+        """Return the client lr in a round: ``lr * lr_decay ** (round - 1)``."""
         return self.cfg.train.lr * self.fed.lr_decay ** (server_round - 1)
 
     # ------------------------------------------------------------------ fit
@@ -126,7 +126,9 @@ class FedLoRA(Strategy):  # type: ignore[misc]
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Send the global adapter and this round's instructions to sampled clients."""
         self._round_start = time.perf_counter()
-        clients = self._sample(client_manager, self.fed.fraction_fit, self.fed.min_fit_clients)
+        clients = self._sample(
+            client_manager, self.fed.fraction_fit, self.fed.min_fit_clients
+        )
         config: dict[str, Scalar] = {
             ROUND: server_round,
             LR: self.round_lr(server_round),
@@ -183,9 +185,7 @@ class FedLoRA(Strategy):  # type: ignore[misc]
                 continue
             updates.append(ClientUpdate(arrays, res.num_examples, str(proxy.cid)))
             metrics.append((res.num_examples, res.metrics))
-        rec.update(
-            fit_ok=len(updates), fit_failed=len(failures), fit_dropped=dropped
-        )
+        rec.update(fit_ok=len(updates), fit_failed=len(failures), fit_dropped=dropped)
         rec.update(_fit_metrics(metrics))
         if len(updates) < self.fed.min_fit_clients:
             log(
@@ -199,7 +199,9 @@ class FedLoRA(Strategy):  # type: ignore[misc]
             rec["aggregated"] = False
             return None, {}
         new = self.rule(self.global_arrays, updates, self.names)
-        check_update(new, self.shapes, self.names)  # a rule must not emit NaN/shape bugs
+        check_update(
+            new, self.shapes, self.names
+        )  # a rule must not emit NaN/shape bugs
         self.global_arrays = new
         rec["aggregated"] = True
         out: dict[str, Scalar] = {
@@ -211,7 +213,7 @@ class FedLoRA(Strategy):  # type: ignore[misc]
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """Centralised evaluation every ``eval_every`` rounds, at round 0 and the end."""
+        """Evaluate centrally: round 0, every ``eval_every`` rounds and the last."""
         if self.evaluate_fn is None:
             return None
         every = self.fed.eval_every
@@ -299,7 +301,8 @@ def _fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Any]
         return {}
     total = sum(n for n, _ in metrics)
     out: dict[str, Any] = {
-        "train_loss": sum(n * float(m.get(TRAIN_LOSS, 0.0)) for n, m in metrics) / total,
+        "train_loss": sum(n * float(m.get(TRAIN_LOSS, 0.0)) for n, m in metrics)
+        / total,
         "client_seconds_max": max(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "client_seconds_sum": sum(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "tokens": sum(int(m.get(NUM_TOKENS, 0)) for _, m in metrics),

@@ -53,7 +53,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+
     def write(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
@@ -127,7 +129,9 @@ def save_peft(
     config = peft_config_dict(
         adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type
     )
-    _write_text(path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(
+        path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
+    )
     return path
 
 
@@ -279,7 +283,7 @@ def save_json(adapter: LoRAAdapter, path: str | Path) -> Path:
             for name, t in adapter.state_dict().items()
         ],
     }
-    _write_text(path, json.dumps(doc))
+    write_text_atomic(path, json.dumps(doc))
     return path
 
 

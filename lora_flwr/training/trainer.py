@@ -49,7 +49,8 @@ def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"`train.device` is {device!r} but CUDA is not available; use 'auto' or 'cpu'"
+            f"`train.device` is {device!r} but CUDA is not available; "
+            "use 'auto' or 'cpu'"
         )
     return dev
 
@@ -117,7 +118,7 @@ class LoRATrainer:
         self.work_dir.mkdir(parents=True, exist_ok=True)
 
     def get_adapter_weights(self) -> list[npt.NDArray[np.float32]]:
-        """The adapter's arrays in its documented order."""
+        """Return the adapter's arrays in its documented order."""
         return self.adapter.get_weights()
 
     def set_adapter_weights(self, arrays: list[npt.NDArray[np.float32]]) -> None:
@@ -260,7 +261,14 @@ class LoRATrainer:
         correct = 0
         start = time.perf_counter()
         for batch in _progress(
-            iter_batches(data, self.config.eval_batch_size, shuffle=False), show, "eval"
+            iter_batches(
+                data,
+                self.config.eval_batch_size,
+                shuffle=False,
+                sort_by_length=True,
+            ),
+            show,
+            "eval",
         ):
             batch = self._to_device(batch)
             with self._autocast():
