@@ -58,7 +58,7 @@ def run_centralized(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
-    ws.adapter.reset(cfg.seed)
+    ws.reset_adapter()
     ws.trainer.set_work_dir(out)
     train = centralized_train_data(ws, cfg)
     test = test_data(ws, cfg)

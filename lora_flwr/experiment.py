@@ -9,7 +9,10 @@ tensors. Used by the centralised CLI and by the Flower apps alike.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from lora_flwr.config import ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
 from lora_flwr.data import (
@@ -35,11 +38,23 @@ class Workspace:
     bundle: ModelBundle
     adapter: LoRAAdapter
     trainer: LoRATrainer
+    # The seeded starting adapter (A, zero B and the initial modules_to_save),
+    # captured when the workspace was built.
+    initial_weights: list[npt.NDArray[np.float32]] = field(default_factory=list)
 
     @property
     def task(self) -> str:
         """``"seq_cls"`` or ``"causal_lm"``."""
         return self.bundle.task
+
+    def reset_adapter(self) -> None:
+        """Restore the seeded starting adapter, ``modules_to_save`` included.
+
+        ``adapter.reset(seed)`` re-draws A and zeroes B but leaves a trained
+        classifier head as it is, so a second run in the same process would not
+        start from the same adapter as the first.
+        """
+        self.adapter.set_weights(self.initial_weights)
 
 
 _WORKSPACES: dict[tuple[ModelConfig, LoraConfig, TrainConfig, int], Workspace] = {}
@@ -85,7 +100,12 @@ def get_workspace(cfg: ExperimentConfig) -> Workspace:
             adapter = LoRAAdapter(cfg.lora, seed=cfg.seed)
             adapter.apply(bundle.model)
             trainer = LoRATrainer(adapter, bundle.task, cfg.train)
-            ws = Workspace(bundle=bundle, adapter=adapter, trainer=trainer)
+            ws = Workspace(
+                bundle=bundle,
+                adapter=adapter,
+                trainer=trainer,
+                initial_weights=adapter.get_weights(),
+            )
             _WORKSPACES[key] = ws
         return ws
 

@@ -37,7 +37,7 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
-    ws.adapter.reset(cfg.seed)
+    ws.reset_adapter()
     initial = ws.adapter.get_weights()
     test = test_data(ws, cfg)
     task_type = TASK_TYPES.get(ws.task)
