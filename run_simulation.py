@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig
 
 
@@ -94,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
         cfg = ExperimentConfig.from_toml(args.config).with_overrides(args.overrides)
+        # The rule is looked up inside the ServerApp; check it before Ray starts.
+        get_rule(cfg.fed.aggregation)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ resets adapter tensors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from flwr.common import ConfigRecord, Context
 
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import Workspace, client_datasets, get_workspace
+from lora_flwr.models import model_load_count
 from lora_flwr.training import (
     ACCURACY,
     NUM_STEPS,
@@ -38,6 +40,8 @@ LOCAL_STEPS = "local_steps"
 # Metric: how many fit calls this node has served (kept in Context.state).
 FIT_CALLS = "client_fit_calls"
 PARTITION_ID = "partition_id"
+WORKER_PID = "worker_pid"
+MODEL_LOADS = "model_loads"
 STATE_KEY = "lora_flwr"
 
 
@@ -117,6 +121,10 @@ class LoRAClient(NumPyClient):
             NUM_STEPS: int(metrics[NUM_STEPS]),
             FIT_CALLS: calls,
             PARTITION_ID: self.partition_id,
+            # Which worker process served the call and how many base models it has
+            # built: the benchmark uses both (critical path, loads per worker).
+            WORKER_PID: os.getpid(),
+            MODEL_LOADS: model_load_count(),
         }
         return self.ws.adapter.get_weights(), len(self.train_data), out
 

@@ -39,7 +39,15 @@ from flwr.server.strategy import Strategy
 
 from lora_flwr.aggregation import ClientUpdate, check_update, get_rule
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.fl.client import FIT_CALLS, LOCAL_STEPS, LR, PARTITION_ID, ROUND
+from lora_flwr.fl.client import (
+    FIT_CALLS,
+    LOCAL_STEPS,
+    LR,
+    MODEL_LOADS,
+    PARTITION_ID,
+    ROUND,
+    WORKER_PID,
+)
 from lora_flwr.training import ACCURACY, NUM_TOKENS, PERPLEXITY, SECONDS, TRAIN_LOSS
 
 NDArrays = list[npt.NDArray[np.float32]]
@@ -221,14 +229,15 @@ class FedLoRA(Strategy):
         if not (server_round == 0 or last or (every > 0 and server_round % every == 0)):
             return None
         arrays = parameters_to_ndarrays(parameters)
+        start = time.perf_counter()
         metrics = self.evaluate_fn(server_round, arrays)
+        entry: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
+        entry["eval_seconds"] = time.perf_counter() - start
         if server_round == 0:
-            self.history.append(
-                {"round": 0, **{f"test_{k}": v for k, v in metrics.items()}}
-            )
+            self.history.append({"round": 0, **entry})
             self._emit(self.history[-1])
         else:
-            self._record.update({f"test_{k}": v for k, v in metrics.items()})
+            self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
 
     def configure_evaluate(
@@ -296,16 +305,27 @@ class FedLoRA(Strategy):
 
 
 def _fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Any]:
-    """Example-weighted train loss; client time (max = critical path) and tokens."""
+    """Example-weighted train loss, client compute time, tokens and model loads.
+
+    ``client_seconds_critical`` is the round's compute critical path: calls served by
+    one worker process run one after another, workers run in parallel.
+    """
     if not metrics:
         return {}
     total = sum(n for n, _ in metrics)
+    per_worker: dict[Scalar, float] = {}
+    for i, (_, m) in enumerate(metrics):
+        key = m.get(WORKER_PID, f"unknown-{i}")
+        per_worker[key] = per_worker.get(key, 0.0) + float(m.get(SECONDS, 0.0))
     out: dict[str, Any] = {
         "train_loss": sum(n * float(m.get(TRAIN_LOSS, 0.0)) for n, m in metrics)
         / total,
         "client_seconds_max": max(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "client_seconds_sum": sum(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "tokens": sum(int(m.get(NUM_TOKENS, 0)) for _, m in metrics),
+        "client_seconds_critical": max(per_worker.values()),
+        "workers": len(per_worker),
+        "model_loads_max": max(int(m.get(MODEL_LOADS, 0)) for _, m in metrics),
         "client_fit_calls_max": max(int(m.get(FIT_CALLS, 0)) for _, m in metrics),
     }
     return out
