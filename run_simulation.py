@@ -18,7 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_flwr.aggregation import get_rule
-from lora_flwr.config import ExperimentConfig
+from lora_flwr.config import (
+    ExperimentConfig,
+    add_config_arguments,
+    config_from_arguments,
+)
 
 
 class _DropDeprecation(logging.Filter):
@@ -78,15 +82,7 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.toml", help="TOML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set fed.num_rounds=3",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -94,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
-        cfg = ExperimentConfig.from_toml(args.config).with_overrides(args.overrides)
+        cfg = config_from_arguments(args)
         # The rule is looked up inside the ServerApp; check it before Ray starts.
         get_rule(cfg.fed.aggregation)
     except (ValueError, FileNotFoundError) as exc:

@@ -14,12 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_flwr.config import ExperimentConfig
-from lora_flwr.experiment import centralized_train_data, get_workspace, test_data
+from lora_flwr.config import (
+    ExperimentConfig,
+    add_config_arguments,
+    config_from_arguments,
+)
+from lora_flwr.experiment import centralized_train_data, get_workspace, heldout_data
 from lora_flwr.lora.io import write_text_atomic
 
 log = logging.getLogger("lora_flwr.centralized")
@@ -61,7 +66,7 @@ def run_centralized(
     ws.reset_adapter()
     ws.trainer.set_work_dir(out)
     train = centralized_train_data(ws, cfg)
-    test = test_data(ws, cfg)
+    test = heldout_data(ws, cfg)
     log.info(
         "centralized: %s on %s, %d train / %d test examples, %d steps, %d trainable",
         cfg.model.name,
@@ -113,22 +118,18 @@ def _report(entry: dict[str, float]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/default.toml", help="TOML file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=1e-3",
-    )
+    add_config_arguments(parser)
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps")
     parser.add_argument("--eval-every", type=int, default=0, help="eval every N steps")
     parser.add_argument("--out", default=None, help="output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
-    cfg = ExperimentConfig.from_toml(args.config).with_overrides(args.overrides)
+    try:
+        cfg = config_from_arguments(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result = run_centralized(
         cfg, steps=args.steps, eval_every=args.eval_every, out_dir=args.out
     )

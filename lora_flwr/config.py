@@ -14,6 +14,7 @@ comma-separated strings in the flat form.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import math
@@ -57,26 +58,26 @@ class LoraConfig:
         """Validate every field."""
         _check(
             isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-            "r",
+            "lora.r",
             self.r,
             "a positive integer value",
         )
         _check(
             _is_real(self.lora_alpha) and self.lora_alpha > 0,
-            "lora_alpha",
+            "lora.lora_alpha",
             self.lora_alpha,
             "a positive number",
         )
         _check(
             _is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
-            "lora_dropout",
+            "lora.lora_dropout",
             self.lora_dropout,
             "a number in [0, 1)",
         )
         if isinstance(self.target_modules, str):
             _check(
                 bool(self.target_modules) and _is_regex(self.target_modules),
-                "target_modules",
+                "lora.target_modules",
                 self.target_modules,
                 "a non-empty, valid regex",
             )
@@ -84,26 +85,26 @@ class LoraConfig:
             _check(
                 len(self.target_modules) > 0
                 and all(isinstance(t, str) and t for t in self.target_modules),
-                "target_modules",
+                "lora.target_modules",
                 self.target_modules,
                 "a non-empty list of module names",
             )
         _check(
             self.init_lora_weights in ("kaiming", "gaussian"),
-            "init_lora_weights",
+            "lora.init_lora_weights",
             self.init_lora_weights,
             "one of 'kaiming', 'gaussian'",
         )
         _check(
             isinstance(self.use_rslora, bool),
-            "use_rslora",
+            "lora.use_rslora",
             self.use_rslora,
             "true or false",
         )
         _check(
             not isinstance(self.modules_to_save, str)
             and all(isinstance(t, str) and t for t in self.modules_to_save),
-            "modules_to_save",
+            "lora.modules_to_save",
             self.modules_to_save,
             "a list of module names",
         )
@@ -593,3 +594,23 @@ def _coerce_target_modules(key: str, value: Any) -> tuple[str, ...] | str:
     if isinstance(value, str) and value.startswith(REGEX_PREFIX):
         return value[len(REGEX_PREFIX) :]
     return _coerce_str_tuple(key, value)
+
+
+# ------------------------------------------------------------------------ CLI
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and repeatable ``--set key=value`` to a CLI parser."""
+    parser.add_argument("--config", default="configs/default.toml", help="TOML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set fed.num_rounds=3",
+    )
+
+
+def config_from_arguments(args: argparse.Namespace) -> ExperimentConfig:
+    """Load ``args.config`` and apply ``args.overrides`` (see add_config_arguments)."""
+    cfg = ExperimentConfig.from_toml(args.config)
+    return cfg.with_overrides(args.overrides)

@@ -139,8 +139,8 @@ def centralized_train_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDat
     return _tokenized(ws, cfg, ("train",), splits(cfg).train)
 
 
-def test_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDataset:
-    """The global held-out set (capped by ``data.eval_max_examples``), tokenized."""
+def heldout_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDataset:
+    """Return the global held-out set (capped by ``data.eval_max_examples``)."""
     subset = eval_subset(splits(cfg).test, cfg.data, seed=cfg.seed)
     return _tokenized(ws, cfg, ("test",), subset)
 

@@ -154,3 +154,8 @@ def mlp_input() -> torch.Tensor:
 def token_ids() -> torch.Tensor:
     """Return a fixed (2, 8) batch of token ids for the tiny transformers."""
     return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+# One intra-op thread per test process: on a shared 2-core machine torch's default
+# thread pool oversubscribes the cores and slows the suite ~10x; results are the same.
+torch.set_num_threads(1)

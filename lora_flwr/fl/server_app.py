@@ -14,7 +14,7 @@ from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.experiment import get_workspace, test_data
+from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.strategy import FedLoRA, NDArrays
 from lora_flwr.lora.io import save_peft, write_text_atomic
 from lora_flwr.results import format_header, format_row, plot_history, write_history
@@ -39,7 +39,7 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     ws = get_workspace(cfg)
     ws.reset_adapter()
     initial = ws.adapter.get_weights()
-    test = test_data(ws, cfg)
+    test = heldout_data(ws, cfg)
     task_type = TASK_TYPES.get(ws.task)
     base_name = cfg.model.name
 

@@ -17,7 +17,7 @@ import pytest
 
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import clear_caches, get_workspace
-from lora_flwr.experiment import test_data as held_out_data
+from lora_flwr.experiment import heldout_data as held_out_data
 from lora_flwr.results import read_history
 
 REPO = Path(__file__).resolve().parents[2]

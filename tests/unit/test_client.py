@@ -102,8 +102,14 @@ def test_get_parameters_are_the_adapter_arrays() -> None:
 
     # Assert
     assert [a.shape for a in arrays] == adapter.weight_shapes()
-    assert len(arrays) == len(adapter.weight_names()) == 10
-    assert adapter.weight_names()[-2:] == ["classifier.weight", "classifier.bias"]
+    # r = 4 on query and value of 2 layers (hidden 32), then the 2-class head.
+    assert [a.shape for a in arrays] == [(4, 32), (32, 4)] * 4 + [(2, 32), (2,)]
+    names = adapter.weight_names()
+    assert names[:2] == [
+        "bert.encoder.layer.0.attention.self.query.lora_A.weight",
+        "bert.encoder.layer.0.attention.self.query.lora_B.weight",
+    ]
+    assert names[-2:] == ["classifier.weight", "classifier.bias"]
     for got, want in zip(arrays, adapter.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
 

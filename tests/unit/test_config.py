@@ -385,7 +385,7 @@ def test_lora_config_validates_direct_construction(kwargs: dict[str, Any]) -> No
     field = next(iter(kwargs))
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=f"`{field}` should be"):
+    with pytest.raises(ValueError, match=f"`lora\\.{field}` should be"):
         LoraConfig(**kwargs)
 
 

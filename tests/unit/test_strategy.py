@@ -495,7 +495,7 @@ def run_simulation_main(monkeypatch: pytest.MonkeyPatch) -> Any:
     [
         (
             ["--set", "lora.r=0"],
-            "`r` should be a positive integer value but the value passed is 0",
+            "`lora.r` should be a positive integer value but the value passed is 0",
         ),
         (
             ["--set", "train.lr=-1"],
