@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Flower starts its own executables (flower-superlink, flwr-clientapp) by name.
+export PATH := $(abspath $(BIN)):$(PATH)
 TORCH  ?= torch==2.13.0
 CONFIG ?= configs/default.toml
 

@@ -167,6 +167,11 @@ class Processes:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         env[TAG_VAR] = self.tag
+        # flwr and the SuperLink/SuperNodes start further Flower executables
+        # (flower-superlink, flwr-serverapp, flwr-clientapp) by name: put this
+        # environment's scripts first on PATH, even when the venv is not activated.
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         env.update(extra)
         return env
 
