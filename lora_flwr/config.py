@@ -29,6 +29,9 @@ from typing import Any, Literal
 
 FlatValue = bool | int | float | str
 
+# What a model is trained for: sequence classification or next-token prediction.
+Task = Literal["seq_cls", "causal_lm"]
+
 # A target_modules value that starts with this prefix is a full-match regex (PEFT's
 # "a string is a regex"); anything else is a comma-separated list of module names.
 REGEX_PREFIX = "re:"

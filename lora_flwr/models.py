@@ -32,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import torch
 from huggingface_hub import constants as hub_constants
@@ -59,11 +59,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from lora_flwr.assets import cache_dir, fetch_asset
-from lora_flwr.config import ModelConfig
+from lora_flwr.config import ModelConfig, Task
 
 logger = logging.getLogger(__name__)
-
-Task = Literal["seq_cls", "causal_lm"]
 
 BUILTIN_MODELS: tuple[str, ...] = (
     "minilm",

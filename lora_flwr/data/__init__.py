@@ -4,10 +4,10 @@ Nothing here imports Flower itself; ``flwr_datasets`` is imported on first use o
 :func:`partition_indices`.
 """
 
+from lora_flwr.config import Task
 from lora_flwr.data.datasets import (
     BUILTIN_DATASETS,
     DatasetSplits,
-    Task,
     TextDataset,
     eval_subset,
     load_splits,

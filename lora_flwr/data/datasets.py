@@ -29,18 +29,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from lora_flwr.assets import fetch_asset
-from lora_flwr.config import DataConfig
+from lora_flwr.config import DataConfig, Task
 
 logger = logging.getLogger(__name__)
-
-# Same Literal as lora_flwr.models.Task (mypy treats the two as one type). Defined
-# here so that lora_flwr.data does not import transformers (~7 s cold on 2 cores).
-Task = Literal["seq_cls", "causal_lm"]
 
 BUILTIN_DATASETS: tuple[str, ...] = (
     "rotten_tomatoes",

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from lora_flwr.data.datasets import Task, TextDataset
+from lora_flwr.config import Task
+from lora_flwr.data.datasets import TextDataset
 
 IGNORE_INDEX = -100  # label value skipped by Hugging Face / torch cross-entropy
 
