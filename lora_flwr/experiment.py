@@ -8,6 +8,7 @@ tensors. Used by the centralised CLI and by the Flower apps alike.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -66,12 +67,7 @@ def _model_config(cfg: ExperimentConfig) -> ModelConfig:
     splits = load_splits(cfg.data, seed=cfg.seed)
     model_cfg = cfg.model
     if model_cfg.task == "auto":
-        model_cfg = ModelConfig(
-            name=model_cfg.name,
-            task=splits.task,
-            num_labels=model_cfg.num_labels,
-            max_length=model_cfg.max_length,
-        )
+        model_cfg = dataclasses.replace(model_cfg, task=splits.task)
     elif model_cfg.task != splits.task:
         raise ValueError(
             f"`model.task` is {model_cfg.task!r} but dataset {cfg.data.name!r} is a "
