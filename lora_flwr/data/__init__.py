@@ -5,15 +5,15 @@ Nothing here imports Flower itself; ``flwr_datasets`` is imported on first use o
 """
 
 from lora_flwr.config import Task
+from lora_flwr.data.corpus import TextDataset
 from lora_flwr.data.datasets import (
     BUILTIN_DATASETS,
     DatasetSplits,
-    TextDataset,
     eval_subset,
     load_splits,
-    parse_play,
 )
 from lora_flwr.data.partition import client_data, partition_indices
+from lora_flwr.data.shakespeare import parse_play
 from lora_flwr.data.tokenize import (
     IGNORE_INDEX,
     TokenizedDataset,

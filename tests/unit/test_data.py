@@ -167,7 +167,7 @@ def test_eval_subset_caps_and_is_seeded() -> None:
 # --------------------------------------------------------------- synthetic
 def test_synthetic_is_learnable_and_label_skewed() -> None:
     # Prepare
-    from lora_flwr.data.datasets import _NEGATIVE, _POSITIVE
+    from lora_flwr.data.synthetic import _NEGATIVE, _POSITIVE
 
     # Execute
     splits = load_splits(DataConfig(name="synthetic"), seed=0)

@@ -1,9 +1,8 @@
-"""Tests for lora_flwr.models: offline tiny models, caching, task resolution."""
+"""Tests for lora_flwr.models: offline tiny models, load count, task resolution."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -17,8 +16,6 @@ from lora_flwr.config import ModelConfig
 from lora_flwr.models import (
     BUILTIN_MODELS,
     ModelBundle,
-    clear_model_cache,
-    get_model,
     load_model,
     model_load_count,
     resolve_task,
@@ -54,14 +51,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     # huggingface_hub reads the variable at import time, so patch its constant too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture
-def empty_cache() -> Iterator[None]:
-    """Start and end the test with an empty get_model cache."""
-    clear_model_cache()
-    yield
-    clear_model_cache()
 
 
 @pytest.mark.parametrize(
@@ -224,54 +213,6 @@ def test_load_model_leaves_the_global_rng_alone() -> None:
 
     # Assert
     assert torch.equal(drawn, expected)
-
-
-def test_get_model_returns_the_cached_bundle_and_loads_once(
-    empty_cache: None,
-) -> None:
-    # Prepare
-    cfg = ModelConfig(name="tiny-bert", num_labels=3)
-    before = model_load_count()
-
-    # Execute
-    first = get_model(cfg, seed=0)
-    second = get_model(ModelConfig(name="tiny-bert", num_labels=3), seed=0)
-
-    # Assert
-    assert second is first
-    assert model_load_count() == before + 1
-
-
-def test_get_model_keys_on_labels_seed_and_task(empty_cache: None) -> None:
-    # Prepare
-    base = get_model(ModelConfig(name="tiny-llama"), seed=0)
-    before = model_load_count()
-
-    # Execute
-    other_seed = get_model(ModelConfig(name="tiny-llama"), seed=1)
-    other_task = get_model(ModelConfig(name="tiny-llama", task="seq_cls"), seed=0)
-    other_labels = get_model(
-        ModelConfig(name="tiny-llama", task="seq_cls", num_labels=3), seed=0
-    )
-
-    # Assert
-    assert len({id(base), id(other_seed), id(other_task), id(other_labels)}) == 4
-    assert model_load_count() == before + 3
-
-
-def test_clear_model_cache_forces_a_new_load(empty_cache: None) -> None:
-    # Prepare
-    cfg = ModelConfig(name="tiny-gpt2")
-    first = get_model(cfg)
-    before = model_load_count()
-
-    # Execute
-    clear_model_cache()
-    second = get_model(cfg)
-
-    # Assert
-    assert second is not first
-    assert model_load_count() == before + 1
 
 
 def test_load_model_always_builds_a_new_instance() -> None:

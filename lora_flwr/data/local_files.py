@@ -1,0 +1,151 @@
+"""Corpora from local ``.csv``, ``.jsonl`` and ``.txt`` files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora_flwr.data.corpus import TextDataset, _Corpus
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".txt")
+
+
+def _load_local(
+    name: str, text_column: str, label_column: str, group_column: str
+) -> _Corpus:
+    """Load a ``.csv``, ``.jsonl`` or ``.txt`` file.
+
+    A name that is neither a built-in corpus nor a file with one of these suffixes
+    is rejected by the caller, :func:`lora_flwr.data.datasets._load_corpus`, which
+    knows the built-in names.
+    """
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise ValueError(
+            f"`data.name` = {name!r} is a file of an unsupported type; use a "
+            f"{', '.join(LOCAL_SUFFIXES)} file"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Dataset file not found: {path} (`data.name` = {name!r}); pass an "
+            "existing file or a built-in name"
+        )
+    if suffix == ".txt":
+        with path.open(encoding="utf-8") as fh:
+            texts = tuple(line.strip() for line in fh if line.strip())
+        return _Corpus(TextDataset(texts, None, ("",) * len(texts)), 0)
+    rows, columns = _read_rows(path, suffix)
+    return _rows_to_corpus(rows, columns, path, text_column, label_column, group_column)
+
+
+def _read_rows(path: Path, suffix: str) -> tuple[list[dict[str, object]], list[str]]:
+    """Rows of a csv / jsonl file and the columns seen."""
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows: list[dict[str, object]] = [dict(r) for r in reader]
+            return rows, list(reader.fieldnames or [])
+    rows = []
+    columns: dict[str, None] = {}  # ordered set
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"{path}:{lineno} should hold a JSON object per line but holds "
+                    f"{type(obj).__name__}"
+                )
+            rows.append(obj)
+            columns.update(dict.fromkeys(obj))
+    return rows, list(columns)
+
+
+def _rows_to_corpus(
+    rows: list[dict[str, object]],
+    columns: list[str],
+    path: Path,
+    text_column: str,
+    label_column: str,
+    group_column: str,
+) -> _Corpus:
+    """Pick the text / label / group columns out of parsed rows."""
+    if text_column not in columns:
+        raise ValueError(
+            f"`data.text_column` = {text_column!r} is not a column of {path}; its "
+            f"columns are {columns}"
+        )
+    if group_column and group_column not in columns:
+        raise ValueError(
+            f"`data.group_column` = {group_column!r} is not a column of {path}; its "
+            f"columns are {columns} (leave it empty when there is none)"
+        )
+    has_labels = bool(label_column) and label_column in columns
+    texts: list[str] = []
+    raw_labels: list[object] = []
+    groups: list[str] = []
+    for i, row in enumerate(rows):
+        value = row.get(text_column)
+        text = "" if value is None else str(value).strip()
+        if not text:
+            continue  # empty rows carry nothing to learn
+        texts.append(text)
+        groups.append(str(row.get(group_column, "")) if group_column else "")
+        if has_labels:
+            label = row.get(label_column)
+            if label is None or label == "":
+                raise ValueError(
+                    f"Row {i} of {path} has no value in the label column "
+                    f"`data.label_column` = {label_column!r}; fill it or drop the row"
+                )
+            raw_labels.append(label)
+    if not has_labels:
+        return _Corpus(TextDataset(tuple(texts), None, tuple(groups)), 0)
+    labels, num_labels = _encode_labels(raw_labels, label_column)
+    if num_labels < 2:
+        raise ValueError(
+            f"`data.label_column` = {label_column!r} of {path} has a single class; "
+            "a classification corpus needs at least two"
+        )
+    return _Corpus(TextDataset(tuple(texts), labels, tuple(groups)), num_labels)
+
+
+def _encode_labels(
+    raw: Sequence[object], label_column: str
+) -> tuple[tuple[int, ...], int]:
+    """Integer class ids and their count.
+
+    Non-negative integers (also written as strings, as csv gives them) are kept, and
+    ``num_labels = max + 1``. Anything else is mapped to the index of its value in
+    the sorted distinct values.
+    """
+    as_int = [_as_int(v) for v in raw]
+    if all(v is not None and v >= 0 for v in as_int):
+        ints = tuple(int(v) for v in as_int if v is not None)
+        return ints, (max(ints) + 1 if ints else 0)
+    names = sorted({str(v) for v in raw})
+    index = {name: i for i, name in enumerate(names)}
+    logger.info("Labels of column %r mapped to ids: %s", label_column, index)
+    return tuple(index[str(v)] for v in raw), len(names)
+
+
+def _as_int(value: object) -> int | None:
+    """``value`` as an int when it is one (or its decimal string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        return int(value)
+    return None

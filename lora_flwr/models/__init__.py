@@ -1,0 +1,36 @@
+"""Pretrained models and tokenizers, loaded offline.
+
+``model.name`` picks one of
+
+* a built-in name (:data:`BUILTIN_MODELS`):
+
+  - ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 22.7 M parameters) with a new
+    sequence-classification head, from a pinned package-index release;
+  - ``smollm2-135m``: SmolLM2-135M-Instruct (Llama decoder, 134.5 M parameters) from a
+    GGUF file in a pinned release, dequantised once and cached as safetensors;
+  - ``tiny-bert``, ``tiny-llama``, ``tiny-gpt2``: randomly initialised 2-layer models
+    with hidden size 32 and an in-code character tokenizer, for fast tests;
+
+* a local directory written by ``save_pretrained``;
+* a Hugging Face Hub id (needs a reachable hub).
+
+Every model comes back in float32, on the CPU, in ``eval()`` mode, with
+``requires_grad`` untouched (the LoRA code freezes the base weights).
+
+Modules: :mod:`~lora_flwr.models.loading` (:func:`load_model`, local directories and
+Hub ids), :mod:`~lora_flwr.models.tiny` (the tiny test models),
+:mod:`~lora_flwr.models.smollm2` (the one-off GGUF conversion) and
+:mod:`~lora_flwr.models.bundle` (:class:`ModelBundle` and :func:`resolve_task`,
+which they all share).
+"""
+
+from lora_flwr.models.bundle import ModelBundle, resolve_task
+from lora_flwr.models.loading import BUILTIN_MODELS, load_model, model_load_count
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "ModelBundle",
+    "load_model",
+    "model_load_count",
+    "resolve_task",
+]
