@@ -19,13 +19,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import (
     ExperimentConfig,
     add_config_arguments,
     config_from_arguments,
 )
 from lora_flwr.experiment import centralized_train_data, get_workspace, heldout_data
-from lora_flwr.lora.io import write_text_atomic
 
 log = logging.getLogger("lora_flwr.centralized")
 

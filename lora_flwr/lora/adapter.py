@@ -14,7 +14,7 @@ model architecture and the config, so every client and the server agree on it.
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -24,59 +24,18 @@ import torch
 from torch import nn
 
 from lora_flwr.config import LoraConfig
+from lora_flwr.lora import io
 from lora_flwr.lora.layers import LoRALinear, is_conv1d
+from lora_flwr.lora.model_ops import (
+    linear_names,
+    matches,
+    merge_all,
+    merge_and_unload,
+    set_submodule,
+)
+from lora_flwr.validation import check_arrays
 
 NDArray = npt.NDArray[np.float32]
-
-
-def _matches(name: str, targets: tuple[str, ...] | str) -> bool:
-    """PEFT's rule: a str is a full-match regex; a list matches ``x`` or ``*.x``."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)
-    ]
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-@torch.no_grad()
-def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every :class:`LoRALinear` of ``model`` into its base layer, in place.
-
-    Returns ``model`` with plain ``nn.Linear`` / ``Conv1D`` layers in place of the LoRA
-    wrappers: the export a user deploys without this package.
-    """
-    wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-    # Merge everything before replacing anything: a NaN in one layer then leaves the
-    # model as it was instead of half unloaded.
-    _merge_all([layer for _, layer in wrapped])
-    for name, layer in wrapped:
-        layer._unmerged_weight = None  # the backup is no longer needed
-        _set_submodule(model, name, layer.base_layer)
-    return model
-
-
-def _merge_all(layers: Sequence[LoRALinear]) -> None:
-    """Merge every layer, or none: a failure unmerges the ones merged so far."""
-    merged: list[LoRALinear] = []
-    try:
-        for layer in layers:
-            if not layer.merged:
-                layer.merge()
-                merged.append(layer)
-    except Exception:
-        for layer in merged:
-            layer.unmerge()
-        raise
 
 
 class LoRAAdapter:
@@ -144,10 +103,10 @@ class LoRAAdapter:
         targets = [
             (name, module)
             for name, module in model.named_modules()
-            if name and _matches(name, cfg.target_modules)
+            if name and matches(name, cfg.target_modules)
         ]
         if not targets:
-            linear = _linear_names(model)
+            linear = linear_names(model)
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
             raise ValueError(
                 f"`target_modules`={cfg.target_modules!r} matches no module of "
@@ -180,7 +139,7 @@ class LoRAAdapter:
                 init_lora_weights=cfg.init_lora_weights,
                 generator=generator,
             )
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
             self._layers[name] = layer
         self._saved = {}
         for prefix in saved:
@@ -193,7 +152,7 @@ class LoRAAdapter:
     def _find_modules_to_save(self, model: nn.Module) -> list[str]:
         found: list[str] = []
         for entry in self.config.modules_to_save:
-            names = [n for n, _ in model.named_modules() if n and _matches(n, (entry,))]
+            names = [n for n, _ in model.named_modules() if n and matches(n, (entry,))]
             if not names:
                 top = [n for n, _ in model.named_children()]
                 raise ValueError(
@@ -254,6 +213,29 @@ class LoRAAdapter:
             for _, t in self.named_tensors()
         ]
 
+    def weight_shape(self, name: str, rank: int | None = None) -> tuple[int, ...]:
+        """Shape of weight ``name`` at ``rank`` (default: the allocated rank)."""
+        shape = tuple(dict(self.named_tensors())[name].shape)
+        if rank is None:
+            return shape
+        if name.endswith(".lora_A.weight"):
+            return (rank, shape[1])
+        if name.endswith(".lora_B.weight"):
+            return (shape[0], rank)
+        return shape
+
+    def get_named_weights(self, rank: int | None = None) -> dict[str, NDArray]:
+        """Return every adapter tensor by name, A and B cut to ``rank``."""
+        out: dict[str, NDArray] = {}
+        for name, tensor in self.named_tensors():
+            array = tensor.detach().to("cpu", torch.float32).numpy()
+            if rank is not None and name.endswith(".lora_A.weight"):
+                array = array[:rank]
+            elif rank is not None and name.endswith(".lora_B.weight"):
+                array = array[:, :rank]
+            out[name] = np.ascontiguousarray(array).copy()
+        return out
+
     def set_weights(self, arrays: Sequence[npt.NDArray[np.generic]]) -> None:
         """Overwrite the adapter tensors with ``arrays`` (:meth:`weight_names` order).
 
@@ -272,20 +254,49 @@ class LoRAAdapter:
                 f"Expected {len(names)} adapter arrays ({names[:2]}...), got "
                 f"{len(arrays)}; the sender uses a different adapter layout"
             )
-        tensors = {}
-        for name, array in zip(names, arrays, strict=True):
-            if not isinstance(array, np.ndarray):
-                raise ValueError(f"{name}: expected a numpy array, got {type(array)}")
-            if array.dtype != np.float32:
-                raise ValueError(
-                    f"{name}: dtype {array.dtype} but the adapter holds float32"
-                )
-            # A copy: arrays decoded from a message may be read-only buffers.
-            tensors[name] = torch.from_numpy(np.array(array, copy=True, order="C"))
-        self.load_state_dict(tensors)
+        self.set_named_weights(dict(zip(names, arrays, strict=True)))
+
+    def set_named_weights(
+        self, arrays: Mapping[str, object], rank: int | None = None
+    ) -> None:
+        """Overwrite every adapter tensor by name, all-or-nothing.
+
+        With ``rank`` below the allocated rank, A arrives as ``(rank, in)`` and B as
+        ``(out, rank)``; they fill the first rows/columns, the rest is zeroed and
+        every layer runs at that rank (:meth:`set_rank`).
+
+        Raises
+        ------
+        ValueError
+            From :func:`lora_flwr.validation.check_arrays`: wrong names, a
+            non-float32 dtype, a wrong shape or a NaN/Inf value, naming the tensor.
+        """
+        rank = self.rank if rank is None else rank
+        if not 1 <= rank <= self.rank:
+            raise ValueError(
+                f"`rank` should be in [1, r={self.rank}] but the value passed is {rank}"
+            )
+        expected = {n: self.weight_shape(n, rank) for n in self.weight_names()}
+        check_arrays(arrays, expected, dtype=np.float32, what="adapter weights")
+        self.set_rank(rank)
+        with torch.no_grad():
+            for name, target in self.named_tensors():
+                array = arrays[name]
+                assert isinstance(array, np.ndarray)
+                # A copy: arrays decoded from a message may be read-only buffers.
+                value = torch.from_numpy(np.array(array, copy=True, order="C"))
+                value = value.to(target.device, target.dtype)
+                if name.endswith(".lora_A.weight"):
+                    target[:rank].copy_(value)
+                elif name.endswith(".lora_B.weight"):
+                    target[:, :rank].copy_(value)
+                else:
+                    target.copy_(value)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Overwrite adapter tensors by name, all-or-nothing.
+
+        Values of any floating dtype are accepted and cast to float32 first.
 
         Raises
         ------
@@ -293,31 +304,93 @@ class LoRAAdapter:
             On missing or unexpected keys, a shape mismatch, a non-floating dtype or a
             non-finite value; the message names the tensor.
         """
-        expected = dict(self.named_tensors())
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ValueError(
-                f"Adapter keys do not match the model: missing {missing[:5]}"
-                f"{'...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
-                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
-                f"({len(unexpected)}). Was it saved for another model or config?"
-            )
-        for name, target in expected.items():
-            value = state[name]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"{name}: shape {tuple(value.shape)} but the model expects "
-                    f"{tuple(target.shape)} (check r and the base model)"
-                )
+        arrays: dict[str, object] = {}
+        for name, value in state.items():
             if not value.is_floating_point():
                 raise ValueError(f"{name}: dtype {value.dtype} is not floating point")
             # Checked after the cast: a finite float64 may overflow float32.
-            if not torch.isfinite(value.to(target.dtype)).all():
-                raise ValueError(f"{name}: contains NaN or Inf values")
-        with torch.no_grad():
-            for name, target in expected.items():
-                target.copy_(state[name].to(target.device, target.dtype))
+            arrays[name] = value.detach().to("cpu", torch.float32).numpy()
+        try:
+            self.set_named_weights(arrays)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc} (was the adapter saved for another model or config? check r "
+                "and the base model)"
+            ) from None
+
+    # ---------------------------------------------------------- rank & groups
+    @property
+    def rank(self) -> int:
+        """Allocated rank ``r`` (the largest rank a client may run at)."""
+        return self.config.r
+
+    @property
+    def active_rank(self) -> int:
+        """Rank the layers run at now (:meth:`set_rank`)."""
+        ranks = {layer.active_r for layer in self._layers.values()}
+        return ranks.pop() if len(ranks) == 1 else self.rank
+
+    def set_rank(self, rank: int) -> None:
+        """Run every layer at ``rank`` <= ``r``; zero A rows / B columns beyond it."""
+        for layer in self._layers.values():
+            layer.set_rank(rank)
+
+    def set_trainable(
+        self, *, lora_A: bool = True, lora_B: bool = True, saved: bool = True
+    ) -> None:
+        """Choose which factor groups train (``requires_grad``); the rest freeze."""
+        for name, tensor in self.named_tensors():
+            if name.endswith(".lora_A.weight"):
+                flag = lora_A
+            elif name.endswith(".lora_B.weight"):
+                flag = lora_B
+            else:
+                flag = saved
+            tensor.requires_grad_(flag)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Adapter parameters that currently train (``requires_grad``)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------- base deltas
+    def set_base_delta(self, deltas: Mapping[str, object] | None) -> None:
+        """Set each wrapped layer's frozen weight to ``W0 + delta``, all-or-nothing.
+
+        ``deltas`` maps module names to float32 arrays ``(out, in)`` (the layout of
+        ``B @ A``, whatever the base layer's); modules left out get ``W0``. None
+        restores every ``W0``. This is how a merged global update (FLoRA,
+        FedEx-LoRA) becomes part of the frozen model: the adapter then restarts
+        on top of it, and :meth:`merge` / :meth:`merge_and_unload` include it.
+
+        Raises
+        ------
+        ValueError
+            On an unknown module, a wrong shape or dtype, or a NaN/Inf value.
+        """
+        deltas = {} if deltas is None else deltas
+        unknown = [m for m in deltas if m not in self._layers]
+        if unknown:
+            raise ValueError(
+                f"base delta for unknown modules {unknown[:3]}; the adapter wraps "
+                f"{self.module_names[:3]}..."
+            )
+        expected = {
+            m: (self._layers[m].out_features, self._layers[m].in_features)
+            for m in deltas
+        }
+        check_arrays(deltas, expected, dtype=np.float32, what="base delta")
+        for name, layer in self._layers.items():
+            value = deltas.get(name)
+            if value is None:
+                layer.set_base_delta(None)
+            else:
+                assert isinstance(value, np.ndarray)
+                layer.set_base_delta(torch.from_numpy(np.ascontiguousarray(value)))
+
+    @property
+    def has_base_delta(self) -> bool:
+        """Whether any frozen weight currently holds a base delta."""
+        return any(layer.has_base_delta for layer in self._layers.values())
 
     @torch.no_grad()
     def reset(self, seed: int | None = None) -> None:
@@ -335,7 +408,7 @@ class LoRAAdapter:
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:
         """Fold ``scaling * B @ A`` into every base weight (in place, all or none)."""
-        _merge_all(list(self._layers.values()))
+        merge_all(list(self._layers.values()))
 
     def unmerge(self) -> None:
         """Undo :meth:`merge`, restoring the base weights exactly."""
@@ -356,8 +429,6 @@ class LoRAAdapter:
     # -------------------------------------------------------------------- I/O
     def save(self, path: str | Path, *, format: str = "peft") -> Path:
         """Save to a PEFT directory (``format="peft"``) or a JSON file (``"json"``)."""
-        from lora_flwr.lora import io
-
         if format == "peft":
             return io.save_peft(self, path)
         if format == "json":
@@ -366,10 +437,28 @@ class LoRAAdapter:
 
     def load(self, path: str | Path) -> None:
         """Load tensors from a PEFT directory or a JSON file (detected by suffix)."""
-        from lora_flwr.lora import io
-
         path = Path(path)
         if path.suffix == ".json" and not path.is_dir():
             io.load_json(self, path)
         else:
             io.load_peft(self, path)
+
+
+def load_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> LoRAAdapter:
+    """Build an adapter from a PEFT directory's config, apply it to ``model`` and load.
+
+    ``modules_to_save`` entries that name no module of ``model`` are dropped, as PEFT
+    does: its sequence-classification saves list both ``classifier`` and ``score``.
+    Their weights, if the file holds any, are still rejected as unexpected keys.
+    """
+    config = io.read_peft_config(path)
+    present = tuple(
+        entry
+        for entry in config.modules_to_save
+        if any(name and matches(name, (entry,)) for name, _ in model.named_modules())
+    )
+    config = dataclasses.replace(config, modules_to_save=present)
+    adapter = LoRAAdapter(config, seed=seed)
+    adapter.apply(model)
+    io.load_peft(adapter, path)
+    return adapter

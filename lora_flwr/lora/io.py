@@ -7,59 +7,44 @@ PEFT layout (what ``PeftModel.from_pretrained`` reads)::
                                      # base_model.model.<module>.lora_B.weight (out, r)
                                      # base_model.model.<saved module>.<param>
 
-Every file is written atomically (temp file in the same directory, then rename), so a
-crash never leaves a half-written adapter behind. Nothing is ever unpickled.
+Every file is written atomically (temp file in the same directory, then rename) and a
+PEFT directory is swapped in as one unit (:mod:`lora_flwr.atomic`), so a crash never
+leaves a half-written adapter, or weights without their config, behind. Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
+from lora_flwr.atomic import atomic_write, atomic_write_dir
+
+# Re-exported (the explicit "as" form, for mypy): lora_flwr/fl/server_app.py
+# imports write_text_atomic from here.
+from lora_flwr.atomic import write_text_atomic as write_text_atomic
 from lora_flwr.config import LoraConfig
-from lora_flwr.lora.adapter import LoRAAdapter, _matches, merge_and_unload
+from lora_flwr.lora.model_ops import merge_and_unload
+
+if TYPE_CHECKING:  # the adapter imports this module, not the other way round
+    from lora_flwr.lora.adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+BASE_DELTA_NAME = "base_delta.safetensors"
 JSON_FORMAT = "lora_flwr-adapter"
 JSON_VERSION = 1
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file next to ``path``, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (UTF-8)."""
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    atomic_write(path, write)
 
 
 # ------------------------------------------------------------------- PEFT dir
@@ -115,23 +100,26 @@ def save_peft(
     """Write ``adapter`` as a PEFT adapter directory and return its path.
 
     ``task_type`` is PEFT's (``"CAUSAL_LM"``, ``"SEQ_CLS"``) or None for a plain
-    ``PeftModel``.
+    ``PeftModel``. The directory is written as one unit: an existing ``path`` is
+    replaced whole, so files other than the adapter's in it are removed.
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {
         PEFT_PREFIX + name: t.contiguous() for name, t in adapter.state_dict().items()
     }
-    atomic_write(
-        path / WEIGHTS_NAME,
-        lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
-    )
     config = peft_config_dict(
         adapter, base_model_name_or_path=base_model_name_or_path, task_type=task_type
     )
-    write_text_atomic(
-        path / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
-    )
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+
+    # One unit: a kill between the two files must not pair new weights with an old
+    # config (or none).
+    atomic_write_dir(path, write)
     return path
 
 
@@ -232,24 +220,33 @@ def load_peft(adapter: LoRAAdapter, path: str | Path) -> None:
     adapter.load_state_dict(state)
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> LoRAAdapter:
-    """Build an adapter from a PEFT directory's config, apply it to ``model`` and load.
+# ----------------------------------------------------------------- base delta
+def save_base_delta(
+    deltas: Mapping[str, npt.NDArray[np.float32]], path: str | Path
+) -> Path:
+    """Write per-module base-weight deltas ``(out, in)`` to a safetensors file.
 
-    ``modules_to_save`` entries that name no module of ``model`` are dropped, as PEFT
-    does: its sequence-classification saves list both ``classifier`` and ``score``.
-    Their weights, if the file holds any, are still rejected as unexpected keys.
+    Rules that merge (FLoRA, FedEx-LoRA) keep part of the learned update in the
+    base weights; this file holds it, keyed by module name, atomically written.
     """
-    config = read_peft_config(path)
-    present = tuple(
-        entry
-        for entry in config.modules_to_save
-        if any(name and _matches(name, (entry,)) for name, _ in model.named_modules())
+    path = Path(path)
+    tensors = {m: torch.from_numpy(np.ascontiguousarray(d)) for m, d in deltas.items()}
+    atomic_write(
+        path,
+        lambda tmp: save_file(tensors, str(tmp), metadata={"format": "lora_flwr"}),
     )
-    config = dataclasses.replace(config, modules_to_save=present)
-    adapter = LoRAAdapter(config, seed=seed)
-    adapter.apply(model)
-    load_peft(adapter, path)
-    return adapter
+    return path
+
+
+def load_base_delta(path: str | Path) -> dict[str, npt.NDArray[np.float32]]:
+    """Read deltas written by :func:`save_base_delta` (for ``set_base_delta``)."""
+    tensors = read_safetensors(Path(path))
+    out = {}
+    for name, value in tensors.items():
+        if not value.is_floating_point() or value.dim() != 2:
+            raise ValueError(f"{path}: {name} is not a 2-D float delta")
+        out[name] = value.to(torch.float32).numpy()
+    return out
 
 
 # ---------------------------------------------------------------------- JSON

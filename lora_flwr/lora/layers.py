@@ -97,8 +97,15 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device="meta")
         self.lora_A.to_empty(device=device)
         self.lora_B.to_empty(device=device)
+        # Rank in use (<= r): rows of A and columns of B beyond it are zero and
+        # skipped, so one allocated adapter serves every rank tier.
+        self.active_r = r
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
+        # The pretrained weight W0, kept once a base delta is set, so that
+        # W = W0 + delta is always computed from W0 (never accumulated).
+        self._pristine_weight: torch.Tensor | None = None
+        self._delta_active = False
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
         self.reset_lora_parameters(init_lora_weights, generator=generator)
@@ -133,6 +140,54 @@ class LoRALinear(nn.Module):
             raise ValueError(f"Unknown initialization {init_lora_weights=}")
         self.lora_A.weight.copy_(lora_a)
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def set_rank(self, rank: int) -> None:
+        """Use only the first ``rank`` rows of A and columns of B; zero the rest.
+
+        The scaling stays the allocated rank's, so a zero-padded or truncated
+        factor pair keeps its product.
+        """
+        if not 1 <= rank <= self.r:
+            raise ValueError(
+                f"`rank` should be in [1, r={self.r}] but the value passed is {rank}"
+            )
+        self.lora_A.weight[rank:].zero_()
+        self.lora_B.weight[:, rank:].zero_()
+        self.active_r = rank
+
+    @torch.no_grad()
+    def set_base_delta(self, delta: torch.Tensor | None) -> None:
+        """Set the frozen weight to ``W0 + delta`` (``delta`` is ``(out, in)``).
+
+        ``W0`` is the pretrained weight, kept on the first call, so the result
+        never depends on earlier deltas. None restores ``W0``.
+        """
+        if self.merged:
+            raise ValueError("Unmerge the adapter before changing the base weights")
+        weight = self._base_weight()
+        if delta is None:
+            if self._pristine_weight is not None:
+                weight.copy_(self._pristine_weight)
+            self._delta_active = False
+            return
+        if tuple(delta.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"base delta of shape {tuple(delta.shape)}, expected "
+                f"{(self.out_features, self.in_features)}"
+            )
+        if self._pristine_weight is None:
+            self._pristine_weight = weight.detach().clone()
+        d = delta.to(weight.device, torch.float32)
+        if self.fan_in_fan_out:
+            d = d.T
+        weight.copy_((self._pristine_weight.to(torch.float32) + d).to(weight.dtype))
+        self._delta_active = True
+
+    @property
+    def has_base_delta(self) -> bool:
+        """Whether the frozen weight currently differs from ``W0`` by a delta."""
+        return self._delta_active
 
     def get_delta_weight(self) -> torch.Tensor:
         """Return ``scaling * B @ A`` in the base weight's layout and dtype."""
@@ -178,9 +233,18 @@ class LoRALinear(nn.Module):
             return result
         lora_a = self.lora_A.weight
         lora_x = self.lora_dropout(x).to(lora_a.dtype)
-        update: torch.Tensor = self.lora_B(self.lora_A(lora_x))
+        update: torch.Tensor
+        if self.active_r < self.r:
+            rank = self.active_r
+            hidden = nn.functional.linear(lora_x, lora_a[:rank])
+            update = nn.functional.linear(hidden, self.lora_B.weight[:, :rank])
+        else:
+            update = self.lora_B(self.lora_A(lora_x))
         return result + update.to(result.dtype) * self.scaling
 
     def extra_repr(self) -> str:
         """Show rank and scaling in ``print(model)``."""
-        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+        return (
+            f"r={self.r}, active_r={self.active_r}, scaling={self.scaling:g}, "
+            f"merged={self.merged}"
+        )

@@ -360,7 +360,7 @@ def _bad_arrays(case: str, shapes: list[tuple[int, ...]]) -> list[Any]:
         ("int", r"lin1\.lora_A\.weight: dtype int32"),
         ("nan", r"lin1\.lora_A\.weight: contains NaN or Inf"),
         ("inf", r"lin1\.lora_A\.weight: contains NaN or Inf"),
-        ("list", r"lin1\.lora_A\.weight: expected a numpy array"),
+        ("list", r"lin1\.lora_A\.weight: not a numpy array"),
     ],
 )
 def test_set_weights_rejects_bad_input_all_or_nothing(

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_flwr import atomic
 from lora_flwr.config import LoraConfig
 from lora_flwr.lora import (
     LoRAAdapter,
@@ -612,7 +613,7 @@ def test_failed_first_write_leaves_no_file(
     # Execute / Assert
     with pytest.raises(OSError, match="disk full"):
         save_peft(source, tmp_path / "new")
-    assert list((tmp_path / "new").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_rename_keeps_the_previous_json_and_no_temp_file(
@@ -629,7 +630,7 @@ def test_failed_rename_keeps_the_previous_json_and_no_temp_file(
     def broken_replace(src: Any, dst: Any) -> None:
         raise OSError("rename failed")
 
-    monkeypatch.setattr(lora_io.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic.os, "replace", broken_replace)
 
     # Execute / Assert
     with pytest.raises(OSError, match="rename failed"):
