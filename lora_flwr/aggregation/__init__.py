@@ -1,28 +1,49 @@
-"""Aggregation rules for LoRA adapters: pure numpy, one function per rule.
+"""LoRA-aware aggregation rules and server optimizers: pure numpy, no Flower.
 
-Select a rule by name with ``fed.aggregation``. A rule is called as
-``rule(current, updates, names)`` and returns the new global arrays.
+Select a rule by name with ``fed.aggregation`` and an optimizer with
+``fed.server_optimizer``. Each rule is one module whose class docstring states its
+formula and cites its paper; :mod:`lora_flwr.aggregation.base` describes the API.
 """
 
-from lora_flwr.aggregation import fedit as _fedit  # noqa: F401  (registers "fedit")
+# Importing a rule module registers it.
+from lora_flwr.aggregation import (  # noqa: F401
+    fedex,
+    fedit,
+    fedsa,
+    fedsvd,
+    ffa,
+    flexlora,
+    flora,
+    hetlora,
+    rolora,
+)
 from lora_flwr.aggregation.base import (
-    AggregationRule,
-    ClientUpdate,
+    ClientInfo,
+    ClientReply,
+    FoldBlock,
+    GroupPlan,
+    Rule,
+    ServerState,
     available_rules,
     example_weights,
     get_rule,
     register,
 )
-from lora_flwr.aggregation.fedit import fedit
-from lora_flwr.aggregation.validation import check_update
+from lora_flwr.aggregation.linalg import fold_block
+from lora_flwr.aggregation.optimizers import OPTIMIZERS, ServerOptimizer
 
 __all__ = [
-    "AggregationRule",
-    "ClientUpdate",
+    "OPTIMIZERS",
+    "ClientInfo",
+    "ClientReply",
+    "FoldBlock",
+    "GroupPlan",
+    "Rule",
+    "ServerOptimizer",
+    "ServerState",
     "available_rules",
-    "check_update",
     "example_weights",
-    "fedit",
+    "fold_block",
     "get_rule",
     "register",
 ]
