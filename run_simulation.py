@@ -4,100 +4,21 @@
 
 Prints a per-round table and writes ``<output_dir>/<name>/``: the resolved config,
 ``history.json`` / ``history.csv``, the final adapter (PEFT directory), per-round
-checkpoints and PNG plots.
+checkpoints and PNG plots. The work is done by :mod:`lora_flwr.simulation`.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from lora_flwr.aggregation import get_rule
-from lora_flwr.config import (
-    ExperimentConfig,
-    add_config_arguments,
-    config_from_arguments,
-)
+from lora_flwr import simulation
 
-
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's "use flwr run" notice: this entry point is deliberate."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED" not in record.getMessage()
-
-
-def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
-    """Run ``cfg`` in the Flower simulation engine and return the run directory."""
-    # Quiet Ray before it is imported; users asked for a table, not Ray's banner.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.common.logger import FLOWER_LOGGER
-    from flwr.simulation import run_simulation
-
-    from lora_flwr.fl.client_app import make_client_app
-    from lora_flwr.fl.server_app import make_server_app, run_dir_for
-    from lora_flwr.results import read_history
-
-    FLOWER_LOGGER.addFilter(_DropDeprecation())
-    if not verbose:
-        FLOWER_LOGGER.setLevel(logging.WARNING)
-    run_dir = run_dir_for(cfg)
-    (run_dir / "history.json").unlink(missing_ok=True)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": cfg.fed.client_num_cpus,
-            "num_gpus": cfg.fed.client_num_gpus,
-        },
-        "init_args": {
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": True,
-        },
-    }
-    start = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.fed.num_clients,
-        backend_config=backend_config,  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
-    seconds = time.perf_counter() - start
-    history = read_history(run_dir)
-    rounds = [r for r in history if r.get("round", 0) > 0]
-    if len(rounds) < cfg.fed.num_rounds:
-        raise RuntimeError(
-            f"The simulation stopped after {len(rounds)} of {cfg.fed.num_rounds} "
-            f"rounds; see the log above and {run_dir}"
-        )
-    print(f"\nfinished {cfg.fed.num_rounds} rounds in {seconds:.1f} s -> {run_dir}")
-    return run_dir
+run = simulation.run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
-    parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("lora_flwr").setLevel(logging.INFO)
-    try:
-        cfg = config_from_arguments(args)
-        # The rule is looked up inside the ServerApp; check it before Ray starts.
-        get_rule(cfg.fed.aggregation)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    run(cfg, verbose=args.verbose)
-    return 0
+    """Command-line entry point (``run`` is looked up here, so tests can swap it)."""
+    return simulation.main(argv, run_fn=lambda cfg, verbose: run(cfg, verbose=verbose))
 
 
 if __name__ == "__main__":

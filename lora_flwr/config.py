@@ -277,7 +277,22 @@ class FedConfig:
     min_fit_clients: int = 2  # wait for (and require) at least this many replies
     min_evaluate_clients: int = 2
     min_available_clients: int = 2
-    aggregation: str = "fedit"  # rule name in lora_flwr.aggregation
+    # Rule name in lora_flwr.aggregation: fedit, ffa, fedsa, rolora, flora, fedex,
+    # hetlora, flexlora, fedsvd.
+    aggregation: str = "fedit"
+    # Client ranks, assigned to partitions deterministically from the seed (e.g.
+    # "4,8,16"); empty: every client at lora.r. lora.r must be the largest tier.
+    rank_tiers: tuple[int, ...] = ()
+    # Server optimizer on the pseudo-gradient of what the rule averaged (Reddi et
+    # al., ICLR 2021): none, fedavgm, fedadagrad, fedadam, fedyogi.
+    server_optimizer: Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] = (
+        "none"
+    )
+    server_lr: float = 1.0  # server learning rate eta
+    server_beta1: float = 0.9  # momentum (FedAvgM's beta, FedAdam/FedYogi's beta_1)
+    server_beta2: float = 0.99  # second-moment decay (FedAdam, FedYogi)
+    server_tau: float = 1e-3  # adaptivity tau (FedAdagrad, FedAdam, FedYogi)
+    prox_mu: float = 0.0  # FedProx proximal term mu on the client (0: off)
     lr_decay: float = 1.0  # client lr in round t = train.lr * lr_decay ** (t - 1)
     eval_every: int = 1  # centralised evaluation every N rounds (0: only at the end)
     max_update_norm: float = (
@@ -307,6 +322,40 @@ class FedConfig:
                 f"in [1, fed.num_clients={self.num_clients}]",
             )
         _check(bool(self.aggregation), "fed.aggregation", self.aggregation, "a name")
+        _check(
+            all(isinstance(t, int) and t >= 1 for t in self.rank_tiers),
+            "fed.rank_tiers",
+            ",".join(map(str, self.rank_tiers)),
+            "positive integer ranks, e.g. '4,8,16'",
+        )
+        _check(
+            self.server_optimizer
+            in ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"),
+            "fed.server_optimizer",
+            self.server_optimizer,
+            "one of 'none', 'fedavgm', 'fedadagrad', 'fedadam', 'fedyogi'",
+        )
+        _check(
+            _finite(self.server_lr) and self.server_lr > 0,
+            "fed.server_lr",
+            self.server_lr,
+            "> 0",
+        )
+        for name in ("server_beta1", "server_beta2"):
+            value = getattr(self, name)
+            _check(_finite(value) and 0 <= value < 1, f"fed.{name}", value, "in [0, 1)")
+        _check(
+            _finite(self.server_tau) and self.server_tau > 0,
+            "fed.server_tau",
+            self.server_tau,
+            "> 0",
+        )
+        _check(
+            _finite(self.prox_mu) and self.prox_mu >= 0,
+            "fed.prox_mu",
+            self.prox_mu,
+            ">= 0",
+        )
         _check(0 < self.lr_decay <= 1.0, "fed.lr_decay", self.lr_decay, "in (0, 1]")
         _check(self.eval_every >= 0, "fed.eval_every", self.eval_every, ">= 0")
         _check(
@@ -346,6 +395,13 @@ class ExperimentConfig:
         """Validate the top-level fields."""
         _check(bool(self.name), "name", self.name, "a non-empty string")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        tiers = self.fed.rank_tiers
+        _check(
+            not tiers or max(tiers) == self.lora.r,
+            "fed.rank_tiers",
+            ",".join(map(str, tiers)),
+            f"ranks whose largest equals lora.r={self.lora.r} (the allocated rank)",
+        )
 
     # ----------------------------------------------------------------- builders
     @classmethod
@@ -434,6 +490,10 @@ def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: object) -> bool:
+    return _is_real(value) and math.isfinite(value)  # type: ignore[arg-type]
+
+
 def parse_value(raw: str) -> FlatValue:
     """Parse a command-line value: a Python literal if it is one, else the string."""
     if raw.lower() in ("true", "false"):
@@ -505,7 +565,7 @@ def _flatten(obj: object, prefix: str, out: dict[str, FlatValue]) -> None:
         if dataclasses.is_dataclass(value):
             _flatten(value, key + ".", out)
         elif isinstance(value, tuple):
-            out[key] = ",".join(value)
+            out[key] = ",".join(str(v) for v in value)
         elif f.name == "target_modules" and isinstance(value, str):
             out[key] = REGEX_PREFIX + value
         else:
@@ -549,6 +609,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 f"{value!r}"
             )
         return value
+    if origin is tuple and typing.get_args(hint)[0] is int:
+        return _coerce_int_tuple(key, value)
     if origin is tuple:
         return _coerce_str_tuple(key, value)
     if origin in (types.UnionType, typing.Union):  # pragma: no cover - none left
@@ -591,6 +653,29 @@ def _coerce_str_tuple(key: str, value: Any) -> tuple[str, ...]:
         f"`{key}` should be a list of strings or a comma-separated string but the "
         f"value passed is {value!r}"
     )
+
+
+def _coerce_int_tuple(key: str, value: Any) -> tuple[int, ...]:
+    items: list[Any]
+    if isinstance(value, str):
+        items = [p.strip() for p in value.split(",") if p.strip()]
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    else:
+        items = [None]
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str) and item.lstrip("-").isdigit():
+            item = int(item)
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise ValueError(
+                f"`{key}` should be a list of integers or a comma-separated string "
+                f"such as '4,8,16' but the value passed is {value!r}"
+            )
+        out.append(item)
+    return tuple(out)
 
 
 def _coerce_target_modules(key: str, value: Any) -> tuple[str, ...] | str:

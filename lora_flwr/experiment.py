@@ -33,37 +33,71 @@ _LOCK = threading.RLock()
 
 
 @dataclass
+class _Shared:
+    """What every workspace of one (model, LoRA config, seed) shares in a process."""
+
+    bundle: ModelBundle
+    adapter: LoRAAdapter
+    initial: dict[str, npt.NDArray[np.float32]]
+    trainers: dict[TrainConfig, LoRATrainer] = field(default_factory=dict)
+
+
+@dataclass
 class Workspace:
-    """A base model with its adapter and trainer, owned by one process."""
+    """A base model with its adapter and a trainer, owned by one process.
+
+    One base model and adapter serve every rank tier, learning rate and rule of
+    the process (the adapter runs at a rank <= its allocated one); only the
+    trainer follows the ``TrainConfig`` the workspace was asked for.
+    """
 
     bundle: ModelBundle
     adapter: LoRAAdapter
     trainer: LoRATrainer
-    # The seeded starting adapter (A, zero B and the initial modules_to_save),
-    # captured when the workspace was built.
-    initial_weights: list[npt.NDArray[np.float32]] = field(default_factory=list)
+    # The seeded starting adapter (A, zero B and the initial modules_to_save) by
+    # weight name, captured when the base model was loaded.
+    initial: dict[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
         """``"seq_cls"`` or ``"causal_lm"``."""
         return self.bundle.task
 
+    @property
+    def initial_weights(self) -> list[npt.NDArray[np.float32]]:
+        """The seeded starting adapter in weight order."""
+        return [self.initial[n] for n in self.adapter.weight_names()]
+
     def reset_adapter(self) -> None:
-        """Restore the seeded starting adapter, ``modules_to_save`` included.
+        """Restore the seeded start: adapter, full rank, all trainable, base ``W0``.
 
         ``adapter.reset(seed)`` re-draws A and zeroes B but leaves a trained
         classifier head as it is, so a second run in the same process would not
         start from the same adapter as the first.
         """
-        self.adapter.set_weights(self.initial_weights)
+        self.adapter.set_base_delta(None)
+        self.adapter.set_named_weights(self.initial)
+        self.adapter.set_trainable()
 
 
-_WORKSPACES: dict[tuple[ModelConfig, LoraConfig, TrainConfig, int], Workspace] = {}
+_SHARED: dict[tuple[ModelConfig, LoraConfig, int], _Shared] = {}
 _TOKENIZED: dict[tuple[object, ...], TokenizedDataset] = {}
+_MODEL_CONFIGS: dict[tuple[ModelConfig, object, int], ModelConfig] = {}
 
 
-def _model_config(cfg: ExperimentConfig) -> ModelConfig:
-    """Resolve ``model.task`` from the data and check the label count fits."""
+def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
+    """Resolve ``model.task`` from the data and check the label count fits (once).
+
+    Raises
+    ------
+    ValueError
+        If the model's task does not match the dataset's, or the dataset has more
+        classes than ``model.num_labels``.
+    """
+    key = (cfg.model, cfg.data, cfg.seed)
+    with _LOCK:
+        if key in _MODEL_CONFIGS:
+            return _MODEL_CONFIGS[key]
     splits = load_splits(cfg.data, seed=cfg.seed)
     model_cfg = cfg.model
     if model_cfg.task == "auto":
@@ -78,38 +112,41 @@ def _model_config(cfg: ExperimentConfig) -> ModelConfig:
             f"Dataset {cfg.data.name!r} has {splits.num_labels} classes but "
             f"`model.num_labels` is {model_cfg.num_labels}"
         )
+    with _LOCK:
+        _MODEL_CONFIGS[key] = model_cfg
     return model_cfg
 
 
 def get_workspace(cfg: ExperimentConfig) -> Workspace:
-    """Return this process's workspace for ``cfg`` (built on first use).
+    """Return this process's workspace for ``cfg`` (base model built on first use).
 
-    The adapter is initialised from ``cfg.seed``, so every process builds the same
-    starting adapter (and the same new classifier head, if any).
+    The base model and adapter are keyed on the model, the LoRA config and the
+    seed only, so runs that differ in training settings, rule or rank tier share
+    one base model. The adapter is initialised from ``cfg.seed``, so every process
+    builds the same starting adapter (and the same new classifier head, if any).
     """
-    model_cfg = _model_config(cfg)
-    key = (model_cfg, cfg.lora, cfg.train, cfg.seed)
+    model_cfg = resolve_model_config(cfg)
+    key = (model_cfg, cfg.lora, cfg.seed)
     with _LOCK:
-        ws = _WORKSPACES.get(key)
-        if ws is None:
+        shared = _SHARED.get(key)
+        if shared is None:
             bundle = load_model(model_cfg, seed=cfg.seed)
             adapter = LoRAAdapter(cfg.lora, seed=cfg.seed)
             adapter.apply(bundle.model)
-            trainer = LoRATrainer(adapter, bundle.task, cfg.train)
-            ws = Workspace(
-                bundle=bundle,
-                adapter=adapter,
-                trainer=trainer,
-                initial_weights=adapter.get_weights(),
-            )
-            _WORKSPACES[key] = ws
-        return ws
+            shared = _Shared(bundle, adapter, adapter.get_named_weights())
+            _SHARED[key] = shared
+        trainer = shared.trainers.get(cfg.train)
+        if trainer is None:
+            trainer = LoRATrainer(shared.adapter, shared.bundle.task, cfg.train)
+            shared.trainers[cfg.train] = trainer
+        return Workspace(shared.bundle, shared.adapter, trainer, shared.initial)
 
 
 def clear_caches() -> None:
     """Forget every workspace and tokenized dataset of this process."""
     with _LOCK:
-        _WORKSPACES.clear()
+        _SHARED.clear()
+        _MODEL_CONFIGS.clear()
         _TOKENIZED.clear()
 
 

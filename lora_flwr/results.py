@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_flwr.lora.io import atomic_write, write_text_atomic
+from lora_flwr.atomic import atomic_write, write_text_atomic
 
 Record = Mapping[str, Any]
 
@@ -21,7 +21,11 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("test_loss", "test_loss", "{:>9.4f}"),
     ("test_accuracy", "test_acc", "{:>8.4f}"),
     ("test_perplexity", "test_ppl", "{:>9.2f}"),
+    ("personal_loss", "pers_loss", "{:>9.4f}"),
+    ("personal_accuracy", "pers_acc", "{:>8.4f}"),
+    ("personal_perplexity", "pers_ppl", "{:>9.2f}"),
     ("fed_loss", "fed_loss", "{:>8.4f}"),
+    ("agg_error", "agg_err", "{:>8.2e}"),
     ("fit_ok", "fit_ok", "{:>6d}"),
     ("bytes_up", "bytes_up", "{:>10d}"),
     ("bytes_down", "bytes_down", "{:>10d}"),
@@ -98,11 +102,27 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 PLOTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("loss.png", ("train_loss", "test_loss", "fed_loss"), "loss"),
-    ("accuracy.png", ("test_accuracy", "fed_accuracy"), "accuracy"),
-    ("perplexity.png", ("test_perplexity",), "perplexity"),
-    ("bytes.png", ("bytes_up", "bytes_down"), "bytes per round"),
+    ("loss.png", ("train_loss", "test_loss", "personal_loss", "fed_loss"), "loss"),
+    (
+        "accuracy.png",
+        ("test_accuracy", "personal_accuracy", "fed_accuracy"),
+        "accuracy",
+    ),
+    ("perplexity.png", ("test_perplexity", "personal_perplexity"), "perplexity"),
+    ("bytes.png", ("bytes_up", "bytes_down"), "cumulative bytes"),
 )
+# Plotted as running totals: per round they are a flat line.
+CUMULATIVE = frozenset({"bytes_up", "bytes_down"})
+
+
+def cumulative(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Return running totals of ``(round, value)`` points."""
+    out: list[tuple[int, float]] = []
+    total = 0.0
+    for x, y in points:
+        total += float(y)
+        out.append((x, total))
+    return out
 
 
 def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
@@ -118,7 +138,9 @@ def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
             k: [(r["round"], r[k]) for r in records if r.get(k) is not None]
             for k in keys
         }
-        series = {k: v for k, v in series.items() if v}
+        series = {
+            k: cumulative(v) if k in CUMULATIVE else v for k, v in series.items() if v
+        }
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -131,13 +153,16 @@ def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
         ax.legend()
         fig.tight_layout()
         path = run_dir / filename
-        _save_png(fig, path)
+        save_figure(fig, path)
         plt.close(fig)
         written.append(path)
     return written
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 

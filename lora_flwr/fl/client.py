@@ -1,26 +1,46 @@
-"""LoRAClient: a Flower NumPyClient that trains only the LoRA adapter.
+"""LoRAClient: a Flower NumPyClient that follows the server's per-round plan.
 
 The seed's ``TrainRound`` / ``UpdateAdapter`` / ``SaveAdapter`` / ``LoadAdapter`` on
-Flower: ``fit`` receives the global adapter, trains it on this node's partition and
-returns only the adapter arrays. The base model, tokenizer and tokenized partitions
-come from the per-process workspace (:mod:`lora_flwr.experiment`), so a call only
-resets adapter tensors.
+Flower. ``fit`` reads the :class:`~lora_flwr.protocol.Plan` from the config, sets
+the adapter up from the payload (:func:`lora_flwr.fl.runner.prepare`: base-weight
+fold, factor groups, rank, trainable groups), trains on this node's partition and
+returns only the groups the plan sends. The base model, tokenizer and tokenized
+partitions come from the per-process workspace (:mod:`lora_flwr.experiment`) and
+are built on first use, so a ``get_properties`` call costs nothing. What the node
+keeps between rounds (FedSA's B, a merged base delta) lives in Flower's
+``Context.state``, the same in simulation and deployment.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 from flwr.client import Client, NumPyClient
-from flwr.common import ConfigRecord, Context
+from flwr.common import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.data import TokenizedDataset
 from lora_flwr.experiment import Workspace, client_datasets, get_workspace
+from lora_flwr.fl.runner import NodeStore, finish, prepare
 from lora_flwr.models import model_load_count
+from lora_flwr.protocol import (
+    BASE_VERSION,
+    FIT_CALLS,
+    LOCAL_STEPS,
+    LR,
+    MODEL_LOADS,
+    PARTITION_ID,
+    PROX_MU,
+    ROUND,
+    WORKER_PID,
+    Plan,
+    Scalar,
+)
 from lora_flwr.training import (
     ACCURACY,
     NUM_STEPS,
@@ -30,19 +50,12 @@ from lora_flwr.training import (
     TRAIN_LOSS,
 )
 
-NDArrays = list[npt.NDArray[np.float32]]
-Scalar = bool | bytes | float | int | str
+NDArray = npt.NDArray[np.float32]
+NDArrays = list[NDArray]
 
-# Keys of the fit/evaluate instructions the strategy sends.
-ROUND = "server_round"
-LR = "lr"
-LOCAL_STEPS = "local_steps"
-# Metric: how many fit calls this node has served (kept in Context.state).
-FIT_CALLS = "client_fit_calls"
-PARTITION_ID = "partition_id"
-WORKER_PID = "worker_pid"
-MODEL_LOADS = "model_loads"
 STATE_KEY = "lora_flwr"
+PRIVATE_KEY = "lora_flwr.private"
+DELTA_KEY = "lora_flwr.base_delta"
 
 
 def client_train_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -50,8 +63,67 @@ def client_train_seed(seed: int, server_round: int, partition_id: int) -> int:
     return seed * 1_000_003 + server_round * 10_007 + partition_id
 
 
+class ContextStore(NodeStore):
+    """A node's persistent state in Flower's ``Context.state`` (a RecordDict).
+
+    Scalars go to a ``ConfigRecord``, tensors to ``ArrayRecord``s, so they survive
+    between rounds in simulation and in deployment alike.
+    """
+
+    def __init__(self, state: RecordDict) -> None:
+        self.state = state
+        if STATE_KEY not in state.config_records:
+            state[STATE_KEY] = ConfigRecord()
+
+    @property
+    def config(self) -> ConfigRecord:
+        """The node's scalar record."""
+        record: ConfigRecord = self.state.config_records[STATE_KEY]
+        return record
+
+    def _arrays(self, key: str) -> dict[str, NDArray]:
+        if key not in self.state.array_records:
+            return {}
+        record = self.state.array_records[key]
+        return {name: record[name].numpy() for name in record}
+
+    def _set_arrays(self, key: str, arrays: Mapping[str, NDArray]) -> None:
+        self.state[key] = ArrayRecord(
+            array_dict={n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()}
+        )
+
+    def base_version(self) -> int:
+        """Version of the held base delta."""
+        value = self.config.get(BASE_VERSION, 0)
+        return value if isinstance(value, int) else 0
+
+    def base_delta(self) -> dict[str, NDArray]:
+        """Return the held delta per module."""
+        return self._arrays(DELTA_KEY)
+
+    def set_base(self, version: int, delta: Mapping[str, NDArray]) -> None:
+        """Replace the held delta and its version."""
+        self._set_arrays(DELTA_KEY, delta)
+        self.config[BASE_VERSION] = version
+
+    def private(self) -> dict[str, NDArray]:
+        """Privately kept adapter tensors."""
+        return self._arrays(PRIVATE_KEY)
+
+    def set_private(self, arrays: Mapping[str, NDArray]) -> None:
+        """Replace the privately kept tensors."""
+        self._set_arrays(PRIVATE_KEY, arrays)
+
+    def count_fit(self) -> int:
+        """Count one more fit call served by this node and return the total."""
+        previous = self.config.get(FIT_CALLS, 0)
+        calls = (previous if isinstance(previous, int) else 0) + 1
+        self.config[FIT_CALLS] = calls
+        return calls
+
+
 class LoRAClient(NumPyClient):
-    """Train the global adapter on one node's data and send back only the adapter.
+    """Train the adapter on one node's data as the round's plan says.
 
     Parameters
     ----------
@@ -60,7 +132,7 @@ class LoRAClient(NumPyClient):
     partition_id, num_partitions
         Which share of the training pool this node owns.
     state
-        The node's persistent ``ConfigRecord`` (from ``Context.state``), or None.
+        The node's persistent ``Context.state``, or None for a fresh one.
     """
 
     def __init__(
@@ -68,37 +140,61 @@ class LoRAClient(NumPyClient):
         cfg: ExperimentConfig,
         partition_id: int,
         num_partitions: int,
-        state: ConfigRecord | None = None,
+        state: RecordDict | None = None,
     ) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
         self.num_partitions = num_partitions
-        self.state = state if state is not None else ConfigRecord()
-        self.ws: Workspace = get_workspace(cfg)
-        self.train_data, self.test_data = client_datasets(
-            self.ws, cfg, partition_id, num_partitions
+        self.store = ContextStore(state if state is not None else RecordDict())
+
+    # Built on first use: the server's get_properties handshake must stay cheap.
+    @cached_property
+    def ws(self) -> Workspace:
+        """Return the process's base model, adapter and trainer."""
+        return get_workspace(self.cfg)
+
+    @cached_property
+    def _data(self) -> tuple[TokenizedDataset, TokenizedDataset]:
+        return client_datasets(
+            self.ws, self.cfg, self.partition_id, self.num_partitions
         )
 
+    @property
+    def train_data(self) -> TokenizedDataset:
+        """Return the node's local training split, tokenized."""
+        return self._data[0]
+
+    @property
+    def test_data(self) -> TokenizedDataset:
+        """Return the node's local test split, tokenized."""
+        return self._data[1]
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Tell the server which partition this node owns (seeded sampling)."""
+        return {PARTITION_ID: self.partition_id}
+
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
-        """Return the adapter's arrays (weight order)."""
+        """Return the adapter's arrays (weight order, allocated rank)."""
         return self.ws.adapter.get_weights()
 
-    def _receive(self, parameters: NDArrays) -> None:
-        # Shape, dtype and value checks happen here; a mismatch is a clear error.
-        self.ws.adapter.set_weights(parameters)
+    def _prepare(self, parameters: NDArrays, config: dict[str, Scalar]) -> Plan:
+        plan = Plan.from_config(config)
+        prepare(self.ws.adapter, self.ws.initial, plan, parameters, self.store)
+        return plan
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        """Set the global adapter, train locally, return the adapter arrays.
+        """Set the adapter up as planned, train locally, return the sent groups.
 
         Returns
         -------
         tuple
-            Adapter arrays, number of local training examples (the FedAvg weight),
-            metrics ``train_loss``, ``seconds``, ``num_tokens``, ``num_steps``.
+            The plan's ``send`` arrays in wire order, the number of local training
+            examples (the aggregation weight ``n_k``), and metrics ``train_loss``,
+            ``seconds``, ``num_tokens``, ``num_steps``, ``base_version``.
         """
-        self._receive(parameters)
+        plan = self._prepare(parameters, config)
         server_round = int(config.get(ROUND, 1))
         steps = int(
             config.get(LOCAL_STEPS, self.ws.trainer.num_steps_for(self.train_data))
@@ -110,33 +206,36 @@ class LoRAClient(NumPyClient):
             lr=lr,
             seed=client_train_seed(self.cfg.seed, server_round, self.partition_id),
             progress=False,
+            prox_mu=float(config.get(PROX_MU, 0.0)),
         )
-        previous = self.state.get(FIT_CALLS, 0)
-        calls = (previous if isinstance(previous, int) else 0) + 1
-        self.state[FIT_CALLS] = calls
+        reply = finish(self.ws.adapter, plan, self.store)
         out: dict[str, Scalar] = {
             TRAIN_LOSS: metrics[TRAIN_LOSS],
             SECONDS: metrics[SECONDS],
             NUM_TOKENS: int(metrics[NUM_TOKENS]),
             NUM_STEPS: int(metrics[NUM_STEPS]),
-            FIT_CALLS: calls,
+            FIT_CALLS: self.store.count_fit(),
             PARTITION_ID: self.partition_id,
+            BASE_VERSION: self.store.base_version(),
             # Which worker process served the call and how many base models it has
             # built: the benchmark uses both (critical path, loads per worker).
             WORKER_PID: os.getpid(),
             MODEL_LOADS: model_load_count(),
         }
-        return self.ws.adapter.get_weights(), len(self.train_data), out
+        return reply, len(self.train_data), out
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
-        """Evaluate the global adapter on this node's local test split."""
-        self._receive(parameters)
+        """Evaluate the planned model (global, or personalised) on the local split."""
+        self._prepare(parameters, config)
+        out: dict[str, Scalar] = {
+            PARTITION_ID: self.partition_id,
+            BASE_VERSION: self.store.base_version(),
+        }
         if len(self.test_data) == 0:
-            return 0.0, 0, {PARTITION_ID: self.partition_id}
+            return 0.0, 0, out
         metrics = self.ws.trainer.evaluate(self.test_data, progress=False)
-        out: dict[str, Scalar] = {PARTITION_ID: self.partition_id}
         for key in (ACCURACY, PERPLEXITY):
             if key in metrics:
                 out[key] = metrics[key]
@@ -178,10 +277,7 @@ def make_client_fn(
     def client_fn(context: Context) -> Client:
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
-        if STATE_KEY not in context.state.config_records:
-            context.state.config_records[STATE_KEY] = ConfigRecord()
-        state = context.state.config_records[STATE_KEY]
-        client: Client = LoRAClient(exp, pid, num, state).to_client()
+        client: Client = LoRAClient(exp, pid, num, context.state).to_client()
         return client
 
     return client_fn

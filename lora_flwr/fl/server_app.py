@@ -13,10 +13,17 @@ from typing import Any
 from flwr.common import Context
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 
+from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import get_workspace, heldout_data
-from lora_flwr.fl.strategy import FedLoRA, NDArrays
-from lora_flwr.lora.io import save_peft, write_text_atomic
+from lora_flwr.fl.runner import layout_of
+from lora_flwr.fl.strategy import Arrays, FedLoRA
+from lora_flwr.lora.io import (
+    BASE_DELTA_NAME,
+    save_base_delta,
+    save_peft,
+    write_text_atomic,
+)
 from lora_flwr.results import format_header, format_row, plot_history, write_history
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -31,35 +38,46 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     """Build the strategy for ``cfg``, wired to centralised evaluation and run outputs.
 
     The server process loads the base model once: to build the seeded initial
-    adapter, to evaluate the global adapter and to save it as a PEFT directory.
+    adapter, to evaluate the global adapter (on top of the rule's base-weight
+    delta, if any) and to save it as a PEFT directory.
     """
     out = run_dir if run_dir is not None else run_dir_for(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
     ws.reset_adapter()
-    initial = ws.adapter.get_weights()
+    layout = layout_of(ws.adapter)
     test = heldout_data(ws, cfg)
     task_type = TASK_TYPES.get(ws.task)
     base_name = cfg.model.name
 
-    def evaluate_fn(server_round: int, arrays: NDArrays) -> dict[str, float]:
-        ws.adapter.set_weights(arrays)
+    def load(arrays: Arrays, base_delta: Arrays) -> None:
+        ws.adapter.set_base_delta(base_delta or None)
+        ws.adapter.set_named_weights(arrays)
+
+    def evaluate_fn(
+        server_round: int, arrays: Arrays, base_delta: Arrays
+    ) -> dict[str, float]:
+        load(arrays, base_delta)
         metrics = ws.trainer.evaluate(test, progress=False)
         return {
             k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
         }
 
-    def save(path: Path, arrays: NDArrays) -> None:
-        ws.adapter.set_weights(arrays)
+    def save(path: Path, strategy: FedLoRA) -> None:
+        base_delta = dict(strategy.state.base_delta)
+        load(strategy.global_arrays(), base_delta)
         save_peft(
             ws.adapter, path, base_model_name_or_path=base_name, task_type=task_type
         )
+        if base_delta:
+            # Rules that merge (flora, fedex) keep part of the model in the base
+            # weights: the adapter alone is not the model without this file.
+            save_base_delta(base_delta, path / BASE_DELTA_NAME)
 
-    strategy: FedLoRA
     shape = _table_shape(cfg, ws.task)
 
-    def on_round_end(record: dict[str, Any], arrays: NDArrays) -> None:
+    def on_round_end(record: dict[str, Any], strategy: FedLoRA) -> None:
         history = strategy.history
         if len(history) == 1:
             print(format_header(shape), flush=True)
@@ -67,28 +85,28 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
         write_history(history, out)
         rnd = int(record["round"])
         if rnd > 0:
-            save(out / "checkpoints" / f"round-{rnd:03d}", arrays)
+            save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
         if rnd == cfg.fed.num_rounds:
-            save(out / "adapter", arrays)
+            save(out / "adapter", strategy)
             plot_history(history, out)
 
-    strategy = FedLoRA(
+    return FedLoRA(
         cfg=cfg,
-        initial_arrays=initial,
-        names=ws.adapter.weight_names(),
+        layout=layout,
+        initial=ws.initial,
         evaluate_fn=evaluate_fn,
         on_round_end=on_round_end,
     )
-    return strategy
 
 
 def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
     """Build a template record fixing the table's columns before any round is known."""
-    task_key = "test_accuracy" if task == "seq_cls" else "test_perplexity"
+    kind = "personal" if get_rule(cfg.fed.aggregation).personalized else "test"
+    task_key = f"{kind}_accuracy" if task == "seq_cls" else f"{kind}_perplexity"
     row: dict[str, Any] = {
         "round": 0,
         "train_loss": 0.0,
-        "test_loss": 0.0,
+        f"{kind}_loss": 0.0,
         task_key: 0.0,
         "fit_ok": 0,
         "bytes_up": 0,

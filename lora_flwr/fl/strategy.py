@@ -1,23 +1,32 @@
-"""FedLoRA: a Flower strategy that aggregates LoRA adapters with a named rule.
+"""FedLoRA: a Flower strategy that runs a LoRA-aware rule with per-client plans.
 
 One round, as Flower's server drives it::
 
-    configure_fit    sample clients; send the global adapter + (round, lr, steps)
-    aggregate_fit    validate every reply (count, dtype, shape, finite, norm);
-                     drop bad ones with a warning; aggregate the rest with
-                     ``fed.aggregation``; keep the global adapter if too few remain
-    evaluate         centralised evaluation on the held-out split (every N rounds)
-    configure/aggregate_evaluate   federated evaluation on the clients' local splits
+    configure_fit    learn new nodes' partition ids (get_properties, once); sample
+                     partitions with a seeded generator; for each client ask the
+                     rule for its plan (rank, groups, base-weight catch-up) and its
+                     payload; send one FitIns per client
+    aggregate_fit    validate every reply against what that client's plan expects
+                     (count, names, dtype, shape, finite, norm against what it
+                     started from); drop bad ones with a warning; run the rule on
+                     the rest, then the server optimizer; keep the global state if
+                     too few remain or the result is not finite
+    evaluate         centralised evaluation of the global adapter (+ base delta)
+    configure/aggregate_evaluate   federated evaluation on the clients' local
+                     splits; for a personalised rule (FedSA) this is the
+                     evaluation: each client's own model on its own split
 
-Bytes are counted from the serialized tensors actually sent and received.
+Bytes are counted per client from the serialized tensors actually sent and received.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from logging import INFO, WARNING
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
 import numpy as np
@@ -27,6 +36,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     log,
@@ -37,22 +47,48 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from lora_flwr.aggregation import ClientUpdate, check_update, get_rule
+from lora_flwr.aggregation import (
+    ClientInfo,
+    ClientReply,
+    Rule,
+    ServerOptimizer,
+    ServerState,
+    get_rule,
+)
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.fl.client import (
+from lora_flwr.fl.sampling import (
+    EVALUATE_STREAM,
+    FIT_STREAM,
+    assign_rank_tiers,
+    sample_count,
+    sample_partitions,
+)
+from lora_flwr.protocol import (
+    ACCURACY,
+    BASE_VERSION,
     FIT_CALLS,
     LOCAL_STEPS,
     LR,
     MODEL_LOADS,
+    NUM_TOKENS,
     PARTITION_ID,
+    PERPLEXITY,
+    PROX_MU,
     ROUND,
+    SECONDS,
+    TRAIN_LOSS,
     WORKER_PID,
+    AdapterLayout,
+    Plan,
+    pair_names,
 )
-from lora_flwr.training import ACCURACY, NUM_TOKENS, PERPLEXITY, SECONDS, TRAIN_LOSS
+from lora_flwr.validation import check_arrays, update_norm
 
-NDArrays = list[npt.NDArray[np.float32]]
-EvaluateFn = Callable[[int, NDArrays], dict[str, float]]
-RoundCallback = Callable[[dict[str, Any], NDArrays], None]
+NDArray = npt.NDArray[np.float32]
+Arrays = dict[str, NDArray]
+# Centralised evaluation: (round, global adapter by name, base delta by module).
+EvaluateFn = Callable[[int, Arrays, Arrays], dict[str, float]]
+RoundCallback = Callable[[dict[str, Any], "FedLoRA"], None]
 
 
 def parameters_nbytes(parameters: Parameters) -> int:
@@ -60,22 +96,62 @@ def parameters_nbytes(parameters: Parameters) -> int:
     return sum(len(t) for t in parameters.tensors)
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """What the server sent one client this round (to check its reply against)."""
+
+    partition: int
+    plan: Plan
+    start: Arrays
+    nbytes: int
+
+
+def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) -> Rule:
+    """Instantiate ``fed.aggregation`` and refuse combinations that make no sense.
+
+    Raises
+    ------
+    ValueError
+        On an unknown rule, rank tiers the rule cannot hold, or a server optimizer
+        it cannot use (one line naming the keys).
+    """
+    rule = get_rule(cfg.fed.aggregation)(layout, initial, cfg.lora.scaling)
+    rule.check_setup(
+        rank_tiers=cfg.fed.rank_tiers, server_optimizer=cfg.fed.server_optimizer
+    )
+    return rule
+
+
+def build_optimizer(cfg: ExperimentConfig) -> ServerOptimizer | None:
+    """Return the configured server optimizer, or None."""
+    fed = cfg.fed
+    if fed.server_optimizer == "none":
+        return None
+    return ServerOptimizer(
+        fed.server_optimizer,
+        lr=fed.server_lr,
+        beta1=fed.server_beta1,
+        beta2=fed.server_beta2,
+        tau=fed.server_tau,
+    )
+
+
 class FedLoRA(Strategy):
-    """Federated LoRA with validated replies and a pluggable aggregation rule.
+    """Federated LoRA with per-client plans, validated replies and a named rule.
 
     Parameters
     ----------
     cfg
-        The experiment (sampling, rounds, lr schedule, rule, evaluation cadence).
-    initial_arrays
-        The starting global adapter (seeded A, zero B, initial saved modules).
-    names
-        Weight names in the adapter's order (for messages and LoRA-aware rules).
+        The experiment (sampling, rounds, lr schedule, rule, optimizer, tiers).
+    layout
+        Adapter weight names and allocated shapes.
+    initial
+        The seeded starting adapter by weight name.
     evaluate_fn
-        Centralised evaluation ``evaluate_fn(round, arrays) -> metrics`` (with a
-        ``loss`` key), or None.
+        Centralised evaluation ``evaluate_fn(round, arrays, base_delta)`` returning
+        metrics with a ``loss`` key, or None.
     on_round_end
-        Called with the round record and the global arrays after every round (save
+        Called with the round record and the strategy after every round (save
         checkpoints, write history, print the table row).
     """
 
@@ -83,23 +159,28 @@ class FedLoRA(Strategy):
         self,
         *,
         cfg: ExperimentConfig,
-        initial_arrays: NDArrays,
-        names: Sequence[str],
+        layout: AdapterLayout,
+        initial: Mapping[str, NDArray],
         evaluate_fn: EvaluateFn | None = None,
         on_round_end: RoundCallback | None = None,
     ) -> None:
         super().__init__()
-        if len(names) != len(initial_arrays):
-            raise ValueError(f"{len(names)} names for {len(initial_arrays)} arrays")
         self.cfg = cfg
         self.fed = cfg.fed
-        self.rule = get_rule(cfg.fed.aggregation)
-        self.names = list(names)
-        self.shapes = [tuple(a.shape) for a in initial_arrays]
-        self.global_arrays: NDArrays = [a.astype(np.float32) for a in initial_arrays]
+        self.layout = layout
+        self.rule = build_rule(cfg, layout, dict(initial))
+        self.optimizer = build_optimizer(cfg)
+        self.state: ServerState = self.rule.init_state()
+        self.ranks = assign_rank_tiers(
+            cfg.fed.rank_tiers, cfg.fed.num_clients, seed=cfg.seed, default=cfg.lora.r
+        )
         self.evaluate_fn = evaluate_fn
         self.on_round_end = on_round_end
         self.history: list[dict[str, Any]] = []
+        self.partition_of: dict[str, int] = {}  # node (cid) -> partition id
+        # Base version each partition holds; None: unknown (gets the whole delta).
+        self.versions: dict[int, int | None] = {}
+        self._sent: dict[str, _Sent] = {}
         self._record: dict[str, Any] = {}
         self._round_start = 0.0
 
@@ -108,49 +189,170 @@ class FedLoRA(Strategy):
         return f"FedLoRA(aggregation={self.fed.aggregation!r})"
 
     # ---------------------------------------------------------------- setup
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Start every client from the same seeded adapter."""
-        return ndarrays_to_parameters(self.global_arrays)
+    def global_arrays(self) -> Arrays:
+        """Return the global adapter at the allocated rank, by weight name."""
+        return self.rule.global_arrays(self.state)
 
-    def _sample(
-        self, client_manager: ClientManager, fraction: float, minimum: int
-    ) -> list[ClientProxy]:
+    def _as_parameters(self) -> Parameters:
+        arrays = self.global_arrays()
+        return ndarrays_to_parameters([arrays[n] for n in self.layout.names])
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Start from the seeded initial adapter (the rule's state at round 0)."""
+        return self._as_parameters()
+
+    def _learn_partitions(
+        self, client_manager: ClientManager, server_round: int
+    ) -> None:
+        """Ask nodes not seen before which partition they own (in parallel)."""
         # Virtual nodes register asynchronously: wait for the ones we mean to use.
         client_manager.wait_for(self.fed.min_available_clients, timeout=3600)
-        available = client_manager.num_available()
-        num = min(available, max(math.ceil(fraction * available), minimum))
-        clients: list[ClientProxy] = client_manager.sample(
-            num_clients=num, min_num_clients=self.fed.min_available_clients
+        proxies = client_manager.all()
+        # A node that left frees its partition: it may come back under a new id.
+        for cid in [c for c in self.partition_of if c not in proxies]:
+            del self.partition_of[cid]
+        unknown = [p for cid, p in proxies.items() if cid not in self.partition_of]
+        if not unknown:
+            return
+        ins = GetPropertiesIns(config={})
+
+        def ask(proxy: ClientProxy) -> tuple[str, int | None]:
+            try:
+                res = proxy.get_properties(ins, timeout=None, group_id=server_round)
+                value = res.properties.get(PARTITION_ID)
+                return proxy.cid, value if isinstance(value, int) else None
+            except Exception as exc:  # a node that cannot answer is skipped
+                log(WARNING, "node %s did not report its partition: %r", proxy.cid, exc)
+                return proxy.cid, None
+
+        with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
+            answers = list(pool.map(ask, unknown))
+        claimed = set(self.partition_of.values())
+        for cid, pid in sorted(answers):
+            if pid is None:
+                continue
+            if not 0 <= pid < self.fed.num_clients:
+                log(
+                    WARNING,
+                    "node %s claims partition %s of %d; ignored",
+                    cid,
+                    pid,
+                    self.fed.num_clients,
+                )
+                continue
+            if pid in claimed:
+                log(
+                    WARNING,
+                    "node %s claims partition %d, already owned; ignored",
+                    cid,
+                    pid,
+                )
+                continue
+            self.partition_of[cid] = pid
+            claimed.add(pid)
+            if pid in self.versions:
+                # A returning node may have lost its state: send it everything.
+                self.versions[pid] = None
+
+    def _sample(
+        self,
+        client_manager: ClientManager,
+        server_round: int,
+        fraction: float,
+        minimum: int,
+        stream: int,
+    ) -> list[tuple[ClientProxy, int]]:
+        self._learn_partitions(client_manager, server_round)
+        proxies = client_manager.all()
+        by_pid = {
+            pid: proxies[cid]
+            for cid, pid in self.partition_of.items()
+            if cid in proxies
+        }
+        num = sample_count(len(by_pid), fraction, minimum)
+        chosen = sample_partitions(
+            list(by_pid),
+            num,
+            seed=self.cfg.seed,
+            server_round=server_round,
+            stream=stream,
         )
-        return clients
+        return [(by_pid[pid], pid) for pid in chosen]
 
     def round_lr(self, server_round: int) -> float:
         """Return the client lr in a round: ``lr * lr_decay ** (round - 1)``."""
         return self.cfg.train.lr * self.fed.lr_decay ** (server_round - 1)
 
+    def _instructions(
+        self,
+        clients: Sequence[tuple[ClientProxy, int]],
+        server_round: int,
+        evaluate: bool,
+    ) -> list[tuple[ClientProxy, Parameters, dict[str, Scalar]]]:
+        out = []
+        self._sent = {}
+        for proxy, pid in clients:
+            info = ClientInfo(pid, self.ranks[pid], self.versions.get(pid, 0))
+            plan = self.rule.plan(self.state, info, server_round)
+            if evaluate:
+                plan = plan.evaluation()
+            parameters = ndarrays_to_parameters(self.rule.payload(self.state, plan))
+            config: dict[str, Scalar] = {ROUND: server_round, **plan.to_config()}
+            if not evaluate:
+                config[LR] = self.round_lr(server_round)
+                config[PROX_MU] = self.fed.prox_mu
+                if self.cfg.train.local_epochs == 0:
+                    config[LOCAL_STEPS] = self.cfg.train.local_steps
+            start = self.rule.start_arrays(self.state, plan)
+            self._sent[proxy.cid] = _Sent(
+                pid, plan, start, parameters_nbytes(parameters)
+            )
+            out.append((proxy, parameters, config))
+        return out
+
     # ------------------------------------------------------------------ fit
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Send the global adapter and this round's instructions to sampled clients."""
+        """Send each sampled client its own plan and payload."""
         self._round_start = time.perf_counter()
         clients = self._sample(
-            client_manager, self.fed.fraction_fit, self.fed.min_fit_clients
+            client_manager,
+            server_round,
+            self.fed.fraction_fit,
+            self.fed.min_fit_clients,
+            FIT_STREAM,
         )
-        config: dict[str, Scalar] = {
-            ROUND: server_round,
-            LR: self.round_lr(server_round),
-        }
-        if self.cfg.train.local_epochs == 0:
-            config[LOCAL_STEPS] = self.cfg.train.local_steps
+        instructions = self._instructions(clients, server_round, evaluate=False)
+        down = [s.nbytes for s in self._sent.values()]
         self._record = {
             "round": server_round,
-            "lr": config[LR],
+            "lr": self.round_lr(server_round),
             "fit_sampled": len(clients),
-            "bytes_down": parameters_nbytes(parameters) * len(clients),
+            "fit_partitions": ",".join(str(pid) for _, pid in clients),
+            "bytes_down": sum(down),
+            "bytes_down_fit_max": max(down, default=0),
         }
-        ins = FitIns(parameters, config)
-        return [(client, ins) for client in clients]
+        return [(proxy, FitIns(p, c)) for proxy, p, c in instructions]
+
+    def _check_reply(self, sent: _Sent, res: FitRes) -> ClientReply:
+        """Validate one reply against its plan; raise ValueError on any fault."""
+        arrays = parameters_to_ndarrays(res.parameters)
+        spec = self.rule.reply_spec(sent.plan)
+        named = pair_names(spec, arrays)
+        check_arrays(named, spec, dtype=np.float32, what="reply")
+        n = res.num_examples
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"num_examples={n!r} must be a positive integer")
+        typed: Arrays = {k: v for k, v in named.items()}  # type: ignore[misc]
+        if self.fed.max_update_norm > 0:
+            norm = update_norm(typed, sent.start)
+            if norm > self.fed.max_update_norm:
+                raise ValueError(
+                    f"update norm {norm:.4g} exceeds "
+                    f"fed.max_update_norm={self.fed.max_update_norm:g}"
+                )
+        return ClientReply(sent.partition, sent.plan, typed, n, sent.start)
 
     def aggregate_fit(
         self,
@@ -158,28 +360,31 @@ class FedLoRA(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Validate replies, aggregate the valid ones, keep the global on too few."""
+        """Validate replies, run the rule and optimizer; keep the global on faults."""
         rec = self._record
-        rec["bytes_up"] = sum(parameters_nbytes(res.parameters) for _, res in results)
+        up = [parameters_nbytes(res.parameters) for _, res in results]
+        rec["bytes_up"] = sum(up)
+        rec["bytes_up_max"] = max(up, default=0)
         for failure in failures:
             who = failure[0].cid if isinstance(failure, tuple) else "?"
+            sent = self._sent.get(who)
+            if sent is not None:
+                # It may have folded before failing: send it the whole delta next.
+                self.versions[sent.partition] = None
             log(WARNING, "round %d: client %s failed: %r", server_round, who, failure)
-        updates: list[ClientUpdate] = []
-        metrics: list[tuple[int, dict[str, Scalar]]] = []
+        replies: list[ClientReply] = []
+        metrics: list[tuple[int, Mapping[str, Scalar]]] = []
         dropped = 0
         for proxy, res in results:
-            pid = res.metrics.get(PARTITION_ID, "?")
+            sent = self._sent.get(proxy.cid)
             try:
-                arrays = parameters_to_ndarrays(res.parameters)
-                check_update(
-                    arrays,
-                    self.shapes,
-                    self.names,
-                    reference=self.global_arrays,
-                    max_update_norm=self.fed.max_update_norm,
+                if sent is None:
+                    raise ValueError("this node was not sent a fit instruction")
+                version = res.metrics.get(BASE_VERSION)
+                self.versions[sent.partition] = (
+                    version if isinstance(version, int) else None
                 )
-                if res.num_examples <= 0:
-                    raise ValueError(f"num_examples={res.num_examples} must be > 0")
+                reply = self._check_reply(sent, res)
             except Exception as exc:  # any malformed reply is dropped, never fatal
                 dropped += 1
                 log(
@@ -187,50 +392,84 @@ class FedLoRA(Strategy):
                     "round %d: dropped reply of client %s (partition %s): %s",
                     server_round,
                     proxy.cid,
-                    pid,
+                    sent.partition if sent else "?",
                     exc,
                 )
                 continue
-            updates.append(ClientUpdate(arrays, res.num_examples, str(proxy.cid)))
-            metrics.append((res.num_examples, res.metrics))
-        rec.update(fit_ok=len(updates), fit_failed=len(failures), fit_dropped=dropped)
+            replies.append(reply)
+            metrics.append((reply.num_examples, res.metrics))
+        rec.update(fit_ok=len(replies), fit_failed=len(failures), fit_dropped=dropped)
         rec.update(_fit_metrics(metrics))
-        if len(updates) < self.fed.min_fit_clients:
+        if len(replies) < self.fed.min_fit_clients:
             log(
                 WARNING,
                 "round %d: %d valid replies < fed.min_fit_clients=%d; the global "
                 "adapter is kept unchanged",
                 server_round,
-                len(updates),
+                len(replies),
                 self.fed.min_fit_clients,
             )
             rec["aggregated"] = False
             return None, {}
-        new = self.rule(self.global_arrays, updates, self.names)
-        check_update(
-            new, self.shapes, self.names
-        )  # a rule must not emit NaN/shape bugs
-        self.global_arrays = new
+        replies.sort(key=lambda r: r.partition)  # sums in a fixed order
+        try:
+            new = self._aggregate(self.state, replies, server_round)
+        except Exception as exc:  # a broken aggregate must not become the global
+            log(
+                ERROR,
+                "round %d: aggregation failed, global kept: %s",
+                server_round,
+                exc,
+            )
+            rec["aggregated"] = False
+            return None, {}
+        self.state = new
         rec["aggregated"] = True
+        rec["base_version"] = new.base_version
         out: dict[str, Scalar] = {
             k: v for k, v in rec.items() if isinstance(v, int | float | str)
         }
-        return ndarrays_to_parameters(new), out
+        return self._as_parameters(), out
+
+    def _aggregate(
+        self, state: ServerState, replies: Sequence[ClientReply], server_round: int
+    ) -> ServerState:
+        new = self.rule.aggregate(state, replies, server_round)
+        self._record["agg_error"] = self.rule.aggregation_error(state, new, replies)
+        if self.optimizer is not None:
+            names = self.rule.averaged_names(replies)
+            opt_state = {k: v for k, v in state.extra.items() if k.startswith("opt.")}
+            arrays, opt_state = self.optimizer.step(
+                state.arrays, new.arrays, names, opt_state
+            )
+            new = new.replace(
+                arrays={**new.arrays, **arrays}, extra={**new.extra, **opt_state}
+            )
+        check_arrays(new.arrays, self.layout.items(), what="aggregate")
+        for module, delta in new.base_delta.items():
+            if not np.isfinite(delta).all():
+                raise ValueError(f"base delta of {module}: contains NaN or Inf")
+        return new
 
     # ------------------------------------------------------------- evaluate
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """Evaluate centrally: round 0, every ``eval_every`` rounds and the last."""
-        if self.evaluate_fn is None:
+        """Evaluate centrally: round 0, every ``eval_every`` rounds and the last.
+
+        A personalised rule has no global model: its evaluation is federated.
+        """
+        if self.evaluate_fn is None or self.rule.personalized:
+            if server_round == 0:
+                self.history.append({"round": 0})
+                self._emit(self.history[-1])
             return None
-        every = self.fed.eval_every
-        last = server_round == self.fed.num_rounds
-        if not (server_round == 0 or last or (every > 0 and server_round % every == 0)):
+        if not self._eval_round(server_round):
             return None
-        arrays = parameters_to_ndarrays(parameters)
         start = time.perf_counter()
-        metrics = self.evaluate_fn(server_round, arrays)
+        metrics = self.evaluate_fn(
+            server_round, self.global_arrays(), dict(self.state.base_delta)
+        )
         entry: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
         entry["eval_seconds"] = time.perf_counter() - start
         if server_round == 0:
@@ -240,21 +479,32 @@ class FedLoRA(Strategy):
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
 
+    def _eval_round(self, server_round: int) -> bool:
+        every = self.fed.eval_every
+        last = server_round == self.fed.num_rounds
+        return server_round == 0 or last or (every > 0 and server_round % every == 0)
+
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Federated evaluation on a share of clients (none if the fraction is 0)."""
-        if self.fed.fraction_evaluate == 0:
+        """Federated evaluation on a share of clients (every client for FedSA)."""
+        personal = self.rule.personalized and self._eval_round(server_round)
+        if self.fed.fraction_evaluate == 0 and not personal:
             self._finish_round()
             return []
+        fraction = self.fed.fraction_evaluate if not personal else 1.0
         clients = self._sample(
-            client_manager, self.fed.fraction_evaluate, self.fed.min_evaluate_clients
+            client_manager,
+            server_round,
+            fraction,
+            self.fed.min_evaluate_clients,
+            EVALUATE_STREAM,
         )
-        self._record["bytes_down"] = self._record.get("bytes_down", 0) + (
-            parameters_nbytes(parameters) * len(clients)
+        instructions = self._instructions(clients, server_round, evaluate=True)
+        self._record["bytes_down"] = self._record.get("bytes_down", 0) + sum(
+            s.nbytes for s in self._sent.values()
         )
-        ins = EvaluateIns(parameters, {ROUND: server_round})
-        return [(client, ins) for client in clients]
+        return [(proxy, EvaluateIns(p, c)) for proxy, p, c in instructions]
 
     def aggregate_evaluate(
         self,
@@ -264,25 +514,37 @@ class FedLoRA(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Example-weighted mean of the clients' local test loss and accuracy."""
         for failure in failures:
+            who = failure[0].cid if isinstance(failure, tuple) else "?"
+            sent = self._sent.get(who)
+            if sent is not None:
+                self.versions[sent.partition] = None
             log(WARNING, "round %d: evaluation failed: %r", server_round, failure)
-        valid = [
-            (res.num_examples, res.loss, res.metrics)
-            for _, res in results
-            if res.num_examples > 0 and math.isfinite(res.loss)
-        ]
+        valid = []
+        for proxy, res in results:
+            sent = self._sent.get(proxy.cid)
+            version = res.metrics.get(BASE_VERSION)
+            if sent is not None:
+                self.versions[sent.partition] = (
+                    version if isinstance(version, int) else None
+                )
+            if res.num_examples > 0 and math.isfinite(res.loss):
+                valid.append((res.num_examples, res.loss, res.metrics))
+        prefix = "personal" if self.rule.personalized else "fed"
         out: dict[str, Scalar] = {}
         loss: float | None = None
         if valid:
             total = sum(n for n, _, _ in valid)
             loss = sum(n * lo for n, lo, _ in valid) / total
-            out["fed_loss"] = loss
+            out[f"{prefix}_loss"] = loss
             accs = [(n, m[ACCURACY]) for n, _, m in valid if ACCURACY in m]
             if accs:
-                out["fed_accuracy"] = sum(n * float(a) for n, a in accs) / sum(
+                out[f"{prefix}_accuracy"] = sum(n * float(a) for n, a in accs) / sum(
                     n for n, _ in accs
                 )
             if any(PERPLEXITY in m for _, _, m in valid):
-                out["fed_perplexity"] = math.exp(min(loss, 700.0))
+                out[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
+        if self.rule.personalized:
+            out["eval_kind"] = "personalized: each client's model on its local split"
         self._record.update(out)
         self._record["eval_ok"] = len(valid)
         self._finish_round()
@@ -301,10 +563,10 @@ class FedLoRA(Strategy):
     def _emit(self, rec: dict[str, Any]) -> None:
         log(INFO, "round %s: %s", rec.get("round"), _short(rec))
         if self.on_round_end is not None:
-            self.on_round_end(rec, self.global_arrays)
+            self.on_round_end(rec, self)
 
 
-def _fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Any]:
+def _fit_metrics(metrics: list[tuple[int, Mapping[str, Scalar]]]) -> dict[str, Any]:
     """Example-weighted train loss, client compute time, tokens and model loads.
 
     ``client_seconds_critical`` is the round's compute critical path: calls served by
@@ -332,9 +594,17 @@ def _fit_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Any]
 
 
 def _short(rec: dict[str, Any]) -> str:
-    keys = ("train_loss", "test_loss", "test_accuracy", "test_perplexity", "fit_ok")
+    keys = (
+        "train_loss",
+        "test_loss",
+        "test_accuracy",
+        "test_perplexity",
+        "personal_accuracy",
+        "agg_error",
+        "fit_ok",
+    )
     return ", ".join(
         f"{k}={rec[k]:.4g}" if isinstance(rec[k], float) else f"{k}={rec[k]}"
         for k in keys
-        if k in rec
+        if k in rec and rec[k] is not None
     )

@@ -1,6 +1,6 @@
 """Local training: the LoRATrainer loop, its metrics and the setup shared by runs."""
 
-from lora_flwr.training.trainer import (
+from lora_flwr.protocol import (
     ACCURACY,
     EVAL_LOSS,
     NUM_EXAMPLES,
@@ -10,6 +10,8 @@ from lora_flwr.training.trainer import (
     SECONDS,
     TOKENS_PER_S,
     TRAIN_LOSS,
+)
+from lora_flwr.training.trainer import (
     LoRATrainer,
     lr_factor,
     resolve_device,

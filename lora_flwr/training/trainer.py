@@ -25,16 +25,18 @@ from lora_flwr.config import TrainConfig
 from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
 from lora_flwr.lora import LoRAAdapter, save_peft
 
-# Metric keys, shared with the Flower layer and the results tables.
-TRAIN_LOSS = "train_loss"
-NUM_EXAMPLES = "num_examples"
-NUM_STEPS = "num_steps"
-NUM_TOKENS = "num_tokens"
-SECONDS = "seconds"
-TOKENS_PER_S = "tokens_per_s"
-EVAL_LOSS = "loss"
-ACCURACY = "accuracy"
-PERPLEXITY = "perplexity"
+# Metric keys live with the wire protocol: the server reads them without torch.
+from lora_flwr.protocol import (  # noqa: E402
+    ACCURACY,
+    EVAL_LOSS,
+    NUM_EXAMPLES,
+    NUM_STEPS,
+    NUM_TOKENS,
+    PERPLEXITY,
+    SECONDS,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -156,8 +158,12 @@ class LoRATrainer:
         seed: int = 0,
         progress: bool | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        prox_mu: float = 0.0,
     ) -> dict[str, float]:
-        """Run ``steps`` AdamW steps on the adapter parameters.
+        """Run ``steps`` AdamW steps on the adapter parameters that train.
+
+        Only parameters with ``requires_grad`` train
+        (:meth:`~lora_flwr.lora.LoRAAdapter.set_trainable`).
 
         Parameters
         ----------
@@ -175,6 +181,10 @@ class LoRATrainer:
         on_step
             Called as ``on_step(step, loss)`` after each optimiser step (1-based),
             e.g. to evaluate mid-run without breaking the schedule.
+        prox_mu
+            FedProx's proximal term (Li et al., MLSys 2020): adds
+            ``prox_mu / 2 * ||w - w_start||^2`` over the trained parameters, where
+            ``w_start`` is their value when the call starts. 0 turns it off.
 
         Returns
         -------
@@ -189,7 +199,17 @@ class LoRATrainer:
         if total < 1:
             raise ValueError(f"`steps` should be >= 1 but the value passed is {total}")
         peak = cfg.lr if lr is None else lr
-        params = self.adapter.parameters()
+        if not (prox_mu >= 0 and math.isfinite(prox_mu)):
+            raise ValueError(
+                f"`prox_mu` should be >= 0 but the value passed is {prox_mu}"
+            )
+        params = self.adapter.trainable_parameters()
+        if not params:
+            raise ValueError(
+                "No adapter parameter is trainable; call `adapter.set_trainable(...)` "
+                "with at least one group"
+            )
+        anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype is torch.float16
@@ -216,8 +236,14 @@ class LoRATrainer:
                         f"Training loss became {loss.item()} at step {step}; lower "
                         "`train.lr` or check the data"
                     )
+                objective = loss
+                if anchors:
+                    objective = loss + 0.5 * prox_mu * sum(
+                        ((p.float() - a.float()) ** 2).sum()
+                        for p, a in zip(params, anchors, strict=True)
+                    )
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                scaler.scale(objective).backward()
                 if cfg.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

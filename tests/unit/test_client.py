@@ -1,4 +1,4 @@
-"""LoRAClient: what travels, shared per-process model, Context.state, exactness."""
+"""LoRAClient: the plan on the wire, shared per-process model, Context.state."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from flwr.common import (
     Code,
     Context,
     FitIns,
+    GetPropertiesIns,
     RecordDict,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 
+from lora_flwr.aggregation import ClientInfo, ClientReply, get_rule
 from lora_flwr.config import (
     DataConfig,
     ExperimentConfig,
@@ -31,18 +33,36 @@ from lora_flwr.experiment import (
     get_workspace,
 )
 from lora_flwr.fl.client import (
-    FIT_CALLS,
-    LOCAL_STEPS,
-    LR,
-    PARTITION_ID,
-    ROUND,
+    PRIVATE_KEY,
+    STATE_KEY,
+    ContextStore,
     LoRAClient,
     client_train_seed,
     make_client_fn,
     node_partition,
 )
+from lora_flwr.fl.runner import layout_of
 from lora_flwr.models import model_load_count
-from lora_flwr.training import NUM_STEPS, NUM_TOKENS, SECONDS, TRAIN_LOSS
+from lora_flwr.protocol import (
+    ACCURACY,
+    BASE_VERSION,
+    FIT_CALLS,
+    LOCAL_STEPS,
+    LR,
+    MODEL_LOADS,
+    NUM_STEPS,
+    NUM_TOKENS,
+    PARTITION_ID,
+    ROUND,
+    SECONDS,
+    TRAIN_LOSS,
+    WORKER_PID,
+    Plan,
+    group_of,
+)
+
+R = 4
+FULL = Plan(rank=R)
 
 
 def _cfg(
@@ -53,7 +73,7 @@ def _cfg(
         seed=3,
         model=ModelConfig(name="tiny-bert", max_length=32),
         lora=LoraConfig(
-            r=4,
+            r=R,
             lora_alpha=8.0,
             lora_dropout=0.0,
             target_modules=("query", "value"),
@@ -74,14 +94,25 @@ def _cfg(
     )
 
 
-def _context(node_config: dict[str, Any]) -> Context:
+def _context(node_config: dict[str, Any], state: RecordDict | None = None) -> Context:
     return Context(
-        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={}
+        run_id=1,
+        node_id=7,
+        node_config=node_config,
+        state=state if state is not None else RecordDict(),
+        run_config={},
     )
 
 
-def _fit_config(cfg: ExperimentConfig, server_round: int = 1) -> dict[str, Any]:
-    return {ROUND: server_round, LR: cfg.train.lr, LOCAL_STEPS: cfg.train.local_steps}
+def _fit_config(
+    cfg: ExperimentConfig, server_round: int = 1, plan: Plan = FULL
+) -> dict[str, Any]:
+    return {
+        ROUND: server_round,
+        LR: cfg.train.lr,
+        LOCAL_STEPS: cfg.train.local_steps,
+        **plan.to_config(),
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,6 +143,26 @@ def test_get_parameters_are_the_adapter_arrays() -> None:
     assert names[-2:] == ["classifier.weight", "classifier.bias"]
     for got, want in zip(arrays, adapter.get_weights(), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_get_properties_returns_the_partition_without_loading_a_model() -> None:
+    # Prepare: an empty process cache.
+    clear_caches()
+    before = model_load_count()
+    client_fn = make_client_fn(_cfg(num_clients=4))
+    context = _context({"partition-id": 3, "num-partitions": 4})
+
+    # Execute
+    direct = LoRAClient(_cfg(num_clients=4), 3, 4)
+    answer = direct.get_properties({})
+    res = client_fn(context).get_properties(GetPropertiesIns(config={}))
+
+    # Assert: the handshake builds no model, no data and no workspace.
+    assert answer == {PARTITION_ID: 3}
+    assert res.status.code == Code.OK
+    assert res.properties == {PARTITION_ID: 3}
+    assert model_load_count() == before
+    assert "ws" not in vars(direct) and "_data" not in vars(direct)
 
 
 def test_fit_returns_exactly_the_trained_adapter() -> None:
@@ -148,6 +199,9 @@ def test_fit_returns_exactly_the_trained_adapter() -> None:
         NUM_STEPS,
         FIT_CALLS,
         PARTITION_ID,
+        BASE_VERSION,
+        WORKER_PID,
+        MODEL_LOADS,
     } <= set(metrics)
     assert all(
         isinstance(v, bool | bytes | float | int | str) for v in metrics.values()
@@ -155,24 +209,38 @@ def test_fit_returns_exactly_the_trained_adapter() -> None:
     assert metrics[NUM_STEPS] == cfg.train.local_steps
     assert metrics[PARTITION_ID] == 1
     assert metrics[FIT_CALLS] == 1
+    assert metrics[BASE_VERSION] == 0
     assert 0.0 < float(metrics[TRAIN_LOSS]) < 5.0
     # 3 steps of 8 examples, each at least [CLS] x [SEP].
     assert int(metrics[NUM_TOKENS]) >= 3 * 8 * 3
 
 
-def test_fit_follows_the_instructions() -> None:
+def test_fit_follows_the_round_instructions() -> None:
     # Prepare
     cfg = _cfg()
     client = LoRAClient(cfg, 0, 2)
     start = client.ws.initial_weights
 
     # Execute
-    _, _, metrics = client.fit(start, {ROUND: 2, LR: 1e-3, LOCAL_STEPS: 2})
-    _, _, defaults = client.fit(start, {})
+    _, _, metrics = client.fit(
+        start, {ROUND: 2, LR: 1e-3, LOCAL_STEPS: 2, **FULL.to_config()}
+    )
+    _, _, defaults = client.fit(start, FULL.to_config())
 
-    # Assert
+    # Assert: without local_steps the client trains its epochs' worth of steps.
     assert metrics[NUM_STEPS] == 2
-    assert defaults[NUM_STEPS] == cfg.train.local_steps
+    assert defaults[NUM_STEPS] == client.ws.trainer.num_steps_for(client.train_data)
+
+
+def test_fit_without_a_plan_is_a_clear_error() -> None:
+    # Prepare
+    cfg = _cfg()
+    client = LoRAClient(cfg, 0, 2)
+    start = client.ws.initial_weights
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"no 'plan\.rank'.* different versions"):
+        client.fit(start, {ROUND: 1, LR: 1e-3, LOCAL_STEPS: 1})
 
 
 def test_fit_is_deterministic_for_the_same_round_and_partition() -> None:
@@ -200,11 +268,11 @@ def _malformed(start: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], str
     nan = [a.copy() for a in start]
     nan[-1][0] = np.nan
     return {
-        "count": (start[:-1], "Expected 10 adapter arrays"),
+        "count": (start[:-1], "9 arrays but the plan expects 10"),
         "shape": (
             wrong_shape,
             r"bert\.encoder\.layer\.0\.attention\.self\.value\.lora_A\.weight: shape "
-            r"\(5, 5\)",
+            r"\(5, 5\), expected \(4, 32\)",
         ),
         "dtype": (
             float64,
@@ -217,19 +285,22 @@ def _malformed(start: list[np.ndarray]) -> dict[str, tuple[list[np.ndarray], str
 
 @pytest.mark.parametrize("fault", ["count", "shape", "dtype", "nan"])
 def test_fit_with_malformed_parameters_raises(fault: str) -> None:
-    # Prepare
+    # Prepare: the adapter holds a trained state, the node one fit call.
     cfg = _cfg()
-    client = LoRAClient(cfg, 0, 2)
+    state = RecordDict()
+    client = LoRAClient(cfg, 0, 2, state)
     start = client.ws.initial_weights
+    client.fit(start, _fit_config(cfg))
     parameters, message = _malformed(start)[fault]
     before = client.get_parameters({})
 
     # Execute / Assert
     with pytest.raises(ValueError, match=message):
         client.fit(parameters, _fit_config(cfg))
-    # The rejected call changed nothing.
+    # The rejected call changed nothing, not even the fit count.
     for got, want in zip(client.get_parameters({}), before, strict=True):
         np.testing.assert_array_equal(got, want)
+    assert state.config_records[STATE_KEY][FIT_CALLS] == 1
 
 
 def test_evaluate_reports_local_test_metrics() -> None:
@@ -239,13 +310,15 @@ def test_evaluate_reports_local_test_metrics() -> None:
     start = client.ws.initial_weights
 
     # Execute
-    loss, num_examples, metrics = client.evaluate(start, {ROUND: 1})
+    loss, num_examples, metrics = client.evaluate(
+        start, {ROUND: 1, **FULL.evaluation().to_config()}
+    )
 
     # Assert: two balanced-ish classes and a fresh head: loss near ln 2.
     assert num_examples == len(client.test_data) > 0
     assert 0.5 < loss < 1.0
-    assert set(metrics) == {PARTITION_ID, "accuracy"}
-    assert 0.0 <= float(metrics["accuracy"]) <= 1.0
+    assert set(metrics) == {PARTITION_ID, BASE_VERSION, ACCURACY}
+    assert 0.0 <= float(metrics[ACCURACY]) <= 1.0
 
 
 def test_evaluate_without_local_test_data_reports_nothing() -> None:
@@ -253,10 +326,134 @@ def test_evaluate_without_local_test_data_reports_nothing() -> None:
     client = LoRAClient(_cfg(local_test_fraction=0.0), 1, 2)
 
     # Execute
-    result = client.evaluate(client.get_parameters({}), {})
+    result = client.evaluate(client.get_parameters({}), FULL.evaluation().to_config())
 
     # Assert
-    assert result == (0.0, 0, {PARTITION_ID: 1})
+    assert result == (0.0, 0, {PARTITION_ID: 1, BASE_VERSION: 0})
+
+
+# ------------------------------------------------------- following the plan
+def _rule_call(
+    cfg: ExperimentConfig, rule_name: str, server_round: int = 1
+) -> tuple[list[np.ndarray], dict[str, Any], Plan]:
+    """The payload and fit config the strategy sends under ``rule_name``."""
+    ws = get_workspace(cfg)
+    rule = get_rule(rule_name)(layout_of(ws.adapter), ws.initial, cfg.lora.scaling)
+    state = rule.init_state()
+    plan = rule.plan(state, ClientInfo(0, R, 0), server_round)
+    return rule.payload(state, plan), _fit_config(cfg, server_round, plan), plan
+
+
+def test_ffa_fit_sends_b_and_the_head_and_leaves_a_at_the_seeded_init() -> None:
+    # Prepare
+    cfg = _cfg()
+    payload, config, plan = _rule_call(cfg, "ffa")
+    client = LoRAClient(cfg, 0, 2)
+    names = client.ws.adapter.weight_names()
+
+    # Execute
+    reply, _, _ = client.fit(payload, config)
+
+    # Assert: 4 B arrays and the 2 head arrays; A did not move in training.
+    assert (plan.receive, plan.train, plan.send) == ({"B", "M"},) * 3
+    sent = [n for n in names if group_of(n) in "BM"]
+    assert [a.shape for a in reply] == [(32, 4)] * 4 + [(2, 32), (2,)]
+    after = client.ws.adapter.get_named_weights()
+    for name, array in zip(sent, reply, strict=True):
+        np.testing.assert_array_equal(array, after[name])
+    for name in names:
+        if group_of(name) == "A":
+            np.testing.assert_array_equal(after[name], client.ws.initial[name])
+    assert all(np.abs(a).sum() > 0 for a in reply[:4])
+
+
+def test_fedsa_b_persists_in_context_state_across_client_objects() -> None:
+    # Prepare: FedSA; node 0 and node 1 share the process's adapter.
+    cfg = _cfg()
+    payload, config, plan = _rule_call(cfg, "fedsa")
+    state0, state1 = RecordDict(), RecordDict()
+    b_names = [n for n in get_workspace(cfg).adapter.weight_names() if "lora_B" in n]
+
+    # Execute: node 0 fits, node 1 fits (overwriting the shared adapter), then
+    # a new client object of node 0 (as client_fn builds each round) evaluates.
+    reply0, _, _ = LoRAClient(cfg, 0, 2, state0).fit(payload, config)
+    kept0 = ContextStore(state0).private()
+    LoRAClient(cfg, 1, 2, state1).fit(payload, config)
+    kept1 = ContextStore(state1).private()
+    evaluation = plan.evaluation().to_config()
+    again = LoRAClient(cfg, 0, 2, state0)
+    again.evaluate(payload, {ROUND: 1, **evaluation})
+    restored = again.ws.adapter.get_named_weights()
+    fresh = LoRAClient(cfg, 0, 2, RecordDict())
+    fresh.evaluate(payload, {ROUND: 1, **evaluation})
+    initial = fresh.ws.adapter.get_named_weights()
+
+    # Assert: B never left node 0 (4 A + 2 head arrays went up) ...
+    assert [a.shape for a in reply0] == [(4, 32)] * 4 + [(2, 32), (2,)]
+    assert sorted(state0.array_records[PRIVATE_KEY]) == sorted(b_names)
+    # ... it is the node's own trained B, and it comes back in the next call.
+    for name in b_names:
+        assert np.abs(kept0[name]).sum() > 0
+        assert not np.array_equal(kept0[name], kept1[name])
+        np.testing.assert_array_equal(restored[name], kept0[name])
+        np.testing.assert_array_equal(initial[name], get_workspace(cfg).initial[name])
+
+
+def test_a_rank_tier_client_trains_and_replies_at_its_rank() -> None:
+    # Prepare: a rank-2 client of the allocated rank 4.
+    cfg = _cfg()
+    client = LoRAClient(cfg, 0, 2)
+    plan = Plan(rank=2)
+    ws = client.ws
+    payload = [
+        a[:2] if "lora_A" in n else a[:, :2] if "lora_B" in n else a
+        for n, a in ws.initial.items()
+    ]
+
+    # Execute
+    reply, _, _ = client.fit(payload, _fit_config(cfg, plan=plan))
+
+    # Assert
+    assert [a.shape for a in reply[:2]] == [(2, 32), (32, 2)]
+    full = ws.adapter.get_named_weights()
+    for name, value in full.items():
+        if "lora_A" in name:
+            assert not value[2:].any()
+        if "lora_B" in name:
+            assert not value[:, 2:].any() and value[:, :2].any()
+
+
+def test_a_dense_fold_is_kept_in_context_state_and_reported() -> None:
+    # Prepare: FLoRA after one round; the node missed it (dense catch-up).
+    cfg = _cfg()
+    ws = get_workspace(cfg)
+    layout = layout_of(ws.adapter)
+    rule = get_rule("flora")(layout, ws.initial, cfg.lora.scaling)
+    rng = np.random.default_rng(0)
+    state = rule.init_state()
+    replies = []
+    for pid in (1, 2):
+        plan = rule.plan(state, ClientInfo(pid, R, 0), 1)
+        arrays = {
+            n: (0.1 * rng.normal(size=s)).astype(np.float32)
+            for n, s in rule.reply_spec(plan)
+        }
+        replies.append(ClientReply(pid, plan, arrays, 5))
+    state = rule.aggregate(state, replies, 1)
+    plan = rule.plan(state, ClientInfo(0, R, None), 2)
+    node = RecordDict()
+
+    # Execute: fit, then a new client object on the same Context.state.
+    _, _, metrics = LoRAClient(cfg, 0, 2, node).fit(
+        rule.payload(state, plan), _fit_config(cfg, 2, plan)
+    )
+    store = ContextStore(node)
+
+    # Assert
+    assert plan.fold_mode == "dense"
+    assert metrics[BASE_VERSION] == 1 == store.base_version()
+    for module, delta in state.base_delta.items():
+        np.testing.assert_array_equal(store.base_delta()[module], delta)
 
 
 # ---------------------------------------------------- one model per process
@@ -266,20 +463,21 @@ def test_clients_share_one_model_per_process() -> None:
     cfg = _cfg()
     before = model_load_count()
     first = LoRAClient(cfg, 0, 2)
-    loads = model_load_count()
     start = first.ws.initial_weights
+    loads = model_load_count()
 
     # Execute: another partition, then fits over two rounds on both.
     second = LoRAClient(cfg, 1, 2)
     for rnd in (1, 2):
         for client in (first, second):
-            client.fit(start, _fit_config(cfg, rnd))
+            _, _, metrics = client.fit(start, _fit_config(cfg, rnd))
 
     # Assert
     assert loads == before + 1
     assert model_load_count() == loads
-    assert second.ws is first.ws
+    assert metrics[MODEL_LOADS] == loads
     assert second.ws.bundle.model is first.ws.bundle.model
+    assert second.ws.adapter is first.ws.adapter
     # The partitions are different data.
     assert (
         len(first.train_data)
@@ -355,7 +553,7 @@ def test_context_state_persists_across_client_fn_calls() -> None:
     assert first.metrics[FIT_CALLS] == 1
     assert second.metrics[FIT_CALLS] == 2
     assert other.metrics[FIT_CALLS] == 1
-    assert context.state.config_records["lora_flwr"][FIT_CALLS] == 2
+    assert context.state.config_records[STATE_KEY][FIT_CALLS] == 2
 
 
 def test_client_fn_without_partition_id_is_a_clear_error() -> None:

@@ -1,0 +1,519 @@
+"""Compare every aggregation rule on one task, with the same seeds and client samples.
+
+    python -m lora_flwr.compare --config configs/default.toml --seeds 3
+
+Runs each registered rule for each seed (one ``lora_flwr.simulation`` process per
+run, so every run starts from a fresh Ray), then the rules that take
+heterogeneous ranks again with rank tiers (``--tiers 4,8,16``), and the
+centralised LoRA reference on the same training pool with the same number of
+optimiser steps as one round's clients together times the rounds. A seed fixes
+the adapter init, the data split and the client sample of every round, so all
+rules see the same clients. It writes, between two markers in ``--out`` (text
+outside them is kept), the command, machine and date, a table per setting and
+two plots per setting (accuracy vs round, accuracy vs cumulative bytes).
+
+Finished runs are reused when their saved config equals the one asked for (an
+interrupted comparison resumes); ``--fresh`` recomputes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_flwr.aggregation import available_rules, get_rule
+from lora_flwr.atomic import write_text_atomic
+from lora_flwr.config import (
+    ExperimentConfig,
+    add_config_arguments,
+    config_from_arguments,
+)
+
+BEGIN = "<!-- lora_flwr.compare: begin (generated; edit outside the markers) -->"
+END = "<!-- lora_flwr.compare: end -->"
+HOMOGENEOUS = "homogeneous"
+TIERS = "tiers"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One federated run of the comparison."""
+
+    setting: str
+    rule: str
+    seed: int
+    cfg: ExperimentConfig
+
+
+def plan_runs(
+    cfg: ExperimentConfig,
+    *,
+    rules: Sequence[str],
+    seeds: Sequence[int],
+    tiers: Sequence[int],
+    work: Path,
+) -> list[RunSpec]:
+    """Every (setting, rule, seed) run, each with its own name and output dir."""
+    specs: list[RunSpec] = []
+    settings: list[tuple[str, list[str], list[str]]] = [(HOMOGENEOUS, list(rules), [])]
+    if tiers:
+        tier_rules = [r for r in rules if get_rule(r).supports_rank_tiers]
+        over = [f"fed.rank_tiers={','.join(map(str, tiers))}", f"lora.r={max(tiers)}"]
+        if tier_rules:
+            settings.append((TIERS, tier_rules, over))
+    # Seed by seed, so that an interrupted comparison has every rule at seed 0.
+    for seed in seeds:
+        for setting, names, overrides in settings:
+            for rule in names:
+                run_cfg = cfg.with_overrides(
+                    [*overrides, f"fed.aggregation={rule}", f"seed={seed}"]
+                )
+                run_cfg = dataclasses.replace(
+                    run_cfg, name=f"{rule}-s{seed}", output_dir=str(work / setting)
+                )
+                specs.append(RunSpec(setting, rule, seed, run_cfg))
+    return specs
+
+
+def _complete(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg``."""
+    try:
+        saved = ExperimentConfig.from_toml(run_dir / "config.toml")
+        history = json.loads((run_dir / "history.json").read_text())
+        json.loads((run_dir / "wall.json").read_text())
+    except (OSError, ValueError):
+        return False
+    rounds = [r for r in history if r.get("round", 0) > 0]
+    return saved == cfg and len(rounds) == cfg.fed.num_rounds
+
+
+def run_one(spec: RunSpec, *, fresh: bool = False) -> Path:
+    """Run one simulation in a child process (unless already done); return its dir.
+
+    Raises
+    ------
+    RuntimeError
+        If the child process fails; its exit code and run dir are named.
+    """
+    run_dir = Path(spec.cfg.output_dir) / spec.cfg.name
+    if not fresh and _complete(run_dir, spec.cfg):
+        print(f"[compare] reuse {run_dir}", flush=True)
+        return run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir.parent / f"{spec.cfg.name}.toml"
+    write_text_atomic(config_path, spec.cfg.to_toml())
+    print(f"[compare] run {spec.setting} {spec.rule} seed {spec.seed}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_flwr.simulation", "--config", str(config_path)],
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{spec.setting}/{spec.rule}/seed {spec.seed} failed with exit code "
+            f"{proc.returncode}; see the log above and {run_dir}"
+        )
+    write_text_atomic(run_dir / "wall.json", json.dumps({"seconds": seconds}))
+    return run_dir
+
+
+def run_reference(cfg: ExperimentConfig, seed: int, steps: int, work: Path) -> Path:
+    """Centralised LoRA on the whole training pool (child process); return its dir."""
+    ref_cfg = dataclasses.replace(
+        cfg.with_overrides([f"seed={seed}"]),
+        name=f"centralized-s{seed}",
+        output_dir=str(work),
+    )
+    out = work / ref_cfg.name
+    try:
+        done = json.loads((out / "history.json").read_text())
+        saved = ExperimentConfig.from_toml(out / "config.toml")
+        if saved == ref_cfg and done["history"][-1]["step"] == steps:
+            print(f"[compare] reuse {out}", flush=True)
+            return out
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
+    config_path = work / f"{ref_cfg.name}.toml"
+    write_text_atomic(config_path, ref_cfg.to_toml())
+    print(f"[compare] centralized reference seed {seed}, {steps} steps", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_flwr.centralized",
+        "--config",
+        str(config_path),
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"centralized reference seed {seed} failed; see {out}")
+    return out
+
+
+# ------------------------------------------------------------------- summary
+def metric_key(history: Sequence[Mapping[str, Any]]) -> str:
+    """Return the headline metric: held-out, else personalised, accuracy or ppl."""
+    for key in (
+        "test_accuracy",
+        "personal_accuracy",
+        "test_perplexity",
+        "personal_perplexity",
+    ):
+        if any(r.get(key) is not None for r in history):
+            return key
+    raise ValueError("the history holds no accuracy or perplexity")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One rule in one setting, over seeds."""
+
+    rule: str
+    metric: str
+    seeds: int
+    final: tuple[float, float]
+    best: tuple[float, float]
+    reached: int  # seeds that reached the target
+    rounds_to_target: float  # mean over the seeds that reached it
+    seconds_to_target: float
+    bytes_up: float  # mean per round
+    bytes_down: float
+    agg_error: float | None
+    wall: float
+    curve: list[float]  # mean metric per round (round 0 first)
+    cum_bytes: list[float]  # mean cumulative bytes up + down after each round
+
+
+def summarize(
+    rule: str,
+    histories: Sequence[Sequence[Mapping[str, Any]]],
+    walls: Sequence[float],
+    *,
+    target: float | None,
+) -> Summary:
+    """Aggregate the histories of one rule's seeds."""
+    key = metric_key(histories[0])
+    higher = key.endswith("accuracy")
+    finals, bests, rounds_hit, secs_hit = [], [], [], []
+    ups, downs, errors = [], [], []
+    curves: list[list[float]] = []
+    cums: list[list[float]] = []
+    for history in histories:
+        points = [
+            (int(r["round"]), float(r[key])) for r in history if r.get(key) is not None
+        ]
+        values = [v for _, v in points]
+        finals.append(values[-1])
+        bests.append(max(values) if higher else min(values))
+        rounds = [r for r in history if r.get("round", 0) > 0]
+        ups += [float(r.get("bytes_up", 0)) for r in rounds]
+        downs += [float(r.get("bytes_down", 0)) for r in rounds]
+        errors += [
+            float(r["agg_error"]) for r in rounds if r.get("agg_error") is not None
+        ]
+        if target is not None:
+            elapsed = 0.0
+            for r in rounds:
+                elapsed += float(r.get("round_seconds", 0.0))
+                value = r.get(key)
+                if value is not None and (
+                    value >= target if higher else value <= target
+                ):
+                    rounds_hit.append(float(r["round"]))
+                    secs_hit.append(elapsed)
+                    break
+        curves.append(values)
+        total = 0.0
+        cum = [0.0]
+        for r in rounds:
+            total += float(r.get("bytes_up", 0)) + float(r.get("bytes_down", 0))
+            cum.append(total)
+        cums.append(cum)
+    length = min(len(c) for c in curves)
+    curve = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+    length = min(len(c) for c in cums)
+    cum_bytes = [sum(c[i] for c in cums) / len(cums) for i in range(length)]
+    return Summary(
+        rule=rule,
+        metric=key,
+        seeds=len(histories),
+        final=_mean_std(finals),
+        best=_mean_std(bests),
+        reached=len(rounds_hit),
+        rounds_to_target=_mean_std(rounds_hit)[0],
+        seconds_to_target=_mean_std(secs_hit)[0],
+        bytes_up=_mean_std(ups)[0],
+        bytes_down=_mean_std(downs)[0],
+        agg_error=_mean_std(errors)[0] if errors else None,
+        wall=_mean_std(list(walls))[0],
+        curve=curve,
+        cum_bytes=cum_bytes,
+    )
+
+
+def _fmt_ms(pair: tuple[float, float], seeds: int) -> str:
+    mean, std = pair
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
+
+
+def table(summaries: Sequence[Summary], target: float | None) -> str:
+    """Format one setting as a markdown table."""
+    goal = f"{target:g}" if target is not None else "target"
+    head = (
+        f"| rule | final | best | rounds to {goal} | s to {goal} | "
+        "MB up / round | MB down / round | agg. error | wall s |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for s in summaries:
+        metric = "" if s.metric == "test_accuracy" else f" ({s.metric})"
+        if s.reached:
+            rounds = f"{s.rounds_to_target:.1f} ({s.reached}/{s.seeds})"
+            secs = f"{s.seconds_to_target:.0f}"
+        else:
+            rounds, secs = f"— (0/{s.seeds})", "—"
+        err = "—" if s.agg_error is None else f"{s.agg_error:.2e}"
+        lines.append(
+            f"| {s.rule}{metric} | {_fmt_ms(s.final, s.seeds)} | "
+            f"{_fmt_ms(s.best, s.seeds)} | {rounds} | {secs} | "
+            f"{s.bytes_up / 1e6:.3f} | {s.bytes_down / 1e6:.3f} | {err} | "
+            f"{s.wall:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(summaries: Sequence[Summary], path_round: Path, path_bytes: Path) -> None:
+    """Accuracy vs round and accuracy vs cumulative bytes, all rules on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_flwr.results import save_figure
+
+    for path, use_bytes in ((path_round, False), (path_bytes, True)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in summaries:
+            if use_bytes:
+                n = min(len(s.curve), len(s.cum_bytes))
+                xs = [b / 1e6 for b in s.cum_bytes[:n]]
+                ys = s.curve[:n]
+            else:
+                xs = list(range(len(s.curve)))
+                ys = s.curve
+            ax.plot(xs, ys, marker="o", markersize=3, label=s.rule)
+        ax.set_xlabel("cumulative MB (up + down)" if use_bytes else "round")
+        ax.set_ylabel(summaries[0].metric.replace("_", " ") + " (mean over seeds)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        save_figure(fig, path)
+        plt.close(fig)
+
+
+def machine() -> str:
+    """CPU model, core count, torch version and accelerator, for the report."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{model}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def write_report(out: Path, body: str) -> None:
+    """Replace the generated block of ``out`` (or create it), keeping the rest."""
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    if out.is_file():
+        text = out.read_text(encoding="utf-8")
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            tail = rest.split(END, 1)[1]
+            write_text_atomic(out, head + block + tail)
+            return
+        write_text_atomic(out, text.rstrip() + "\n\n" + block + "\n")
+        return
+    write_text_atomic(out, f"# Results\n\n{block}\n")
+
+
+# ---------------------------------------------------------------------- main
+def _parse_ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    parser.add_argument("--rules", default="", help="comma-separated (default: all)")
+    parser.add_argument("--tiers", default="4,8,16", help="rank tiers ('' to skip)")
+    parser.add_argument("--target", type=float, default=0.75, help="accuracy goal")
+    parser.add_argument(
+        "--ref-steps",
+        type=int,
+        default=None,
+        help="centralised steps (default: rounds x clients/round x "
+        "local steps; 0 skips the reference)",
+    )
+    parser.add_argument("--work", default="results/compare", help="run directories")
+    parser.add_argument("--out", default="docs/RESULTS.md", help="report file")
+    parser.add_argument("--fresh", action="store_true", help="recompute every run")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_arguments(args)
+        rules = [r for r in args.rules.split(",") if r] or available_rules()
+        for rule in rules:
+            get_rule(rule)
+        tiers = _parse_ints(args.tiers)
+        if args.seeds < 1:
+            raise ValueError(f"`--seeds` should be >= 1 but is {args.seeds}")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    work = Path(args.work)
+    out = Path(args.out)
+    seeds = list(range(args.seeds))
+    started = time.time()
+    specs = plan_runs(cfg, rules=rules, seeds=seeds, tiers=tiers, work=work)
+    per_round = math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients)
+    per_round = max(per_round, cfg.fed.min_fit_clients)
+    ref_steps = (
+        args.ref_steps
+        if args.ref_steps is not None
+        else cfg.fed.num_rounds * per_round * cfg.train.local_steps
+    )
+    dirs = {spec: run_one(spec, fresh=args.fresh) for spec in specs}
+    refs = (
+        [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
+        if ref_steps > 0
+        else []
+    )
+    command = "python -m lora_flwr.compare " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    body = report_body(cfg, specs, dirs, refs, args.target, out, command, started)
+    write_report(out, body)
+    print(f"[compare] wrote {out}")
+    return 0
+
+
+def report_body(
+    cfg: ExperimentConfig,
+    specs: Sequence[RunSpec],
+    dirs: Mapping[RunSpec, Path],
+    refs: Sequence[Path],
+    target: float | None,
+    out: Path,
+    command: str,
+    started: float,
+) -> str:
+    """Build the generated part of the report: provenance, tables, plots."""
+    fed, train = cfg.fed, cfg.train
+    lines = [
+        f"Command: `{command}`  ",
+        f"Machine: {machine()}  ",
+        f"Date: {dt.date.today().isoformat()}; the comparison took "
+        f"{(time.time() - started) / 60:.0f} min (reused runs not counted).  ",
+        f"Task: `{cfg.model.name}` on `{cfg.data.name}`, {fed.num_clients} clients "
+        f"({cfg.data.partitioner} split), {fed.fraction_fit:g} of them per round, "
+        f"{fed.num_rounds} rounds of {train.local_steps} local steps of batch "
+        f"{train.batch_size}, lr {train.lr:g}, LoRA r={cfg.lora.r}, "
+        f"precision {train.precision}. Seeds {sorted({s.seed for s in specs})}: a "
+        "seed fixes the init, the split and every round's clients, the same for "
+        "every rule.",
+        "",
+        "Columns: final and best value of the headline metric (mean ± std over "
+        "seeds); rounds and seconds (sum of round wall times) to reach the target, "
+        "over the seeds that reached it; exact serialized bytes per round; the "
+        "aggregation error ‖ΔW_global − Σ p_k s B_k A_k‖_F / ‖Σ p_k s B_k A_k‖_F "
+        "(mean over rounds and modules); wall time of the whole run process.",
+    ]
+    settings = sorted({s.setting for s in specs}, key=[HOMOGENEOUS, TIERS].index)
+    figures = out.parent / "results"
+    for setting in settings:
+        group = [s for s in specs if s.setting == setting]
+        by_rule: dict[str, list[RunSpec]] = {}
+        for spec in group:
+            by_rule.setdefault(spec.rule, []).append(spec)
+        summaries = []
+        for rule, runs in by_rule.items():
+            histories = [
+                json.loads((dirs[r] / "history.json").read_text()) for r in runs
+            ]
+            walls = [
+                json.loads((dirs[r] / "wall.json").read_text())["seconds"] for r in runs
+            ]
+            summaries.append(summarize(rule, histories, walls, target=target))
+        title = (
+            f"all rules, every client at r={cfg.lora.r}"
+            if setting == HOMOGENEOUS
+            else "rank tiers " + ",".join(map(str, group[0].cfg.fed.rank_tiers))
+        )
+        lines += ["", f"### {setting}: {title}", "", table(summaries, target)]
+        png_round = figures / f"{setting}-round.png"
+        png_bytes = figures / f"{setting}-bytes.png"
+        plot(summaries, png_round, png_bytes)
+        rel = os.path.relpath(figures, out.parent)
+        lines += [
+            "",
+            f"![{setting}: accuracy vs round]({rel}/{png_round.name}) "
+            f"![{setting}: accuracy vs cumulative bytes]({rel}/{png_bytes.name})",
+        ]
+        if any(get_rule(s.rule).personalized for s in summaries):
+            lines += [
+                "",
+                "fedsa has no global model: its value is each client's "
+                "personalised model on its own local split (example-weighted), "
+                "not the global held-out split.",
+            ]
+    if refs:
+        finals = []
+        for ref in refs:
+            final = json.loads((ref / "history.json").read_text())["final"]
+            finals.append(
+                float(final.get("accuracy", final.get("perplexity", math.nan)))
+            )
+        steps = json.loads((refs[0] / "history.json").read_text())["final"]["step"]
+        lines += [
+            "",
+            f"Centralised LoRA reference (same training pool, {int(steps)} steps of "
+            f"batch {train.batch_size}, seeds {list(range(len(refs)))}): "
+            f"{_fmt_ms(_mean_std(finals), len(finals))}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
