@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
-from lora_flwr.aggregation.linalg import F64, fold_block, relative_error
+from lora_flwr.aggregation.linalg import F64, cut_to_rank, fold_block, relative_error
 from lora_flwr.protocol import (
     GROUPS,
     LORA_A_SUFFIX,
@@ -332,7 +332,7 @@ class Rule:
 
     def down(self, state: ServerState, name: str, rank: int) -> NDArray:
         """Global value of ``name`` as sent to a client of ``rank`` (cut to rank)."""
-        return _cut(state.arrays[name], name, rank)
+        return cut_to_rank(state.arrays[name], name, rank)
 
     def fold_arrays(self, state: ServerState, plan: Plan) -> list[NDArray]:
         """Return the fold section of ``plan``'s payload."""
@@ -364,7 +364,7 @@ class Rule:
             if group in plan.receive:
                 out[name] = self.down(state, name, plan.rank)
             elif group not in plan.keep:
-                out[name] = _cut(self.initial[name], name, plan.rank)
+                out[name] = cut_to_rank(self.initial[name], name, plan.rank)
         return out
 
     # ---------------------------------------------------------------- helpers
@@ -451,15 +451,6 @@ class Rule:
                 effective -= old.base_delta[module].astype(np.float64)
             errors.append(relative_error(effective, ideal))
         return float(np.mean(errors))
-
-
-def _cut(array: NDArray, name: str, rank: int) -> NDArray:
-    group = group_of(name)
-    if group == "A":
-        return np.ascontiguousarray(array[:rank])
-    if group == "B":
-        return np.ascontiguousarray(array[:, :rank])
-    return array
 
 
 def _pad(value: F64, shape: Shape) -> F64:

@@ -9,9 +9,12 @@ same bits for the same version.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from lora_flwr.protocol import group_of
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -99,3 +102,16 @@ def relative_error(approx: F64, exact: F64) -> float:
     if denom == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return num / denom
+
+
+def cut_to_rank(array: npt.NDArray[Any], name: str, rank: int) -> npt.NDArray[Any]:
+    """Cut weight ``name`` to ``rank``: A's first rows, B's first columns.
+
+    Other weights (saved modules) are returned as they are.
+    """
+    group = group_of(name)
+    if group == "A":
+        return np.ascontiguousarray(array[:rank])
+    if group == "B":
+        return np.ascontiguousarray(array[:, :rank])
+    return array

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from lora_flwr.aggregation.linalg import fold_block
+from lora_flwr.aggregation.linalg import cut_to_rank, fold_block
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.protocol import (
     FOLD_A_SUFFIX,
@@ -88,16 +88,6 @@ class MemoryStore:
 def layout_of(adapter: LoRAAdapter) -> AdapterLayout:
     """Return the adapter's names and allocated shapes, as the server sees them."""
     return AdapterLayout(tuple(adapter.weight_names()), tuple(adapter.weight_shapes()))
-
-
-def cut(array: NDArray, name: str, rank: int) -> NDArray:
-    """Cut a factor to ``rank`` (A: first rows, B: first columns; others as is)."""
-    group = group_of(name)
-    if group == "A":
-        return np.ascontiguousarray(array[:rank])
-    if group == "B":
-        return np.ascontiguousarray(array[:, :rank])
-    return array
 
 
 def apply_fold(
@@ -178,7 +168,7 @@ def prepare(
         elif group in plan.keep and name in private:
             values[name] = private[name]
         else:
-            values[name] = cut(initial[name], name, plan.rank)
+            values[name] = cut_to_rank(initial[name], name, plan.rank)
     adapter.set_named_weights(values, rank=plan.rank)
     adapter.set_trainable(
         lora_A="A" in plan.train, lora_B="B" in plan.train, saved="M" in plan.train

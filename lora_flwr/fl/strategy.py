@@ -91,6 +91,11 @@ EvaluateFn = Callable[[int, Arrays, Arrays], dict[str, float]]
 RoundCallback = Callable[[dict[str, Any], "FedLoRA"], None]
 
 
+# Seconds a node may take to report its partition (a deployed node starts a fresh
+# ClientApp process per message); one that does not answer is asked again next round.
+HANDSHAKE_TIMEOUT = 600.0
+
+
 def parameters_nbytes(parameters: Parameters) -> int:
     """Bytes of the serialized tensors in ``parameters``."""
     return sum(len(t) for t in parameters.tensors)
@@ -218,7 +223,9 @@ class FedLoRA(Strategy):
 
         def ask(proxy: ClientProxy) -> tuple[str, int | None]:
             try:
-                res = proxy.get_properties(ins, timeout=None, group_id=server_round)
+                res = proxy.get_properties(
+                    ins, timeout=HANDSHAKE_TIMEOUT, group_id=server_round
+                )
                 value = res.properties.get(PARTITION_ID)
                 return proxy.cid, value if isinstance(value, int) else None
             except Exception as exc:  # a node that cannot answer is skipped

@@ -9,10 +9,7 @@ seed must give the same history.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -23,6 +20,7 @@ from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import clear_caches, get_workspace, heldout_data
 from lora_flwr.lora import load_base_delta
 from lora_flwr.results import read_history
+from lora_flwr.simulation import run
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -37,17 +35,6 @@ TIMING = {
     "workers",
     "model_loads_max",
 }
-
-
-def _run_simulation_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "run_simulation", REPO / "run_simulation.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("run_simulation", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(tmp_path: Path, name: str, *overrides: str) -> ExperimentConfig:
@@ -66,7 +53,7 @@ def _config(tmp_path: Path, name: str, *overrides: str) -> ExperimentConfig:
 
 def _run(cfg: ExperimentConfig) -> tuple[Path, list[dict[str, Any]]]:
     clear_caches()
-    run_dir = _run_simulation_module().run(cfg)
+    run_dir = run(cfg)
     return run_dir, read_history(run_dir)
 
 

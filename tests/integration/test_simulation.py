@@ -7,10 +7,7 @@ tests/unit/test_strategy.py; here every client is well behaved.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,22 +16,11 @@ from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import clear_caches, get_workspace
 from lora_flwr.experiment import heldout_data as held_out_data
 from lora_flwr.results import read_history
+from lora_flwr.simulation import run
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.toml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _run_simulation_module() -> ModuleType:
-    """Import run_simulation.py from the repo root (it is a script, not a module)."""
-    spec = importlib.util.spec_from_file_location(
-        "run_simulation", REPO / "run_simulation.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("run_simulation", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -44,10 +30,9 @@ def test_smoke_simulation_learns_and_writes_outputs(tmp_path: Path) -> None:
     cfg = dataclasses.replace(
         ExperimentConfig.from_toml(SMOKE), output_dir=str(tmp_path)
     )
-    sim = _run_simulation_module()
 
     # Execute
-    run_dir = sim.run(cfg)
+    run_dir = run(cfg)
 
     # Assert: the run directory and the saved experiment.
     assert run_dir == tmp_path / "smoke"
