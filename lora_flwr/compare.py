@@ -390,6 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work", default="results/compare", help="run directories")
     parser.add_argument("--out", default="docs/RESULTS.md", help="report file")
     parser.add_argument("--fresh", action="store_true", help="recompute every run")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: report the finished runs (a comparison still under way)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_from_arguments(args)
@@ -414,12 +419,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ref_steps is not None
         else cfg.fed.num_rounds * per_round * cfg.train.local_steps
     )
-    dirs = {spec: run_one(spec, fresh=args.fresh) for spec in specs}
-    refs = (
-        [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
-        if ref_steps > 0
-        else []
-    )
+    if args.report_only:
+        dirs = {
+            spec: Path(spec.cfg.output_dir) / spec.cfg.name
+            for spec in specs
+            if _complete(Path(spec.cfg.output_dir) / spec.cfg.name, spec.cfg)
+        }
+        specs = [spec for spec in specs if spec in dirs]
+        refs = [
+            p
+            for p in (work / "centralized" / f"centralized-s{s}" for s in seeds)
+            if (p / "history.json").is_file()
+        ]
+        if not specs:
+            print(f"error: no finished run under {work}", file=sys.stderr)
+            return 2
+    else:
+        dirs = {spec: run_one(spec, fresh=args.fresh) for spec in specs}
+        refs = (
+            [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
+            if ref_steps > 0
+            else []
+        )
     command = "python -m lora_flwr.compare " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

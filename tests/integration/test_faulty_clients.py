@@ -94,7 +94,10 @@ def test_round_survives_a_crashing_and_a_malformed_client(tmp_path: Path) -> Non
     final = ws.adapter.get_weights()
     assert all(np.isfinite(a).all() for a in final)
     assert any(not np.array_equal(a, b) for a, b in zip(final, start, strict=True))
+    from lora_flwr.protocol import LR, ROUND, Plan
+
     client = LoRAClient(cfg, 0, 3)
-    expected, _, _ = client.fit(start, {"server_round": 1, "lr": cfg.train.lr})
+    instruction = {ROUND: 1, LR: cfg.train.lr, **Plan(rank=cfg.lora.r).to_config()}
+    expected, _, _ = client.fit(start, instruction)
     for got, want in zip(final, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
