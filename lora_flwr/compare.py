@@ -166,6 +166,51 @@ def run_reference(cfg: ExperimentConfig, seed: int, steps: int, work: Path) -> P
     return out
 
 
+def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
+    """Accuracy of a run's final model on every client's local test split.
+
+    The example-weighted mean over clients: the same splits FedSA's personalised
+    evaluation uses, so every rule can be set beside it. For FedSA it is that
+    evaluation (each client's own B), read from the history. Cached in
+    ``local_eval.json``; None for tasks without accuracy.
+    """
+    cache = run_dir / "local_eval.json"
+    if cache.is_file():
+        value = json.loads(cache.read_text()).get("accuracy")
+        return None if value is None else float(value)
+    cfg = spec.cfg
+    history = json.loads((run_dir / "history.json").read_text())
+    accuracy: float | None
+    if get_rule(spec.rule).personalized:
+        last = [r["personal_accuracy"] for r in history if "personal_accuracy" in r]
+        accuracy = float(last[-1]) if last else None
+    else:
+        from lora_flwr.experiment import client_datasets, get_workspace
+        from lora_flwr.lora import load_base_delta
+
+        ws = get_workspace(cfg)
+        if ws.task != "seq_cls":
+            return None
+        delta_file = run_dir / "adapter" / "base_delta.safetensors"
+        ws.reset_adapter()
+        ws.adapter.set_base_delta(
+            load_base_delta(delta_file) if delta_file.is_file() else None
+        )
+        ws.adapter.load(run_dir / "adapter")
+        correct = total = 0.0
+        for pid in range(cfg.fed.num_clients):
+            _, test = client_datasets(ws, cfg, pid, cfg.fed.num_clients)
+            if len(test) == 0:
+                continue
+            metrics = ws.trainer.evaluate(test, progress=False)
+            correct += metrics["accuracy"] * len(test)
+            total += len(test)
+        ws.reset_adapter()
+        accuracy = correct / total if total else None
+    write_text_atomic(cache, json.dumps({"accuracy": accuracy}))
+    return accuracy
+
+
 # ------------------------------------------------------------------- summary
 def metric_key(history: Sequence[Mapping[str, Any]]) -> str:
     """Return the headline metric: held-out, else personalised, accuracy or ppl."""
@@ -204,6 +249,7 @@ class Summary:
     bytes_down: float
     agg_error: float | None
     wall: float
+    local: tuple[float, float] | None  # final model on the clients' local splits
     curve: list[float]  # mean metric per round (round 0 first)
     cum_bytes: list[float]  # mean cumulative bytes up + down after each round
 
@@ -214,6 +260,7 @@ def summarize(
     walls: Sequence[float],
     *,
     target: float | None,
+    local: Sequence[float] = (),
 ) -> Summary:
     """Aggregate the histories of one rule's seeds."""
     key = metric_key(histories[0])
@@ -270,6 +317,7 @@ def summarize(
         bytes_down=_mean_std(downs)[0],
         agg_error=_mean_std(errors)[0] if errors else None,
         wall=_mean_std(list(walls))[0],
+        local=_mean_std(list(local)) if local else None,
         curve=curve,
         cum_bytes=cum_bytes,
     )
@@ -287,9 +335,9 @@ def table(summaries: Sequence[Summary], target: float | None) -> str:
     goal = f"{target:g}" if target is not None else "target"
     head = (
         f"| rule | final | best | rounds to {goal} | s to {goal} | "
-        "MB up / round | MB down / round | agg. error | wall s |"
+        "MB up / round | MB down / round | agg. error | wall s | local splits |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for s in summaries:
         metric = "" if s.metric == "test_accuracy" else f" ({s.metric})"
         if s.reached:
@@ -302,7 +350,8 @@ def table(summaries: Sequence[Summary], target: float | None) -> str:
             f"| {s.rule}{metric} | {_fmt_ms(s.final, s.seeds)} | "
             f"{_fmt_ms(s.best, s.seeds)} | {rounds} | {secs} | "
             f"{s.bytes_up / 1e6:.3f} | {s.bytes_down / 1e6:.3f} | {err} | "
-            f"{s.wall:.0f} |"
+            f"{s.wall:.0f} | "
+            f"{_fmt_ms(s.local, s.seeds) if s.local else '—'} |"
         )
     return "\n".join(lines)
 
@@ -479,7 +528,10 @@ def report_body(
         "seeds); rounds and seconds (sum of round wall times) to reach the target, "
         "over the seeds that reached it; exact serialized bytes per round; the "
         "aggregation error ‖ΔW_global − Σ p_k s B_k A_k‖_F / ‖Σ p_k s B_k A_k‖_F "
-        "(mean over rounds and modules); wall time of the whole run process.",
+        "(mean over rounds and modules); wall time of the whole run process; "
+        "local splits: the final model on every client's own test split "
+        "(example-weighted; for fedsa each client's personalised model, its "
+        "headline value), so fedsa can be set beside the others.",
     ]
     settings = sorted({s.setting for s in specs}, key=[HOMOGENEOUS, TIERS].index)
     figures = out.parent / "results"
@@ -496,7 +548,12 @@ def report_body(
             walls = [
                 json.loads((dirs[r] / "wall.json").read_text())["seconds"] for r in runs
             ]
-            summaries.append(summarize(rule, histories, walls, target=target))
+            local = [
+                v for v in (local_accuracy(r, dirs[r]) for r in runs) if v is not None
+            ]
+            summaries.append(
+                summarize(rule, histories, walls, target=target, local=local)
+            )
         title = (
             f"all rules, every client at r={cfg.lora.r}"
             if setting == HOMOGENEOUS

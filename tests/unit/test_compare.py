@@ -118,7 +118,7 @@ def test_table_has_one_row_per_rule_and_marks_unreached_targets() -> None:
     # Assert
     lines = text.splitlines()
     assert len(lines) == 4
-    assert all(line.count("|") == 10 for line in lines)
+    assert all(line.count("|") == 11 for line in lines)
     assert lines[2].startswith("| fedit | 0.800 | 0.800 | 1.0 (1/1) | 10 |")
     assert "— (0/1)" in lines[3]
 
