@@ -250,7 +250,7 @@ class Summary:
     agg_error: float | None
     wall: float
     local: tuple[float, float] | None  # final model on the clients' local splits
-    curve: list[float]  # mean metric per round (round 0 first)
+    curve: list[tuple[int, float]]  # (round, mean metric) where every seed has one
     cum_bytes: list[float]  # mean cumulative bytes up + down after each round
 
 
@@ -267,7 +267,7 @@ def summarize(
     higher = key.endswith("accuracy")
     finals, bests, rounds_hit, secs_hit = [], [], [], []
     ups, downs, errors = [], [], []
-    curves: list[list[float]] = []
+    curves: list[dict[int, float]] = []
     cums: list[list[float]] = []
     for history in histories:
         points = [
@@ -278,7 +278,12 @@ def summarize(
         bests.append(max(values) if higher else min(values))
         rounds = [r for r in history if r.get("round", 0) > 0]
         ups += [float(r.get("bytes_up", 0)) for r in rounds]
-        downs += [float(r.get("bytes_down", 0)) for r in rounds]
+        # Training traffic only: evaluation payloads (FedSA evaluates every client)
+        # are not part of a method's communication cost.
+        downs += [
+            float(r.get("bytes_down", 0)) - float(r.get("bytes_down_eval", 0))
+            for r in rounds
+        ]
         errors += [
             float(r["agg_error"]) for r in rounds if r.get("agg_error") is not None
         ]
@@ -293,15 +298,19 @@ def summarize(
                     rounds_hit.append(float(r["round"]))
                     secs_hit.append(elapsed)
                     break
-        curves.append(values)
+        curves.append(dict(points))
         total = 0.0
         cum = [0.0]
         for r in rounds:
-            total += float(r.get("bytes_up", 0)) + float(r.get("bytes_down", 0))
+            total += (
+                float(r.get("bytes_up", 0))
+                + float(r.get("bytes_down", 0))
+                - float(r.get("bytes_down_eval", 0))
+            )
             cum.append(total)
         cums.append(cum)
-    length = min(len(c) for c in curves)
-    curve = [sum(c[i] for c in curves) / len(curves) for i in range(length)]
+    common = sorted(set.intersection(*(set(c) for c in curves)))
+    curve = [(r, sum(c[r] for c in curves) / len(curves)) for r in common]
     length = min(len(c) for c in cums)
     cum_bytes = [sum(c[i] for c in cums) / len(cums) for i in range(length)]
     return Summary(
@@ -368,16 +377,16 @@ def plot(summaries: Sequence[Summary], path_round: Path, path_bytes: Path) -> No
     for path, use_bytes in ((path_round, False), (path_bytes, True)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in summaries:
+            points = [(r, v) for r, v in s.curve if r < len(s.cum_bytes)]
+            ys = [v for _, v in points]
             if use_bytes:
-                n = min(len(s.curve), len(s.cum_bytes))
-                xs = [b / 1e6 for b in s.cum_bytes[:n]]
-                ys = s.curve[:n]
+                xs = [s.cum_bytes[r] / 1e6 for r, _ in points]
             else:
-                xs = list(range(len(s.curve)))
-                ys = s.curve
+                xs = [float(r) for r, _ in points]
             ax.plot(xs, ys, marker="o", markersize=3, label=s.rule)
         ax.set_xlabel("cumulative MB (up + down)" if use_bytes else "round")
-        ax.set_ylabel(summaries[0].metric.replace("_", " ") + " (mean over seeds)")
+        label = summaries[0].metric.split("_", 1)[1]
+        ax.set_ylabel(f"{label}, mean over seeds (fedsa: its local splits)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
@@ -526,8 +535,8 @@ def report_body(
         "",
         "Columns: final and best value of the headline metric (mean ± std over "
         "seeds); rounds and seconds (sum of round wall times) to reach the target, "
-        "over the seeds that reached it; exact serialized bytes per round; the "
-        "aggregation error ‖ΔW_global − Σ p_k s B_k A_k‖_F / ‖Σ p_k s B_k A_k‖_F "
+        "over the seeds that reached it; exact serialized training bytes per round "
+        "(evaluation payloads excluded); the aggregation error ‖ΔW_global − Σ p_k s B_k A_k‖_F / ‖Σ p_k s B_k A_k‖_F "
         "(mean over rounds and modules); wall time of the whole run process; "
         "local splits: the final model on every client's own test split "
         "(example-weighted; for fedsa each client's personalised model, its "

@@ -508,9 +508,10 @@ class FedLoRA(Strategy):
             EVALUATE_STREAM,
         )
         instructions = self._instructions(clients, server_round, evaluate=True)
-        self._record["bytes_down"] = self._record.get("bytes_down", 0) + sum(
-            s.nbytes for s in self._sent.values()
-        )
+        # Evaluation traffic is counted apart too: it is not part of training.
+        down = sum(s.nbytes for s in self._sent.values())
+        self._record["bytes_down_eval"] = down
+        self._record["bytes_down"] = self._record.get("bytes_down", 0) + down
         return [(proxy, EvaluateIns(p, c)) for proxy, p, c in instructions]
 
     def aggregate_evaluate(

@@ -89,7 +89,8 @@ def test_summarize_means_stds_and_time_to_target() -> None:
     assert s.bytes_up == 100 and s.bytes_down == 300
     assert s.agg_error == pytest.approx(0.5)
     assert s.wall == pytest.approx(110.0)
-    assert s.curve == pytest.approx([0.5, 0.65, 0.75, 0.76])
+    assert [r for r, _ in s.curve] == [0, 1, 2, 3]
+    assert [v for _, v in s.curve] == pytest.approx([0.5, 0.65, 0.75, 0.76])
     assert s.cum_bytes == [0.0, 400.0, 800.0, 1200.0]
 
 
