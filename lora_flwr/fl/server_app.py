@@ -108,6 +108,7 @@ def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
         "train_loss": 0.0,
         f"{kind}_loss": 0.0,
         task_key: 0.0,
+        "agg_error": 0.0,
         "fit_ok": 0,
         "bytes_up": 0,
         "bytes_down": 0,
