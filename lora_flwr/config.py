@@ -273,7 +273,9 @@ class FedConfig:
     num_rounds: int = 5
     num_clients: int = 10  # partitions = simulated SuperNodes
     fraction_fit: float = 1.0  # share of available clients trained per round
-    fraction_evaluate: float = 0.0  # share evaluated per round (0: no federated eval)
+    # Share evaluated per round (0: no federated eval; a personalised rule such as
+    # fedsa then evaluates every client at each evaluation round).
+    fraction_evaluate: float = 0.0
     min_fit_clients: int = 2  # wait for (and require) at least this many replies
     min_evaluate_clients: int = 2
     min_available_clients: int = 2

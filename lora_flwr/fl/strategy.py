@@ -494,12 +494,15 @@ class FedLoRA(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Federated evaluation on a share of clients (every client for FedSA)."""
+        """Federated evaluation on a share of clients (FedSA: all, by default)."""
         personal = self.rule.personalized and self._eval_round(server_round)
         if self.fed.fraction_evaluate == 0 and not personal:
             self._finish_round()
             return []
-        fraction = self.fed.fraction_evaluate if not personal else 1.0
+        # A personalised rule is evaluated on every client unless a share is set.
+        fraction = self.fed.fraction_evaluate
+        if personal and fraction == 0:
+            fraction = 1.0
         clients = self._sample(
             client_manager,
             server_round,
