@@ -61,8 +61,9 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_deploy_local_two_supernodes_smoke(tmp_path: Path) -> None:
-    name = "deploy-smoke"
+@pytest.mark.parametrize("rule", ["fedit", "fedsa"])
+def test_deploy_local_two_supernodes_smoke(rule: str, tmp_path: Path) -> None:
+    name = f"deploy-{rule}"
     start = time.perf_counter()
     proc = subprocess.run(
         [
@@ -76,6 +77,8 @@ def test_deploy_local_two_supernodes_smoke(tmp_path: Path) -> None:
             str(tmp_path),
             "--set",
             f"name={name}",
+            "--set",
+            f"fed.aggregation={rule}",
             "--timeout",
             str(TIMEOUT - 100),
         ],
@@ -106,12 +109,17 @@ def test_deploy_local_two_supernodes_smoke(tmp_path: Path) -> None:
     print(f"deployment smoke: {seconds:.1f} s, run elapsed {run['elapsed']:.1f} s")
 
     cfg = ExperimentConfig.from_toml(SMOKE).with_overrides(
-        [f"name={name}", f"output_dir={tmp_path.resolve()}"]
+        [f"name={name}", f"output_dir={tmp_path.resolve()}", f"fed.aggregation={rule}"]
     )
     assert ExperimentConfig.from_toml(run_dir / "config.toml") == cfg
 
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["round"] for r in history] == list(range(cfg.fed.num_rounds + 1))
+    # A SuperNode's Context.state outlives the per-message flwr-clientapp process.
+    assert [r["client_fit_calls_max"] for r in history[1:]] == [1, 2]
+    if rule == "fedsa":
+        _check_fedsa(cfg, history, run_dir, tmp_path)
+        return
     for rec in history[1:]:
         assert rec["fit_sampled"] == 2 and rec["fit_ok"] == 2, rec
         assert rec["fit_failed"] == 0 and rec["fit_dropped"] == 0, rec
@@ -119,8 +127,6 @@ def test_deploy_local_two_supernodes_smoke(tmp_path: Path) -> None:
         assert rec["eval_ok"] == 2
         assert np.isfinite(rec["train_loss"]) and np.isfinite(rec["test_loss"])
         assert rec["bytes_up"] > 0
-    # A SuperNode's Context.state outlives the per-message flwr-clientapp process.
-    assert [r["client_fit_calls_max"] for r in history[1:]] == [1, 2]
 
     # The global adapter moved away from the seeded initial one.
     from lora_flwr.experiment import get_workspace
@@ -142,3 +148,39 @@ def test_deploy_local_two_supernodes_smoke(tmp_path: Path) -> None:
     assert changed, "the global adapter did not change from its seeded initial value"
     b_names = [n for n in names if "lora_B" in n]
     assert b_names and all(n in changed for n in b_names)  # B starts at 0, is trained
+
+
+def _check_fedsa(
+    cfg: ExperimentConfig, history: list[Any], run_dir: Path, tmp_path: Path
+) -> None:
+    """FedSA's B lives only in each SuperNode's Context.state (array records).
+
+    Each node's B is written by one flwr-clientapp process (fit) and read by the
+    next (evaluate, next round's fit), so the personalised metrics equal those of
+    the in-process simulation of the same config only if it survived.
+    """
+    import dataclasses
+
+    from lora_flwr.simulation import run
+
+    for rec in history[1:]:
+        assert rec["fit_ok"] == 2 and rec["eval_ok"] == 2, rec
+        assert rec["bytes_up"] > 0 and "test_loss" not in rec
+    sim_dir = run(dataclasses.replace(cfg, name="sim", output_dir=str(tmp_path)))
+    sim = json.loads((sim_dir / "history.json").read_text())
+    for key in ("personal_loss", "personal_accuracy", "train_loss"):
+        got = [r[key] for r in history[1:]]
+        want = [r[key] for r in sim[1:]]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=key)
+    # B never left the nodes: the global adapter's B is still the seeded zero.
+    from lora_flwr.experiment import get_workspace
+
+    ws = get_workspace(cfg)
+    ws.reset_adapter()
+    ws.adapter.load(run_dir / "adapter")
+    for name, array in zip(
+        ws.adapter.weight_names(), ws.adapter.get_weights(), strict=True
+    ):
+        if "lora_B" in name:
+            assert not array.any(), name
+    ws.reset_adapter()
