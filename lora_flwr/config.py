@@ -43,6 +43,17 @@ def _check(cond: bool, key: str, value: object, what: str) -> None:
         raise ValueError(f"`{key}` should be {what} but the value passed is {value!r}")
 
 
+def _check_finite(section: object, prefix: str) -> None:
+    """Refuse NaN and infinite values in every float field of ``section``."""
+    for f in dataclasses.fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(
+                f"`{prefix}{f.name}` should be a finite number but the value "
+                f"passed is {value!r}"
+            )
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """LoRA hyper-parameters (PEFT's names; the seed's defaults)."""
@@ -59,6 +70,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         """Validate every field."""
+        _check_finite(self, "lora.")
         _check(
             isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
             "lora.r",
@@ -133,6 +145,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         """Validate every field."""
+        _check_finite(self, "model.")
         _check(bool(self.name), "model.name", self.name, "a non-empty string")
         _check(
             self.task in ("auto", "seq_cls", "causal_lm"),
@@ -163,6 +176,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """Validate every field."""
+        _check_finite(self, "data.")
         _check(bool(self.name), "data.name", self.name, "a non-empty string")
         _check(
             0.0 < self.test_fraction < 1.0,
@@ -222,6 +236,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Validate every field."""
+        _check_finite(self, "train.")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, ">= 1")
         _check(
@@ -300,11 +315,31 @@ class FedConfig:
     max_update_norm: float = (
         0.0  # reject replies whose update norm exceeds this (0: off)
     )
+    # A round aggregates when at least this many replies pass validation; fewer
+    # keep the global adapter unchanged for that round.
+    min_fit_replies: int = 1
+    # The run stops (non-zero exit) after this many consecutive rounds without an
+    # aggregate (every client failed or was dropped).
+    max_failed_rounds: int = 2
+    # Robustness against a hostile client (on by default). A reply's example count
+    # is capped at weight_cap x the round's lower-median count (0: off) ...
+    weight_cap: float = 4.0
+    # ... and an update (reply - what it started from) whose norm exceeds
+    # norm_guard_factor x the round's lower-median update norm is clipped to that
+    # bound ("clip") or dropped ("reject"); "off" disables the guard.
+    norm_guard: Literal["clip", "reject", "off"] = "clip"
+    norm_guard_factor: float = 3.0
+    # Optional robust aggregation of what the rule averages (unweighted,
+    # coordinate-wise): none, median, trimmed_mean (drops trim_fraction of the
+    # replies at each end per coordinate). Only for plain-average rules.
+    robust: Literal["none", "median", "trimmed_mean"] = "none"
+    trim_fraction: float = 0.2
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     client_num_gpus: float = 0.0
 
     def __post_init__(self) -> None:
         """Validate every field."""
+        _check_finite(self, "fed.")
         _check(self.num_rounds >= 1, "fed.num_rounds", self.num_rounds, ">= 1")
         _check(self.num_clients >= 1, "fed.num_clients", self.num_clients, ">= 1")
         for name in ("fraction_fit", "fraction_evaluate"):
@@ -367,6 +402,49 @@ class FedConfig:
             ">= 0",
         )
         _check(
+            1 <= self.min_fit_replies <= self.num_clients,
+            "fed.min_fit_replies",
+            self.min_fit_replies,
+            f"in [1, fed.num_clients={self.num_clients}]",
+        )
+        _check(
+            self.max_failed_rounds >= 0,
+            "fed.max_failed_rounds",
+            self.max_failed_rounds,
+            ">= 0",
+        )
+        _check(self.weight_cap >= 0, "fed.weight_cap", self.weight_cap, ">= 0")
+        _check(
+            self.weight_cap == 0 or self.weight_cap >= 1,
+            "fed.weight_cap",
+            self.weight_cap,
+            "0 (off) or >= 1 (a multiple of the median example count)",
+        )
+        _check(
+            self.norm_guard in ("clip", "reject", "off"),
+            "fed.norm_guard",
+            self.norm_guard,
+            "one of 'clip', 'reject', 'off'",
+        )
+        _check(
+            self.norm_guard_factor >= 1,
+            "fed.norm_guard_factor",
+            self.norm_guard_factor,
+            ">= 1 (a multiple of the median update norm)",
+        )
+        _check(
+            self.robust in ("none", "median", "trimmed_mean"),
+            "fed.robust",
+            self.robust,
+            "one of 'none', 'median', 'trimmed_mean'",
+        )
+        _check(
+            0 <= self.trim_fraction < 0.5,
+            "fed.trim_fraction",
+            self.trim_fraction,
+            "in [0, 0.5)",
+        )
+        _check(
             self.client_num_cpus > 0,
             "fed.client_num_cpus",
             self.client_num_cpus,
@@ -387,6 +465,9 @@ class ExperimentConfig:
     name: str = "default"  # run name; results go to <output_dir>/<name>
     seed: int = 0  # seeds init, data split, sampling and training
     output_dir: str = "results"
+    # What to do when <output_dir>/<name> already holds results: refuse (the
+    # default), overwrite (clear it first) or resume (continue that run).
+    on_existing: Literal["refuse", "overwrite", "resume"] = "refuse"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -395,8 +476,21 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         """Validate the top-level fields."""
-        _check(bool(self.name), "name", self.name, "a non-empty string")
+        # The name is one folder inside output_dir: it must not climb out of it.
+        _check(
+            re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", self.name) is not None
+            and ".." not in self.name,
+            "name",
+            self.name,
+            "one folder name (letters, digits, '.', '_', '-'; no '/' or '..')",
+        )
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        _check(
+            self.on_existing in ("refuse", "overwrite", "resume"),
+            "on_existing",
+            self.on_existing,
+            "one of 'refuse', 'overwrite', 'resume'",
+        )
         tiers = self.fed.rank_tiers
         _check(
             not tiers or max(tiers) == self.lora.r,

@@ -29,9 +29,10 @@ CONFIG_FILES = sorted((ROOT / "configs").glob("*.toml"))
 def _custom() -> ExperimentConfig:
     """A config that differs from the defaults in every section and type."""
     return ExperimentConfig(
-        name='run "quoted" \\ name',
+        name="run-1.b_c",
         seed=7,
-        output_dir="out/dir",
+        output_dir='out/"quoted" \\ dir',
+        on_existing="overwrite",
         model=ModelConfig(name="tiny-llama", task="causal_lm", max_length=16),
         lora=LoraConfig(
             r=4,
@@ -44,7 +45,16 @@ def _custom() -> ExperimentConfig:
         ),
         data=DataConfig(name="synthetic", partitioner="dirichlet", dirichlet_alpha=0.1),
         train=TrainConfig(lr=5e-5, local_epochs=1.5, precision="bf16", device="cuda:1"),
-        fed=FedConfig(num_rounds=3, num_clients=4, min_fit_clients=4, lr_decay=0.99),
+        fed=FedConfig(
+            num_rounds=3,
+            num_clients=4,
+            min_fit_clients=4,
+            lr_decay=0.99,
+            weight_cap=2.5,
+            norm_guard="reject",
+            robust="trimmed_mean",
+            trim_fraction=0.25,
+        ),
     )
 
 
