@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lora_flwr.aggregation.linalg import F64, cut_to_rank, fold_block, relative_error
+from lora_flwr.aggregation.robust import RobustMode, robust_mean
 from lora_flwr.protocol import (
     GROUPS,
     LORA_A_SUFFIX,
@@ -210,6 +211,9 @@ class Rule:
     # No global model exists (FedSA's B stays on the clients): evaluate each
     # client's personalised model on its local split instead.
     personalized: ClassVar[bool] = False
+    # Can a coordinate-wise median / trimmed mean replace the weighted mean? Only
+    # where the rule's aggregate is a plain average of what clients send.
+    supports_robust: ClassVar[bool] = False
 
     def __init__(
         self, layout: AdapterLayout, initial: Mapping[str, NDArray], scaling: float
@@ -228,6 +232,21 @@ class Rule:
         self.dtype = dtypes.pop()
         self.initial: Arrays = {n: np.array(a) for n, a in initial.items()}
         self.scaling = float(scaling)
+        # fed.robust: the averaging :meth:`weighted_mean` performs.
+        self.robust: RobustMode = "none"
+        self.trim_fraction = 0.2
+
+    def use_robust(self, mode: RobustMode, trim_fraction: float = 0.2) -> None:
+        """Average with a coordinate-wise ``median`` or ``trimmed_mean`` instead.
+
+        Raises
+        ------
+        ValueError
+            If the rule's aggregate is not a plain average (see ``check_setup``).
+        """
+        self.check_setup(rank_tiers=(), server_optimizer="none", robust=mode)
+        self.robust = mode
+        self.trim_fraction = trim_fraction
 
     def __repr__(self) -> str:
         """Name shown in logs."""
@@ -245,14 +264,21 @@ class Rule:
         raise NotImplementedError
 
     @classmethod
-    def check_setup(cls, *, rank_tiers: Sequence[int], server_optimizer: str) -> None:
+    def check_setup(
+        cls,
+        *,
+        rank_tiers: Sequence[int],
+        server_optimizer: str,
+        robust: str = "none",
+    ) -> None:
         """Refuse combinations that make no sense for this rule (one clear line).
 
         Raises
         ------
         ValueError
-            On heterogeneous rank tiers for a rule that needs one rank, or a server
-            optimizer for a rule whose state it cannot act on.
+            On heterogeneous rank tiers for a rule that needs one rank, a server
+            optimizer for a rule whose state it cannot act on, or robust averaging
+            for a rule whose aggregate is not a plain average.
         """
         if len(set(rank_tiers)) > 1 and not cls.supports_rank_tiers:
             raise ValueError(
@@ -264,6 +290,12 @@ class Rule:
             raise ValueError(
                 f"`fed.server_optimizer`={server_optimizer!r} cannot be combined with "
                 f"`fed.aggregation`={cls.name!r}: {cls.optimizer_refusal}"
+            )
+        if robust != "none" and not cls.supports_robust:
+            raise ValueError(
+                f"`fed.robust`={robust!r} cannot be combined with "
+                f"`fed.aggregation`={cls.name!r}: its aggregate is not a plain "
+                "average of what clients send; use fedit, ffa, fedsa, rolora or fedsvd"
             )
 
     optimizer_refusal: ClassVar[str] = (
@@ -381,11 +413,15 @@ class Rule:
     def weighted_mean(
         self, replies: Sequence[ClientReply], name: str, *, pad: bool = False
     ) -> F64:
-        """``sum_k p_k X_k`` of one weight (float64); ``pad`` zero-pads to rank r."""
+        """``sum_k p_k X_k`` of one weight (float64); ``pad`` zero-pads to rank r.
+
+        With ``fed.robust`` set (:meth:`use_robust`) the coordinate-wise median or
+        trimmed mean of the ``X_k`` instead (unweighted).
+        """
         weights = example_weights(replies)
         shape = self.layout.shape_of[name]
-        acc = np.zeros(shape, dtype=np.float64)
-        for w, reply in zip(weights, replies, strict=True):
+        values: list[F64] = []
+        for reply in replies:
             value = reply.arrays[name].astype(np.float64)
             if pad:
                 value = _pad(value, shape)
@@ -393,6 +429,11 @@ class Rule:
                 raise ValueError(
                     f"{name}: shape {value.shape} but the global is {shape}"
                 )
+            values.append(value)
+        if self.robust != "none":
+            return robust_mean(values, self.robust, self.trim_fraction)
+        acc = np.zeros(shape, dtype=np.float64)
+        for w, value in zip(weights, values, strict=True):
             acc += w * value
         return acc
 

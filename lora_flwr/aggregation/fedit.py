@@ -29,6 +29,7 @@ class FedIT(Rule):
 
     name = "fedit"
     plain_weighted_sum = True
+    supports_robust = True
     supports_server_optimizer = True
 
     def aggregate(

@@ -31,6 +31,7 @@ class FedSA(Rule):
 
     name = "fedsa"
     plain_weighted_sum = True
+    supports_robust = True
     supports_server_optimizer = True
     personalized = True
 

@@ -36,6 +36,7 @@ class FedSVD(Rule):
 
     name = "fedsvd"
     plain_weighted_sum = True  # of B; the re-factoring needs only the sum
+    supports_robust = True
     optimizer_refusal = (
         "its A is rotated by an SVD every round, so moments lose meaning"
     )

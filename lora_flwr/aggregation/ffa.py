@@ -29,6 +29,7 @@ class FFA(Rule):
 
     name = "ffa"
     plain_weighted_sum = True
+    supports_robust = True
     supports_server_optimizer = True
 
     def round_groups(self, server_round: int) -> GroupPlan:

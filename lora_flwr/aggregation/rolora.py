@@ -36,6 +36,7 @@ class RoLoRA(Rule):
 
     name = "rolora"
     plain_weighted_sum = True
+    supports_robust = True
     supports_server_optimizer = True
 
     @staticmethod
