@@ -74,10 +74,23 @@ def format_table(records: Sequence[Record]) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(value: Any) -> Any:
+    """Return ``value`` with NaN/Inf (also numpy floats) replaced by None."""
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
 def write_history(records: Sequence[Record], run_dir: Path) -> None:
     """Write ``history.json`` and ``history.csv`` (atomically) into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(list(records), indent=2, default=float)
+    # Strict JSON: a non-finite number (a diverged loss) is written as null.
+    clean = [{k: _json_safe(v) for k, v in r.items()} for r in records]
+    text = json.dumps(clean, indent=2, default=float, allow_nan=False)
     write_text_atomic(run_dir / "history.json", text)
     keys: list[str] = []
     for r in records:

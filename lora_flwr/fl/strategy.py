@@ -56,6 +56,7 @@ from lora_flwr.aggregation import (
     get_rule,
 )
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.fl.guards import RunAborted, clean_metrics, guard_replies
 from lora_flwr.fl.sampling import (
     EVALUATE_STREAM,
     FIT_STREAM,
@@ -118,12 +119,16 @@ def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) ->
     ------
     ValueError
         On an unknown rule, rank tiers the rule cannot hold, or a server optimizer
-        it cannot use (one line naming the keys).
+        or robust average it cannot use (one line naming the keys).
     """
     rule = get_rule(cfg.fed.aggregation)(layout, initial, cfg.lora.scaling)
     rule.check_setup(
-        rank_tiers=cfg.fed.rank_tiers, server_optimizer=cfg.fed.server_optimizer
+        rank_tiers=cfg.fed.rank_tiers,
+        server_optimizer=cfg.fed.server_optimizer,
+        robust=cfg.fed.robust,
     )
+    if cfg.fed.robust != "none":
+        rule.use_robust(cfg.fed.robust, cfg.fed.trim_fraction)
     return rule
 
 
@@ -188,6 +193,9 @@ class FedLoRA(Strategy):
         self._sent: dict[str, _Sent] = {}
         self._record: dict[str, Any] = {}
         self._round_start = 0.0
+        self.failed_rounds = 0  # consecutive rounds without an aggregate
+        self._last_failure = ""
+        self.aggregated_rounds = 0
 
     def __repr__(self) -> str:
         """Name shown in Flower's logs."""
@@ -379,6 +387,7 @@ class FedLoRA(Strategy):
                 # It may have folded before failing: send it the whole delta next.
                 self.versions[sent.partition] = None
             log(WARNING, "round %d: client %s failed: %r", server_round, who, failure)
+            self._last_failure = _failure_text(failure)
         replies: list[ClientReply] = []
         metrics: list[tuple[int, Mapping[str, Scalar]]] = []
         dropped = 0
@@ -387,7 +396,17 @@ class FedLoRA(Strategy):
             try:
                 if sent is None:
                     raise ValueError("this node was not sent a fit instruction")
-                version = res.metrics.get(BASE_VERSION)
+                clean, problems = clean_metrics(res.metrics)
+                for problem in problems:
+                    log(
+                        WARNING,
+                        "round %d: client %s (partition %d): %s; ignored",
+                        server_round,
+                        proxy.cid,
+                        sent.partition,
+                        problem,
+                    )
+                version = clean.get(BASE_VERSION)
                 self.versions[sent.partition] = (
                     version if isinstance(version, int) else None
                 )
@@ -404,17 +423,32 @@ class FedLoRA(Strategy):
                 )
                 continue
             replies.append(reply)
-            metrics.append((reply.num_examples, res.metrics))
+            metrics.append((reply.num_examples, clean))
+        replies, report = guard_replies(
+            replies,
+            weight_cap=self.fed.weight_cap,
+            norm_guard=self.fed.norm_guard,
+            norm_factor=self.fed.norm_guard_factor,
+        )
+        for warning in report.warnings:
+            log(WARNING, "round %d: %s", server_round, warning)
         rec.update(fit_ok=len(replies), fit_failed=len(failures), fit_dropped=dropped)
+        rec.update(
+            weight_capped=report.weight_capped,
+            norm_clipped=report.norm_clipped,
+            norm_rejected=report.norm_rejected,
+        )
+        if report.norm_bound is not None:
+            rec["norm_bound"] = report.norm_bound
         rec.update(_fit_metrics(metrics))
-        if len(replies) < self.fed.min_fit_clients:
+        if len(replies) < self.fed.min_fit_replies:
             log(
                 WARNING,
-                "round %d: %d valid replies < fed.min_fit_clients=%d; the global "
+                "round %d: %d valid replies < fed.min_fit_replies=%d; the global "
                 "adapter is kept unchanged",
                 server_round,
                 len(replies),
-                self.fed.min_fit_clients,
+                self.fed.min_fit_replies,
             )
             rec["aggregated"] = False
             return None, {}
@@ -533,13 +567,33 @@ class FedLoRA(Strategy):
         valid = []
         for proxy, res in results:
             sent = self._sent.get(proxy.cid)
-            version = res.metrics.get(BASE_VERSION)
+            clean, problems = clean_metrics(res.metrics)
+            loss_ok = (
+                isinstance(res.loss, int | float)
+                and not isinstance(res.loss, bool)
+                and math.isfinite(res.loss)
+            )
+            n = res.num_examples
+            n_ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
+            if not loss_ok:
+                problems.append(f"loss={res.loss!r} should be a finite number")
+            if not n_ok:
+                problems.append(f"num_examples={n!r} should be a positive integer")
+            for problem in problems:
+                log(
+                    WARNING,
+                    "round %d: evaluation reply of client %s: %s; ignored",
+                    server_round,
+                    proxy.cid,
+                    problem,
+                )
+            version = clean.get(BASE_VERSION)
             if sent is not None:
                 self.versions[sent.partition] = (
                     version if isinstance(version, int) else None
                 )
-            if res.num_examples > 0 and math.isfinite(res.loss):
-                valid.append((res.num_examples, res.loss, res.metrics))
+            if loss_ok and n_ok:
+                valid.append((n, float(res.loss), clean))
         prefix = "personal" if self.rule.personalized else "fed"
         out: dict[str, Scalar] = {}
         loss: float | None = None
@@ -567,14 +621,64 @@ class FedLoRA(Strategy):
         if not rec:
             return
         rec["round_seconds"] = time.perf_counter() - self._round_start
+        if rec.get("aggregated"):
+            self.failed_rounds = 0
+            self.aggregated_rounds += 1
+        else:
+            self.failed_rounds += 1
         self.history.append(rec)
         self._record = {}
         self._emit(rec)
+        self._check_progress(int(rec.get("round", 0)))
+
+    def _check_progress(self, server_round: int) -> None:
+        """Stop a run that cannot do its job (every client failing, say).
+
+        Raises
+        ------
+        RunAborted
+            After more than ``fed.max_failed_rounds`` consecutive rounds without an
+            aggregate, or at the last round when no round produced one.
+        """
+        fed = self.fed
+        reason = ""
+        if self.failed_rounds > fed.max_failed_rounds:
+            reason = (
+                f"{self.failed_rounds} consecutive rounds without an aggregate "
+                f"(fed.max_failed_rounds={fed.max_failed_rounds})"
+            )
+        elif server_round >= fed.num_rounds and self.aggregated_rounds == 0:
+            reason = f"none of the {fed.num_rounds} rounds produced an aggregate"
+        if reason:
+            last = self.history[-1]
+            raise RunAborted(
+                f"run stopped at round {server_round}: {reason}; last round: "
+                f"{last.get('fit_ok', 0)} valid replies, "
+                f"{last.get('fit_failed', 0)} client failures, "
+                f"{last.get('fit_dropped', 0)} dropped"
+                + (
+                    f"; last client error: {self._last_failure}"
+                    if self._last_failure
+                    else ""
+                )
+            )
 
     def _emit(self, rec: dict[str, Any]) -> None:
         log(INFO, "round %s: %s", rec.get("round"), _short(rec))
         if self.on_round_end is not None:
             self.on_round_end(rec, self)
+
+
+def _failure_text(failure: object) -> str:
+    """One short line for a client failure (an exception or a bad FitRes)."""
+    if isinstance(failure, tuple):
+        res = failure[1]
+        status = getattr(res, "status", None)
+        text = getattr(status, "message", "") or repr(res)
+    else:
+        text = f"{type(failure).__name__}: {failure}"
+    text = " ".join(str(text).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _fit_metrics(metrics: list[tuple[int, Mapping[str, Scalar]]]) -> dict[str, Any]:
@@ -585,14 +689,16 @@ def _fit_metrics(metrics: list[tuple[int, Mapping[str, Scalar]]]) -> dict[str, A
     """
     if not metrics:
         return {}
-    total = sum(n for n, _ in metrics)
     per_worker: dict[Scalar, float] = {}
     for i, (_, m) in enumerate(metrics):
         key = m.get(WORKER_PID, f"unknown-{i}")
         per_worker[key] = per_worker.get(key, 0.0) + float(m.get(SECONDS, 0.0))
+    # Over the clients that reported a (valid) loss only.
+    losses = [(n, float(m[TRAIN_LOSS])) for n, m in metrics if TRAIN_LOSS in m]
     out: dict[str, Any] = {
-        "train_loss": sum(n * float(m.get(TRAIN_LOSS, 0.0)) for n, m in metrics)
-        / total,
+        "train_loss": sum(n * lo for n, lo in losses) / sum(n for n, _ in losses)
+        if losses
+        else None,
         "client_seconds_max": max(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "client_seconds_sum": sum(float(m.get(SECONDS, 0.0)) for _, m in metrics),
         "tokens": sum(int(m.get(NUM_TOKENS, 0)) for _, m in metrics),

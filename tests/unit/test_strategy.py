@@ -31,6 +31,7 @@ from lora_flwr.aggregation import ClientInfo, available_rules, fold_block
 from lora_flwr.config import ExperimentConfig, FedConfig, LoraConfig, TrainConfig
 from lora_flwr.experiment import get_workspace
 from lora_flwr.fl.client import ContextStore, LoRAClient
+from lora_flwr.fl.guards import RunAborted
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import FedLoRA, parameters_nbytes
 from lora_flwr.protocol import (
@@ -42,6 +43,7 @@ from lora_flwr.protocol import (
     PERPLEXITY,
     PROX_MU,
     ROUND,
+    SECONDS,
     TRAIN_LOSS,
     AdapterLayout,
     Plan,
@@ -73,6 +75,11 @@ def _cfg(*, r: int = R, seed: int = 0, **fed: Any) -> ExperimentConfig:
         "min_fit_clients": 2,
         "min_evaluate_clients": 2,
         "min_available_clients": 2,
+        # Exact-arithmetic tests: the hostile-client guards are tested on their own.
+        "min_fit_replies": 2,
+        "weight_cap": 0.0,
+        "norm_guard": "off",
+        "max_failed_rounds": 100,
     }
     fed_cfg.update(fed)
     return ExperimentConfig(
@@ -390,7 +397,7 @@ def test_aggregate_fit_keeps_the_global_on_too_few_valid_replies(
     assert strategy.state is before
     for name, value in _initial().items():
         np.testing.assert_array_equal(strategy.global_arrays()[name], value)
-    assert "round 3: 1 valid replies < fed.min_fit_clients=2" in "\n".join(
+    assert "round 3: 1 valid replies < fed.min_fit_replies=2" in "\n".join(
         _warnings(flwr_caplog)
     )
 
@@ -1528,3 +1535,109 @@ def test_run_simulation_runs_a_good_config(run_simulation_main: Any) -> None:
     assert started[0] == ExperimentConfig.from_toml(SMOKE).with_overrides(
         ["fed.num_rounds=3"]
     )
+
+
+# ------------------------------------------------- hostile and broken clients
+def test_a_malformed_fit_metric_is_dropped_not_fatal(
+    flwr_caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: partition 1 reports seconds="abc" and train_loss=NaN.
+    strategy = _strategy()
+    sent = _configure(strategy, _manager())
+    bad = _res(_full(4.0), 1, pid=1)
+    bad.metrics.update({SECONDS: "abc", TRAIN_LOSS: math.nan})
+    results = [(sent[0][0], _res(_full(2.0), 1, pid=0)), (sent[1][0], bad)]
+
+    # Execute
+    params, metrics = strategy.aggregate_fit(1, results, [])
+
+    # Assert: both replies aggregated; the bad metrics are absent, not crashing.
+    assert params is not None and metrics["fit_ok"] == 2
+    np.testing.assert_allclose(strategy.global_arrays()["q.lora_B.weight"], 3.0)
+    assert metrics["train_loss"] == pytest.approx(1.0)  # only partition 0's loss
+    text = "\n".join(_warnings(flwr_caplog))
+    assert "metric seconds='abc' should be a finite number" in text
+    assert "metric train_loss=nan should be a finite number" in text
+
+
+def test_a_malformed_evaluate_reply_is_dropped_not_fatal(
+    flwr_caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = _strategy(fraction_evaluate=1.0)
+    results = [
+        (_node("a", 0), EvaluateRes(OK, 1.0, 1, {ACCURACY: "abc"})),
+        (_node("b", 1), EvaluateRes(OK, 2.0, 3, {ACCURACY: 0.5})),
+        (_node("c", 2), EvaluateRes(OK, "x", 3, {ACCURACY: 0.5})),  # type: ignore[arg-type]
+    ]
+
+    loss, metrics = strategy.aggregate_evaluate(1, results, [])
+
+    assert loss == pytest.approx((1.0 + 6.0) / 4)
+    assert metrics["fed_accuracy"] == pytest.approx(0.5)
+    text = "\n".join(_warnings(flwr_caplog))
+    assert "metric accuracy='abc'" in text and "loss='x'" in text
+
+
+def test_default_guards_bound_a_scaled_update_and_a_lying_count() -> None:
+    # Prepare: the default guards on; partition 2 scales its update by 1e6 and
+    # claims 10**9 examples (the probes of issue 7).
+    strategy = _strategy(weight_cap=4.0, norm_guard="clip", norm_guard_factor=3.0)
+    sent = _configure(strategy, _manager())
+    honest = [
+        (sent[0][0], _res(_full(1.0), 100, pid=0)),
+        (sent[1][0], _res(_full(1.2), 120, pid=1)),
+    ]
+    attack = (sent[2][0], _res(_full(1e6), 10**9, pid=2))
+
+    # Execute
+    params, metrics = strategy.aggregate_fit(1, [*honest, attack], [])
+
+    # Assert: the attacker moved the global by at most its bounded share.
+    assert params is not None
+    assert (metrics["norm_clipped"], metrics["weight_capped"]) == (1, 1)
+    b = strategy.global_arrays()["q.lora_B.weight"]
+    assert np.all(np.abs(b) < 10.0), b
+    # Without the guards the attacker owns the model.
+    naked = _strategy()
+    sent = _configure(naked, _manager())
+    naked.aggregate_fit(
+        1,
+        [
+            (sent[0][0], honest[0][1]),
+            (sent[1][0], honest[1][1]),
+            (sent[2][0], attack[1]),
+        ],
+        [],
+    )
+    assert np.all(naked.global_arrays()["q.lora_B.weight"] > 9e5)
+
+
+def _failed_round(strategy: FedLoRA, manager: Any, server_round: int) -> None:
+    _configure(strategy, manager, server_round)
+    strategy.aggregate_fit(server_round, [], [RuntimeError("bad data in row 3")])
+    strategy.configure_evaluate(server_round, NO_PARAMS, manager)
+
+
+def test_the_run_stops_after_too_many_failed_rounds() -> None:
+    # Prepare: 10 rounds, at most 2 consecutive rounds without an aggregate.
+    strategy = _strategy(num_rounds=10, max_failed_rounds=2)
+    manager = _manager()
+    _failed_round(strategy, manager, 1)
+    _failed_round(strategy, manager, 2)
+
+    # Execute / Assert: the third failed round stops the run, naming the cause.
+    with pytest.raises(
+        RunAborted,
+        match=r"run stopped at round 3: 3 consecutive "
+        r"rounds without an aggregate .*bad data in row 3",
+    ):
+        _failed_round(strategy, manager, 3)
+    assert len(strategy.history) == 3  # the round was recorded before stopping
+
+
+def test_a_run_without_any_aggregate_does_not_finish_quietly() -> None:
+    strategy = _strategy(num_rounds=2, max_failed_rounds=5)
+    manager = _manager()
+    _failed_round(strategy, manager, 1)
+    with pytest.raises(RunAborted, match="none of the 2 rounds produced an aggregate"):
+        _failed_round(strategy, manager, 2)

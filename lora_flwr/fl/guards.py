@@ -1,0 +1,161 @@
+"""The server's round-level defences: metric hygiene and hostile-update guards.
+
+No Flower import: the strategy calls these on what it has already decoded, and the
+unit tests call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lora_flwr.aggregation import ClientReply
+from lora_flwr.aggregation.robust import cap_counts, clip_update, norm_bound
+from lora_flwr.protocol import (
+    ACCURACY,
+    BASE_VERSION,
+    FIT_CALLS,
+    MODEL_LOADS,
+    NUM_TOKENS,
+    PERPLEXITY,
+    SECONDS,
+    TRAIN_LOSS,
+    WORKER_PID,
+)
+from lora_flwr.validation import update_norm
+
+MetricValue = bool | bytes | float | int | str
+
+
+class RunAborted(RuntimeError):
+    """The run cannot do its job (e.g. every client keeps failing); stop it."""
+
+
+# Metrics the server computes with, and what each must be.
+_REALS = (TRAIN_LOSS, SECONDS, ACCURACY, PERPLEXITY)
+_COUNTS = (NUM_TOKENS, MODEL_LOADS, FIT_CALLS, BASE_VERSION)
+
+
+def clean_metrics(
+    metrics: Mapping[str, MetricValue],
+) -> tuple[dict[str, MetricValue], list[str]]:
+    """Drop malformed client metrics; return what is kept and why others went.
+
+    Known numeric metrics must be finite real numbers (counts: non-negative
+    integers); the worker id an int or a string; any other float must be finite.
+    A client's bad metric is then simply absent, as if it had not reported it.
+    """
+    kept: dict[str, MetricValue] = {}
+    problems: list[str] = []
+    for key, value in metrics.items():
+        real = isinstance(value, int | float) and not isinstance(value, bool)
+        if key in _REALS:
+            ok = real and math.isfinite(value)  # type: ignore[arg-type]
+            what = "a finite number"
+        elif key in _COUNTS:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            what = "a non-negative integer"
+        elif key == WORKER_PID:
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, str) and len(value) <= 256
+            )
+            what = "an integer or a short string"
+        else:
+            ok = not isinstance(value, float) or math.isfinite(value)
+            what = "finite"
+        if ok:
+            kept[key] = value
+        else:
+            problems.append(f"metric {key}={_short(value)} should be {what}")
+    return kept, problems
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass
+class GuardReport:
+    """What the round's guards did: warnings to log and counts for the history."""
+
+    warnings: list[str] = field(default_factory=list)
+    weight_capped: int = 0
+    norm_clipped: int = 0
+    norm_rejected: int = 0
+    norm_bound: float | None = None
+
+
+def guard_replies(
+    replies: Sequence[ClientReply],
+    *,
+    weight_cap: float,
+    norm_guard: Literal["clip", "reject", "off"],
+    norm_factor: float,
+) -> tuple[list[ClientReply], GuardReport]:
+    """Apply the norm guard, then the example-count cap, to one round's replies.
+
+    Parameters
+    ----------
+    replies
+        Replies that passed validation (names, shapes, dtype, finite).
+    weight_cap
+        ``fed.weight_cap``: a count is capped at this multiple of the lower median
+        count of the replies kept (0: off).
+    norm_guard
+        ``fed.norm_guard``: an update ``reply - start`` whose norm exceeds
+        ``norm_factor`` times the lower median update norm is scaled back to that
+        bound (``"clip"``) or removed (``"reject"``).
+    norm_factor
+        ``fed.norm_guard_factor``.
+
+    Returns
+    -------
+    tuple
+        The replies to aggregate and a :class:`GuardReport`.
+    """
+    report = GuardReport()
+    kept = list(replies)
+    if norm_guard != "off" and len(kept) >= 2:
+        norms = [update_norm(r.arrays, r.start) for r in kept]
+        bound = norm_bound(norms, norm_factor)
+        report.norm_bound = bound
+        guarded: list[ClientReply] = []
+        for reply, norm in zip(kept, norms, strict=True):
+            if norm <= bound:
+                guarded.append(reply)
+                continue
+            who = f"partition {reply.partition}"
+            if norm_guard == "reject":
+                report.norm_rejected += 1
+                report.warnings.append(
+                    f"rejected the update of {who}: norm {norm:.4g} > {bound:.4g} "
+                    f"({norm_factor:g} x the round's median update norm)"
+                )
+                continue
+            report.norm_clipped += 1
+            report.warnings.append(
+                f"clipped the update of {who}: norm {norm:.4g} -> {bound:.4g} "
+                f"({norm_factor:g} x the round's median update norm)"
+            )
+            clipped = clip_update(reply.arrays, reply.start, bound)
+            guarded.append(dataclasses.replace(reply, arrays=clipped))
+        kept = guarded
+    if weight_cap > 0 and kept:
+        counts = [r.num_examples for r in kept]
+        capped = cap_counts(counts, weight_cap)
+        out: list[ClientReply] = []
+        for reply, n, c in zip(kept, counts, capped, strict=True):
+            if c < n:
+                report.weight_capped += 1
+                report.warnings.append(
+                    f"capped the example count of partition {reply.partition}: "
+                    f"{n} -> {c} ({weight_cap:g} x the round's median count)"
+                )
+                reply = dataclasses.replace(reply, num_examples=c)
+            out.append(reply)
+        kept = out
+    return kept, report

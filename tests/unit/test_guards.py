@@ -1,0 +1,112 @@
+"""Metric hygiene and the round's hostile-update guards (no Flower)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lora_flwr.aggregation import ClientReply
+from lora_flwr.fl.guards import clean_metrics, guard_replies
+from lora_flwr.protocol import (
+    ACCURACY,
+    BASE_VERSION,
+    NUM_TOKENS,
+    SECONDS,
+    TRAIN_LOSS,
+    WORKER_PID,
+    Plan,
+)
+from lora_flwr.validation import update_norm
+
+
+def test_clean_metrics_keeps_good_values() -> None:
+    good = {
+        TRAIN_LOSS: 0.5,
+        SECONDS: 3,
+        NUM_TOKENS: 10,
+        BASE_VERSION: 0,
+        WORKER_PID: 1234,
+        "custom": "text",
+    }
+    kept, problems = clean_metrics(good)
+    assert kept == good
+    assert problems == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        (SECONDS, "abc"),
+        (ACCURACY, "abc"),
+        (TRAIN_LOSS, math.nan),
+        (TRAIN_LOSS, math.inf),
+        (TRAIN_LOSS, True),
+        (NUM_TOKENS, -1),
+        (NUM_TOKENS, 2.5),
+        (BASE_VERSION, "1"),
+        (WORKER_PID, 1.5),
+        ("custom", math.nan),
+    ],
+)
+def test_clean_metrics_drops_a_malformed_value_and_says_why(
+    key: str, value: object
+) -> None:
+    kept, problems = clean_metrics({key: value, TRAIN_LOSS + "_ok": 1.0})  # type: ignore[dict-item]
+    assert key not in kept
+    assert kept == {TRAIN_LOSS + "_ok": 1.0}
+    assert len(problems) == 1 and f"metric {key}=" in problems[0]
+
+
+def _reply(pid: int, step: float, n: int = 100) -> ClientReply:
+    start = {"b": np.zeros((4, 2), np.float32)}
+    arrays = {"b": np.full((4, 2), step, np.float32)}
+    return ClientReply(pid, Plan(rank=2), arrays, n, start)
+
+
+def test_guards_clip_a_scaled_update_and_cap_a_lying_count() -> None:
+    # Two honest clients; partition 2 scales its update x1e6 and claims 10**9 rows.
+    replies = [_reply(0, 1.0), _reply(1, 1.5, 120), _reply(2, 1e6, 10**9)]
+
+    kept, report = guard_replies(
+        replies, weight_cap=4.0, norm_guard="clip", norm_factor=3.0
+    )
+
+    honest_median = update_norm(replies[1].arrays, replies[1].start)
+    assert report.norm_bound == pytest.approx(3.0 * honest_median)
+    assert update_norm(kept[2].arrays, kept[2].start) == pytest.approx(
+        report.norm_bound, rel=1e-6
+    )
+    assert [r.num_examples for r in kept] == [100, 120, 480]
+    assert (report.norm_clipped, report.weight_capped, report.norm_rejected) == (
+        1,
+        1,
+        0,
+    )
+    assert any("partition 2" in w and "clipped" in w for w in report.warnings)
+    assert any(
+        "partition 2" in w and "10**9" not in w and "480" in w for w in report.warnings
+    )
+    # Honest replies pass untouched.
+    for before, after in zip(replies[:2], kept[:2], strict=True):
+        np.testing.assert_array_equal(before.arrays["b"], after.arrays["b"])
+
+
+def test_reject_mode_drops_the_outlier() -> None:
+    replies = [_reply(0, 1.0), _reply(1, 1.5), _reply(2, 1e6)]
+    kept, report = guard_replies(
+        replies, weight_cap=0.0, norm_guard="reject", norm_factor=3.0
+    )
+    assert [r.partition for r in kept] == [0, 1]
+    assert report.norm_rejected == 1
+    assert "rejected the update of partition 2" in report.warnings[0]
+
+
+def test_guards_off_change_nothing() -> None:
+    replies = [_reply(0, 1.0), _reply(1, 1e6, 10**9)]
+    kept, report = guard_replies(
+        replies, weight_cap=0.0, norm_guard="off", norm_factor=3.0
+    )
+    assert kept == replies
+    assert report.warnings == [] and report.norm_bound is None
