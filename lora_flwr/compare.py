@@ -112,12 +112,21 @@ def run_one(spec: RunSpec, *, fresh: bool = False) -> Path:
         print(f"[compare] reuse {run_dir}", flush=True)
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    # A wall time left by an interrupted earlier attempt must not outlive it.
+    (run_dir / "wall.json").unlink(missing_ok=True)
     config_path = run_dir.parent / f"{spec.cfg.name}.toml"
     write_text_atomic(config_path, spec.cfg.to_toml())
     print(f"[compare] run {spec.setting} {spec.rule} seed {spec.seed}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_flwr.simulation", "--config", str(config_path)],
+        [
+            sys.executable,
+            "-m",
+            "lora_flwr.simulation",
+            "--config",
+            str(config_path),
+            "--overwrite",  # an unfinished attempt of this very run
+        ],
         check=False,
     )
     seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ merged base delta for rules that fold), per-round checkpoints and PNG plots.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,8 @@ from lora_flwr.config import (
     add_config_arguments,
     config_from_arguments,
 )
+from lora_flwr.fl.guards import RunAborted
+from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
 
 
 class _DropDeprecation(logging.Filter):
@@ -49,7 +52,6 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     if not verbose:
         FLOWER_LOGGER.setLevel(logging.WARNING)
     run_dir = run_dir_for(cfg)
-    (run_dir / "history.json").unlink(missing_ok=True)
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.fed.client_num_cpus,
@@ -61,13 +63,16 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
         },
     }
     start = time.perf_counter()
-    run_simulation(
-        server_app=make_server_app(cfg, run_dir),
-        client_app=make_client_app(cfg),
-        num_supernodes=cfg.fed.num_clients,
-        backend_config=backend_config,  # type: ignore[arg-type]
-        verbose_logging=verbose,
-    )
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.fed.num_clients,
+            backend_config=backend_config,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        release_run_dir(run_dir)
     seconds = time.perf_counter() - start
     history = read_history(run_dir)
     rounds = [r for r in history if r.get("round", 0) > 0]
@@ -89,6 +94,11 @@ def main(
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run with the same name",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -96,14 +106,23 @@ def main(
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
         cfg = config_from_arguments(args)
+        if args.overwrite:
+            cfg = dataclasses.replace(cfg, on_existing="overwrite")
         # The rule is built inside the ServerApp; check it before Ray starts.
         get_rule(cfg.fed.aggregation).check_setup(
-            rank_tiers=cfg.fed.rank_tiers, server_optimizer=cfg.fed.server_optimizer
+            rank_tiers=cfg.fed.rank_tiers,
+            server_optimizer=cfg.fed.server_optimizer,
+            robust=cfg.fed.robust,
         )
-    except (ValueError, FileNotFoundError) as exc:
+        check_run_dir(Path(cfg.output_dir) / cfg.name, cfg.on_existing)
+    except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (run_fn or run)(cfg, verbose=args.verbose)
+    try:
+        (run_fn or run)(cfg, verbose=args.verbose)
+    except RunAborted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

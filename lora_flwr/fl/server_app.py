@@ -25,6 +25,7 @@ from lora_flwr.lora.io import (
     write_text_atomic,
 )
 from lora_flwr.results import format_header, format_row, plot_history, write_history
+from lora_flwr.rundir import claim_run_dir
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 
@@ -42,7 +43,8 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     delta, if any) and to save it as a PEFT directory.
     """
     out = run_dir if run_dir is not None else run_dir_for(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    # Refuses a directory with results (unless overwrite) or in use by a live run.
+    claim_run_dir(out, cfg.on_existing)
     write_text_atomic(out / "config.toml", cfg.to_toml())
     ws = get_workspace(cfg)
     ws.reset_adapter()

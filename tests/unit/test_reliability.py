@@ -1,0 +1,204 @@
+"""Runs never lose or mix results; bad values and failing runs never pass silently."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lora_flwr import simulation
+from lora_flwr.config import ExperimentConfig
+from lora_flwr.fl.guards import RunAborted
+from lora_flwr.results import read_history, write_history
+from lora_flwr.rundir import (
+    RunDirError,
+    check_run_dir,
+    claim_run_dir,
+    release_run_dir,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke.toml"
+
+
+# ------------------------------------------------------------------ schema
+@pytest.mark.parametrize(
+    "key",
+    [
+        "train.lr",
+        "lora.lora_alpha",
+        "fed.server_lr",
+        "data.dirichlet_alpha",
+        "fed.weight_cap",
+        "train.max_grad_norm",
+    ],
+)
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_config_values_are_refused(key: str, value: float) -> None:
+    flat = ExperimentConfig().to_flat()
+    flat[key] = value
+    with pytest.raises(ValueError, match=f"`{key}` should be a finite number"):
+        ExperimentConfig.from_flat(flat)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "", "/abs", "a b"])
+def test_a_run_name_cannot_escape_output_dir(name: str) -> None:
+    with pytest.raises(ValueError, match="`name` should be one folder name"):
+        ExperimentConfig(name=name)
+
+
+# ---------------------------------------------------------------- history
+def test_history_json_is_strict_json_with_null_for_non_finite(tmp_path: Path) -> None:
+    write_history(
+        [{"round": 1, "test_loss": math.nan, "x": math.inf, "y": 0.5}], tmp_path
+    )
+
+    text = (tmp_path / "history.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert data == [{"round": 1, "test_loss": None, "x": None, "y": 0.5}]
+    assert read_history(tmp_path) == data
+
+
+# ----------------------------------------------------------------- run dir
+def _results_in(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text("name = 'old'\n")
+    (run_dir / "history.json").write_text("[]")
+    (run_dir / "checkpoints" / "round-009").mkdir(parents=True)
+
+
+def test_an_existing_run_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _results_in(run_dir)
+
+    with pytest.raises(RunDirError, match="already holds results; pass --overwrite"):
+        claim_run_dir(run_dir, "refuse")
+
+    assert (run_dir / "history.json").read_text() == "[]"
+    assert (run_dir / "checkpoints" / "round-009").is_dir()
+
+
+def test_overwrite_clears_stale_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _results_in(run_dir)
+
+    claim_run_dir(run_dir, "overwrite")
+    try:
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        release_run_dir(run_dir)
+
+
+def test_resume_needs_an_existing_run(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="cannot resume"):
+        check_run_dir(tmp_path / "nothing", "resume")
+
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from lora_flwr.rundir import claim_run_dir
+claim_run_dir(Path(sys.argv[1]), "refuse")
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_live_run_locks_its_directory_and_a_killed_one_does_not(
+    tmp_path: Path,
+) -> None:
+    # Prepare: another process claims the directory and stays alive.
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "claimed"
+
+        # Execute / Assert: a second run is refused, naming the holder's pid.
+        with pytest.raises(RunDirError, match=f"in use by a live run .*{holder.pid}"):
+            check_run_dir(run_dir, "overwrite")
+        with pytest.raises(RunDirError, match="in use by a live run"):
+            claim_run_dir(run_dir, "overwrite")
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+
+    # After kill -9 the kernel dropped the lock: the directory can be taken over.
+    claim_run_dir(run_dir, "overwrite")
+    release_run_dir(run_dir)
+
+
+# ------------------------------------------------------ command-line exits
+@pytest.fixture
+def main_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    """``simulation.main`` with a stand-in for the engine, run inside tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+    def call(argv: list[str], run_fn: Any = None) -> int:
+        started: list[ExperimentConfig] = []
+
+        def record(cfg: ExperimentConfig, verbose: bool = False) -> None:
+            started.append(cfg)
+
+        code = simulation.main(["--config", str(SMOKE), *argv], run_fn=run_fn or record)
+        call.started = started  # type: ignore[attr-defined]
+        return code
+
+    return call
+
+
+def test_an_existing_run_dir_exits_2_before_the_engine_starts(
+    main_with: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _results_in(tmp_path / "results" / "smoke")
+
+    code = main_with([])
+
+    assert code == 2 and main_with.started == []
+    err = capsys.readouterr().err
+    assert err.startswith("error: run directory results/smoke already holds results")
+    assert (tmp_path / "results" / "smoke" / "history.json").read_text() == "[]"
+
+
+def test_overwrite_flag_reaches_the_run(main_with: Any, tmp_path: Path) -> None:
+    _results_in(tmp_path / "results" / "smoke")
+
+    assert main_with(["--overwrite"]) == 0
+    assert [c.on_existing for c in main_with.started] == ["overwrite"]
+
+
+def test_a_run_that_aborts_exits_1_with_one_line(
+    main_with: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def abort(cfg: ExperimentConfig, verbose: bool = False) -> None:
+        raise RunAborted(
+            "run stopped at round 3: 3 consecutive rounds without an aggregate"
+        )
+
+    code = main_with([], run_fn=abort)
+
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: run stopped at round 3: 3 consecutive rounds without an aggregate"
+    ]
+
+
+def test_infinite_lr_exits_2(
+    main_with: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main_with(["--set", "train.lr=1e999"])  # parses as inf
+    assert code == 2 and main_with.started == []
+    assert "`train.lr` should be a finite number" in capsys.readouterr().err
