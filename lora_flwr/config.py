@@ -323,12 +323,12 @@ class FedConfig:
     max_failed_rounds: int = 2
     # Robustness against a hostile client (on by default). A reply's example count
     # is capped at weight_cap x the round's lower-median count (0: off) ...
-    weight_cap: float = 4.0
+    weight_cap: float = 1.5
     # ... and an update (reply - what it started from) whose norm exceeds
     # norm_guard_factor x the round's lower-median update norm is clipped to that
     # bound ("clip") or dropped ("reject"); "off" disables the guard.
     norm_guard: Literal["clip", "reject", "off"] = "clip"
-    norm_guard_factor: float = 3.0
+    norm_guard_factor: float = 2.0
     # Optional robust aggregation of what the rule averages (unweighted,
     # coordinate-wise): none, median, trimmed_mean (drops trim_fraction of the
     # replies at each end per coordinate). Only for plain-average rules.

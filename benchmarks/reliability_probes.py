@@ -1,0 +1,165 @@
+"""Hostile-client probes on the real Flower simulation engine (issue 7's table).
+
+Three clients on ``configs/smoke.toml``; partition 2 is hostile in one way per probe.
+Each probe is one Ray simulation; the honest run is the reference. Prints a
+Markdown table (final held-out loss / accuracy, what the guards counted):
+
+    PYTHONPATH=. python benchmarks/reliability_probes.py [--out DIR] [--no-guards]
+
+``tests/integration/test_hostile_clients.py`` runs the same probes and asserts on
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_flwr.config import ExperimentConfig
+from lora_flwr.fl.client import LoRAClient, node_partition
+from lora_flwr.protocol import ACCURACY, SECONDS
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSTILE = 2
+PROBES = (
+    "honest",
+    "scale_1e6",  # the update (reply - what it received) times 1e6, finite
+    "random_1e9",  # a random adapter and num_examples = 10**9
+    "fit_metric_abc",  # fit metric seconds = "abc"
+    "eval_metric_abc",  # evaluate metric accuracy = "abc"
+)
+
+
+class HostileClient(LoRAClient):
+    """A LoRA client; partition ``HOSTILE`` misbehaves as ``self.probe`` says."""
+
+    probe = "honest"
+
+    def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        arrays, n, metrics = super().fit(parameters, config)
+        if self.partition_id != HOSTILE:
+            return arrays, n, metrics
+        if self.probe == "scale_1e6":
+            # fedit sends back every tensor it received, in the same order.
+            arrays = [
+                p + (a - p) * 1e6 for a, p in zip(arrays, parameters, strict=True)
+            ]
+        elif self.probe == "random_1e9":
+            rng = np.random.default_rng(0)
+            arrays = [rng.normal(size=a.shape).astype(a.dtype) for a in arrays]
+            n = 10**9
+        elif self.probe == "fit_metric_abc":
+            metrics = {**metrics, SECONDS: "abc"}
+        return arrays, n, metrics
+
+    def evaluate(self, parameters, config):  # type: ignore[no-untyped-def]
+        loss, n, metrics = super().evaluate(parameters, config)
+        if self.partition_id == HOSTILE and self.probe == "eval_metric_abc":
+            metrics = {**metrics, ACCURACY: "abc"}
+        return loss, n, metrics
+
+
+def probe_config(
+    out: Path, probe: str, *, guards: bool = True, robust: str = "none"
+) -> ExperimentConfig:
+    """The smoke config at 3 clients, every client trained and evaluated."""
+    base = ExperimentConfig.from_toml(ROOT / "configs" / "smoke.toml")
+    fed = dataclasses.replace(
+        base.fed,
+        num_clients=3,
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=3,
+        min_evaluate_clients=3,
+        min_available_clients=3,
+    )
+    if not guards:
+        fed = dataclasses.replace(fed, weight_cap=0.0, norm_guard="off")
+    fed = dataclasses.replace(fed, robust=robust)
+    name = (
+        probe
+        + ("" if guards else "-noguards")
+        + ("" if robust == "none" else f"-{robust}")
+    )
+    return dataclasses.replace(
+        base, name=name, output_dir=str(out), on_existing="overwrite", fed=fed
+    )
+
+
+def run_probe(
+    out: Path, probe: str, *, guards: bool = True, robust: str = "none"
+) -> dict[str, Any]:
+    """Run one probe in the Ray simulation; return its last history record."""
+    import ray.cloudpickle
+    from flwr.client import ClientApp
+    from flwr.common import Context
+    from flwr.simulation import run_simulation
+
+    from lora_flwr.fl.server_app import make_server_app
+    from lora_flwr.results import read_history
+    from lora_flwr.rundir import release_run_dir
+
+    # Ray workers cannot import this file: ship the client class by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[HostileClient.__module__])
+    cfg = probe_config(out, probe, guards=guards, robust=robust)
+    run_dir = out / cfg.name
+
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        pid, num = node_partition(context, cfg.fed.num_clients)
+        client = HostileClient(cfg, pid, num)
+        client.probe = probe
+        return client.to_client()
+
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir),
+            client_app=ClientApp(client_fn=client_fn),
+            num_supernodes=cfg.fed.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
+        )
+    finally:
+        release_run_dir(run_dir)
+    history = read_history(run_dir)
+    last = dict(history[-1])
+    for key in ("weight_capped", "norm_clipped", "norm_rejected", "fit_dropped"):
+        last[key + "_total"] = sum(int(r.get(key) or 0) for r in history)
+    return last
+
+
+def main() -> None:
+    """Run every probe and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-guards", action="store_true", help="guards off")
+    parser.add_argument("--robust", default="none", help="fed.robust")
+    parser.add_argument("--probes", default=",".join(PROBES), help="which probes")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="probes-"))
+    rows = []
+    setting = ("guards on" if not args.no_guards else "guards off") + (
+        "" if args.robust == "none" else f", robust={args.robust}"
+    )
+    for probe in args.probes.split(","):
+        last = run_probe(out, probe, guards=not args.no_guards, robust=args.robust)
+        rows.append(
+            f"| {probe} | {setting} | {last.get('test_loss', float('nan')):.4f} | "
+            f"{last.get('test_accuracy', float('nan')):.3f} | "
+            f"{last['weight_capped_total']} | {last['norm_clipped_total']} | "
+            f"{last['fit_dropped_total']} |"
+        )
+    print(
+        "| probe | setting | test loss | test acc | counts capped | updates clipped "
+        "| dropped |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""One hostile client out of three, in the real Ray simulation (issue 7's probes).
+
+The probes live in ``benchmarks/reliability_probes.py`` (which prints the table in
+docs/RELIABILITY.md); this test runs them and asserts on the outcome.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _probes() -> ModuleType:
+    name = "reliability_probes"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "benchmarks" / "reliability_probes.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    return dict(_probes().run_probe(tmp_path_factory.mktemp("honest"), "honest"))
+
+
+@pytest.mark.slow
+def test_a_scaled_update_is_clipped_and_the_model_survives(
+    tmp_path: Path, honest: dict[str, float]
+) -> None:
+    last = _probes().run_probe(tmp_path, "scale_1e6")
+
+    # Without the guard this run ends at test loss ~5.8e5 (docs/RELIABILITY.md).
+    assert last["norm_clipped_total"] == 2  # the attacker, both rounds
+    assert math.isfinite(last["test_loss"])
+    assert last["test_loss"] < honest["test_loss"] + 0.1
+
+
+@pytest.mark.slow
+def test_a_random_adapter_with_a_billion_examples_loses_to_the_median(
+    tmp_path: Path, honest: dict[str, float]
+) -> None:
+    last = _probes().run_probe(tmp_path, "random_1e9", robust="median")
+
+    assert last["weight_capped_total"] == 2
+    assert last["test_loss"] < honest["test_loss"] + 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", ["fit_metric_abc", "eval_metric_abc"])
+def test_malformed_metrics_change_nothing_but_the_metric(
+    tmp_path: Path, honest: dict[str, float], probe: str
+) -> None:
+    last = _probes().run_probe(tmp_path, probe)
+
+    assert last["round"] == 2 and last["aggregated"] is True
+    assert last["test_loss"] == pytest.approx(honest["test_loss"], abs=1e-6)
