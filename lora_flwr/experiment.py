@@ -109,9 +109,18 @@ def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
         )
     if splits.task == "seq_cls" and splits.num_labels > model_cfg.num_labels:
         raise ValueError(
-            f"Dataset {cfg.data.name!r} has {splits.num_labels} classes but "
-            f"`model.num_labels` is {model_cfg.num_labels}"
+            f"Dataset {cfg.data.name!r} has {splits.num_labels} classes (labels up "
+            f"to {splits.num_labels - 1}) but `model.num_labels` is "
+            f"{model_cfg.num_labels}; labels must be integers in [0, num_labels)"
         )
+    if splits.task == "seq_cls":
+        present = sorted(set(splits.train.labels or ()))
+        if len(present) < 2:
+            raise ValueError(
+                f"Dataset {cfg.data.name!r} has a single class {present} in its "
+                "training rows; a classifier needs at least two (check "
+                f"`data.label_column` = {cfg.data.label_column!r})"
+            )
     with _LOCK:
         _MODEL_CONFIGS[key] = model_cfg
     return model_cfg

@@ -26,6 +26,7 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.fl.guards import RunAborted
+from lora_flwr.preflight import preflight
 from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
 
 
@@ -115,6 +116,8 @@ def main(
             robust=cfg.fed.robust,
         )
         check_run_dir(Path(cfg.output_dir) / cfg.name, cfg.on_existing)
+        # Data, labels, model and targets: one line and exit 2, before Ray.
+        preflight(cfg)
     except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

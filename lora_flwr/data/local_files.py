@@ -37,11 +37,17 @@ def _load_local(
             f"Dataset file not found: {path} (`data.name` = {name!r}); pass an "
             "existing file or a built-in name"
         )
-    if suffix == ".txt":
-        with path.open(encoding="utf-8") as fh:
-            texts = tuple(line.strip() for line in fh if line.strip())
-        return _Corpus(TextDataset(texts, None, ("",) * len(texts)), 0)
-    rows, columns = _read_rows(path, suffix)
+    try:
+        if suffix == ".txt":
+            with path.open(encoding="utf-8") as fh:
+                texts = tuple(line.strip() for line in fh if line.strip())
+            return _Corpus(TextDataset(texts, None, ("",) * len(texts)), 0)
+        rows, columns = _read_rows(path, suffix)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"Dataset file {path} is not valid UTF-8 ({exc.reason} at byte "
+            f"{exc.start}); re-save it as UTF-8"
+        ) from None
     return _rows_to_corpus(rows, columns, path, text_column, label_column, group_column)
 
 

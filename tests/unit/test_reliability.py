@@ -202,3 +202,59 @@ def test_infinite_lr_exits_2(
     code = main_with(["--set", "train.lr=1e999"])  # parses as inf
     assert code == 2 and main_with.started == []
     assert "`train.lr` should be a finite number" in capsys.readouterr().err
+
+
+# ------------------------------------------------ checks before the engine
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "Dataset file not found"),
+        ("all_one", "has a single class [1] in its training rows"),
+        ("all_seven", "has 8 classes (labels up to 7) but `model.num_labels` is 2"),
+        ("latin1", "is not valid UTF-8 (invalid start byte at byte 17)"),
+        ("five_rows", "fewer than the 10 partitions"),
+        ("targets", "`target_modules`=('nothing_here',) matches no module"),
+        ("model_dir", "there is no directory"),
+    ],
+)
+def test_bad_inputs_exit_2_before_the_engine_with_nothing_written(
+    main_with: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    message: str,
+) -> None:
+    rows = "".join(f"review {i},{{}}\n" for i in range(10))
+    files = {
+        "all_one": b"text,label\n" + rows.format(*[1] * 10).encode(),
+        "all_seven": b"text,label\n" + rows.format(*[7] * 10).encode(),
+        "latin1": b"text,label\nhello \xff\xfe there,1\nnice,0\n",
+    }
+    overrides = {
+        "missing": ["data.name=" + str(tmp_path / "none.csv")],
+        "five_rows": [
+            "data.name=synthetic",
+            "data.max_examples=5",
+            "fed.num_clients=10",
+        ],
+        "targets": ["lora.target_modules=nothing_here"],
+        "model_dir": ["model.name=" + str(tmp_path / "no_model")],
+    }
+    if case in files:
+        args = ["data.name=" + _write(tmp_path / f"{case}.csv", files[case])]
+    else:
+        args = overrides[case]
+    argv = [x for item in args for x in ("--set", item)]
+
+    code = main_with(argv)
+
+    assert code == 2 and main_with.started == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert message in err[0]
+    assert not (tmp_path / "results").exists()

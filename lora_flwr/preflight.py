@@ -1,0 +1,38 @@
+"""Everything that can be checked before the federated engine starts.
+
+A bad data file, a model directory that does not exist or target modules that
+match nothing should cost a second and one line, not a Ray start and a traceback.
+:func:`preflight` loads the data and the base model in this process (the in-process
+simulation's ServerApp then reuses both from the cache) and writes nothing.
+"""
+
+from __future__ import annotations
+
+from lora_flwr.config import ExperimentConfig
+from lora_flwr.data.partition import partition_indices
+from lora_flwr.experiment import get_workspace, resolve_model_config, splits
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Check data, labels, encoding, partition sizes, model and target modules.
+
+    Raises
+    ------
+    ValueError
+        On data the run cannot use (bad encoding or labels, too few rows for the
+        clients, an empty partition), or a model / LoRA target that does not fit.
+    FileNotFoundError
+        On a missing data file.
+    """
+    data = splits(cfg)  # reads the file: missing, encoding, columns
+    resolve_model_config(cfg)  # task and labels against the model
+    parts = partition_indices(data.train, cfg.data, cfg.fed.num_clients, seed=cfg.seed)
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of fed.num_clients={cfg.fed.num_clients} partitions get no "
+            f"training rows (partitions {empty[:5]}{'...' if len(empty) > 5 else ''}) "
+            f"from {len(data.train)} rows split {cfg.data.partitioner!r}; use fewer "
+            "clients or more data"
+        )
+    get_workspace(cfg)  # the model directory, and target modules that match
