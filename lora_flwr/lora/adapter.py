@@ -35,6 +35,10 @@ from lora_flwr.lora.model_ops import (
 )
 from lora_flwr.validation import check_arrays
 
+# Largest magnitude a loaded adapter value may have (files only; trained LoRA
+# factors and heads are orders of magnitude smaller).
+MAX_ABS_VALUE = 1e4
+
 NDArray = npt.NDArray[np.float32]
 
 
@@ -301,15 +305,25 @@ class LoRAAdapter:
         Raises
         ------
         ValueError
-            On missing or unexpected keys, a shape mismatch, a non-floating dtype or a
-            non-finite value; the message names the tensor.
+            On missing or unexpected keys, a shape mismatch, a non-floating dtype, a
+            non-finite value or one above ``MAX_ABS_VALUE`` in magnitude; the message
+            names the tensor.
         """
         arrays: dict[str, object] = {}
         for name, value in state.items():
             if not value.is_floating_point():
                 raise ValueError(f"{name}: dtype {value.dtype} is not floating point")
             # Checked after the cast: a finite float64 may overflow float32.
-            arrays[name] = value.detach().to("cpu", torch.float32).numpy()
+            array = value.detach().to("cpu", torch.float32).numpy()
+            finite = bool(np.isfinite(array).all())  # else check_arrays names it
+            peak = float(np.abs(array).max()) if array.size and finite else 0.0
+            if peak > MAX_ABS_VALUE:
+                raise ValueError(
+                    f"{name}: a value of magnitude {peak:.3g} exceeds "
+                    f"{MAX_ABS_VALUE:g}; trained LoRA tensors stay far below that, "
+                    "so the file is corrupt or hostile"
+                )
+            arrays[name] = array
         try:
             self.set_named_weights(arrays)
         except ValueError as exc:

@@ -40,6 +40,10 @@ if TYPE_CHECKING:  # the adapter imports this module, not the other way round
     from lora_flwr.lora.adapter import LoRAAdapter
 
 CONFIG_NAME = "adapter_config.json"
+# Size cap of a JSON adapter: characters per value ("-1.2345678901234567e-05, ")
+# plus room for the config and names.
+JSON_BYTES_PER_VALUE = 32
+JSON_SLACK_BYTES = 1 << 20
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 BASE_DELTA_NAME = "base_delta.safetensors"
@@ -289,6 +293,15 @@ def load_json(adapter: LoRAAdapter, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Adapter JSON file not found: {path}")
+    # Refuse before parsing: a float needs < JSON_BYTES_PER_VALUE characters.
+    numel = sum(t.numel() for t in adapter.state_dict().values())
+    limit = JSON_BYTES_PER_VALUE * numel + JSON_SLACK_BYTES
+    size = path.stat().st_size
+    if size > limit:
+        raise ValueError(
+            f"{path} has {size:,} bytes, more than the {limit:,} an adapter of "
+            f"{numel:,} values can take in JSON; it is not this adapter's file"
+        )
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

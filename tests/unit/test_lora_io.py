@@ -32,6 +32,7 @@ from lora_flwr.lora import (
     save_peft,
 )
 from lora_flwr.lora import io as lora_io
+from lora_flwr.lora.adapter import MAX_ABS_VALUE
 
 R = 4
 CFG = LoraConfig(r=R, lora_alpha=8, lora_dropout=0.0, target_modules=("lin0", "lin1"))
@@ -118,10 +119,12 @@ def test_peft_round_trip_gives_identical_outputs(
 
 
 def test_json_round_trip_is_bit_exact(applied: Factory, tmp_path: Path) -> None:
-    # Prepare: extreme float32 values that a decimal round trip could lose
+    # Prepare: extreme float32 values that a decimal round trip could lose (up to
+    # the largest magnitude a file may hold)
     adapter = applied()
+    largest = np.nextafter(np.float32(MAX_ABS_VALUE), np.float32(0))
     specials = np.array(
-        [np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1e-45, -0.0, 1 / 3],
+        [largest, np.finfo(np.float32).tiny, 1e-45, -0.0, 1 / 3],
         dtype=np.float32,
     )
     arrays = []
@@ -532,6 +535,10 @@ def _corrupt_json(case: str, path: Path) -> Path:
         doc["tensors"][2]["data"][0] = float("nan")
     elif case == "unknown name":
         doc["tensors"][0]["name"] = "lin7.lora_A.weight"
+    elif case == "absurd value":
+        doc["tensors"][2]["data"][0] = 3e5
+    elif case == "oversized":
+        doc["padding"] = " " * (2 << 20)
     else:  # pragma: no cover
         raise AssertionError(case)
     path.write_text(json.dumps(doc))
@@ -554,6 +561,8 @@ def _corrupt_json(case: str, path: Path) -> Path:
         ("no data", ValueError, "tensor #0 is malformed"),
         ("nan", ValueError, r"lin1\.lora_A\.weight: contains NaN or Inf"),
         ("unknown name", ValueError, r"unexpected \['lin7\.lora_A\.weight'\]"),
+        ("absurd value", ValueError, r"a value of magnitude 3e\+05 exceeds 10000"),
+        ("oversized", ValueError, r"bytes, more than the .* an adapter of"),
     ],
 )
 def test_bad_json_raises_and_leaves_adapter_unchanged(
@@ -700,7 +709,14 @@ def test_property_json_and_peft_round_trips_are_bit_exact(
 ) -> None:
     # Prepare
     adapter = applied()
-    finite = st.floats(width=32, allow_nan=False, allow_infinity=False)
+    # Every value a file may hold: finite, |x| <= MAX_ABS_VALUE (incl. subnormals).
+    finite = st.floats(
+        width=32,
+        allow_nan=False,
+        allow_infinity=False,
+        min_value=-MAX_ABS_VALUE,
+        max_value=MAX_ABS_VALUE,
+    )
     arrays = [
         data.draw(hnp.arrays(np.float32, shape, elements=finite))
         for shape in adapter.weight_shapes()
