@@ -5,6 +5,7 @@ Each probe is one Ray simulation; the honest run is the reference. Prints a
 Markdown table (final held-out loss / accuracy, what the guards counted):
 
     PYTHONPATH=. python benchmarks/reliability_probes.py [--out DIR] [--no-guards]
+        [--robust median] [--probes honest,dropout_30] [--config configs/default.toml]
 
 ``tests/integration/test_hostile_clients.py`` runs the same probes and asserts on
 them.
@@ -23,9 +24,10 @@ import numpy as np
 
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import LoRAClient, node_partition
-from lora_flwr.protocol import ACCURACY, SECONDS
+from lora_flwr.protocol import ACCURACY, ROUND, SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
 HOSTILE = 2
 PROBES = (
     "honest",
@@ -33,6 +35,7 @@ PROBES = (
     "random_1e9",  # a random adapter and num_examples = 10**9
     "fit_metric_abc",  # fit metric seconds = "abc"
     "eval_metric_abc",  # evaluate metric accuracy = "abc"
+    "dropout_30",  # every client fails 30 % of its fit calls at random (seeded)
 )
 
 
@@ -42,6 +45,16 @@ class HostileClient(LoRAClient):
     probe = "honest"
 
     def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        if self.probe.startswith("dropout_"):
+            share = int(self.probe.split("_")[1]) / 100
+            draw = np.random.default_rng(
+                [self.cfg.seed, int(config[ROUND]), self.partition_id]
+            ).random()
+            if draw < share:
+                raise RuntimeError(
+                    f"dropout probe: partition {self.partition_id} leaves round "
+                    f"{config[ROUND]}"
+                )
         arrays, n, metrics = super().fit(parameters, config)
         if self.partition_id != HOSTILE:
             return arrays, n, metrics
@@ -66,19 +79,28 @@ class HostileClient(LoRAClient):
 
 
 def probe_config(
-    out: Path, probe: str, *, guards: bool = True, robust: str = "none"
+    out: Path,
+    probe: str,
+    *,
+    guards: bool = True,
+    robust: str = "none",
+    base_path: Path = SMOKE,
 ) -> ExperimentConfig:
-    """The smoke config at 3 clients, every client trained and evaluated."""
-    base = ExperimentConfig.from_toml(ROOT / "configs" / "smoke.toml")
-    fed = dataclasses.replace(
-        base.fed,
-        num_clients=3,
-        fraction_fit=1.0,
-        fraction_evaluate=1.0,
-        min_fit_clients=3,
-        min_evaluate_clients=3,
-        min_available_clients=3,
-    )
+    """The probe's config: the smoke config at 3 clients (every client trained and
+    evaluated), or another config (``base_path``) as it is.
+    """
+    base = ExperimentConfig.from_toml(base_path)
+    fed = base.fed
+    if base_path == SMOKE:
+        fed = dataclasses.replace(
+            base.fed,
+            num_clients=3,
+            fraction_fit=1.0,
+            fraction_evaluate=1.0,
+            min_fit_clients=3,
+            min_evaluate_clients=3,
+            min_available_clients=3,
+        )
     if not guards:
         fed = dataclasses.replace(fed, weight_cap=0.0, norm_guard="off")
     fed = dataclasses.replace(fed, robust=robust)
@@ -93,7 +115,12 @@ def probe_config(
 
 
 def run_probe(
-    out: Path, probe: str, *, guards: bool = True, robust: str = "none"
+    out: Path,
+    probe: str,
+    *,
+    guards: bool = True,
+    robust: str = "none",
+    base_path: Path = SMOKE,
 ) -> dict[str, Any]:
     """Run one probe in the Ray simulation; return its last history record."""
     import ray.cloudpickle
@@ -107,7 +134,7 @@ def run_probe(
 
     # Ray workers cannot import this file: ship the client class by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[HostileClient.__module__])
-    cfg = probe_config(out, probe, guards=guards, robust=robust)
+    cfg = probe_config(out, probe, guards=guards, robust=robust, base_path=base_path)
     run_dir = out / cfg.name
 
     def client_fn(context: Context):  # type: ignore[no-untyped-def]
@@ -127,7 +154,14 @@ def run_probe(
         release_run_dir(run_dir)
     history = read_history(run_dir)
     last = dict(history[-1])
-    for key in ("weight_capped", "norm_clipped", "norm_rejected", "fit_dropped"):
+    for key in (
+        "weight_capped",
+        "norm_clipped",
+        "norm_rejected",
+        "fit_dropped",
+        "fit_failed",
+        "fit_ok",
+    ):
         last[key + "_total"] = sum(int(r.get(key) or 0) for r in history)
     return last
 
@@ -139,6 +173,7 @@ def main() -> None:
     parser.add_argument("--no-guards", action="store_true", help="guards off")
     parser.add_argument("--robust", default="none", help="fed.robust")
     parser.add_argument("--probes", default=",".join(PROBES), help="which probes")
+    parser.add_argument("--config", type=Path, default=SMOKE, help="base config")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="probes-"))
     rows = []
@@ -146,18 +181,25 @@ def main() -> None:
         "" if args.robust == "none" else f", robust={args.robust}"
     )
     for probe in args.probes.split(","):
-        last = run_probe(out, probe, guards=not args.no_guards, robust=args.robust)
+        last = run_probe(
+            out,
+            probe,
+            guards=not args.no_guards,
+            robust=args.robust,
+            base_path=args.config,
+        )
         rows.append(
             f"| {probe} | {setting} | {last.get('test_loss', float('nan')):.4f} | "
             f"{last.get('test_accuracy', float('nan')):.3f} | "
             f"{last['weight_capped_total']} | {last['norm_clipped_total']} | "
-            f"{last['fit_dropped_total']} |"
+            f"{last['fit_dropped_total']} | {last['fit_failed_total']} | "
+            f"{last['fit_ok_total']} |"
         )
     print(
         "| probe | setting | test loss | test acc | counts capped | updates clipped "
-        "| dropped |"
+        "| dropped | failed fits | aggregated replies |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

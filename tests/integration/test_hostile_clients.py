@@ -67,3 +67,15 @@ def test_malformed_metrics_change_nothing_but_the_metric(
 
     assert last["round"] == 2 and last["aggregated"] is True
     assert last["test_loss"] == pytest.approx(honest["test_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_with_30_percent_dropouts_completes(
+    tmp_path: Path, honest: dict[str, float]
+) -> None:
+    last = _probes().run_probe(tmp_path, "dropout_30")
+
+    # Seeded draws: 2 of the 6 fit calls fail; both rounds still aggregate.
+    assert last["round"] == 2 and last["aggregated"] is True
+    assert (last["fit_failed_total"], last["fit_ok_total"]) == (2, 4)
+    assert last["test_loss"] < honest["test_loss"] + 0.1
