@@ -26,7 +26,6 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.fl.guards import RunAborted
-from lora_flwr.preflight import preflight
 from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
 
 
@@ -104,7 +103,6 @@ def main(
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
         cfg = config_from_arguments(args)
         if args.overwrite:
@@ -116,11 +114,15 @@ def main(
             robust=cfg.fed.robust,
         )
         check_run_dir(Path(cfg.output_dir) / cfg.name, cfg.on_existing)
-        # Data, labels, model and targets: one line and exit 2, before Ray.
+        # Data, labels, model and targets: one line and exit 2, before Ray. (Imported
+        # here: torch and transformers would slow the schema errors above.)
+        from lora_flwr.preflight import preflight
+
         preflight(cfg)
     except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logging.getLogger("lora_flwr").setLevel(logging.INFO)
     try:
         (run_fn or run)(cfg, verbose=args.verbose)
     except RunAborted as exc:
