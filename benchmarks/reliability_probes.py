@@ -105,7 +105,7 @@ def probe_config(
         fed = dataclasses.replace(fed, weight_cap=0.0, norm_guard="off")
     fed = dataclasses.replace(fed, robust=robust)
     name = (
-        probe
+        f"{base.name}-{probe}"
         + ("" if guards else "-noguards")
         + ("" if robust == "none" else f"-{robust}")
     )

@@ -86,6 +86,8 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
         print(format_row(record, shape), flush=True)
         write_history(history, out)
         rnd = int(record["round"])
+        if record.get("aborted"):
+            return  # no adapter is saved as the result of a run that failed
         if rnd > 0:
             save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
         if rnd == cfg.fed.num_rounds:

@@ -22,6 +22,7 @@ Bytes are counted per client from the serialized tensors actually sent and recei
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -626,19 +627,22 @@ class FedLoRA(Strategy):
             self.aggregated_rounds += 1
         else:
             self.failed_rounds += 1
+        reason = self._abort_reason(int(rec.get("round", 0)))
+        if reason:
+            rec["aborted"] = reason  # the run outputs skip the final adapter
         self.history.append(rec)
         self._record = {}
         self._emit(rec)
-        self._check_progress(int(rec.get("round", 0)))
+        if reason:
+            raise RunAborted(reason)
 
-    def _check_progress(self, server_round: int) -> None:
-        """Stop a run that cannot do its job (every client failing, say).
+    def _abort_reason(self, server_round: int) -> str:
+        """Why the run must stop now (every client failing, say), or ``""``.
 
-        Raises
-        ------
-        RunAborted
-            After more than ``fed.max_failed_rounds`` consecutive rounds without an
-            aggregate, or at the last round when no round produced one.
+        After more than ``fed.max_failed_rounds`` consecutive rounds without an
+        aggregate, or at the last round when no round produced one, the round's
+        callback still runs (history written) and then :class:`RunAborted` stops
+        the server.
         """
         fed = self.fed
         reason = ""
@@ -650,8 +654,8 @@ class FedLoRA(Strategy):
         elif server_round >= fed.num_rounds and self.aggregated_rounds == 0:
             reason = f"none of the {fed.num_rounds} rounds produced an aggregate"
         if reason:
-            last = self.history[-1]
-            raise RunAborted(
+            last = self._record
+            return (
                 f"run stopped at round {server_round}: {reason}; last round: "
                 f"{last.get('fit_ok', 0)} valid replies, "
                 f"{last.get('fit_failed', 0)} client failures, "
@@ -662,6 +666,7 @@ class FedLoRA(Strategy):
                     else ""
                 )
             )
+        return ""
 
     def _emit(self, rec: dict[str, Any]) -> None:
         log(INFO, "round %s: %s", rec.get("round"), _short(rec))
@@ -677,6 +682,11 @@ def _failure_text(failure: object) -> str:
         text = getattr(status, "message", "") or repr(res)
     else:
         text = f"{type(failure).__name__}: {failure}"
+    # A ClientApp error arrives wrapped in Ray's and Flower's tracebacks: the
+    # innermost "XxxError: message" line is the one that says what went wrong.
+    raised = re.findall(r"\b(\w+(?:Error|Exception): [^\n'>]+)", str(text))
+    if raised:
+        text = raised[-1]
     text = " ".join(str(text).split())
     return text if len(text) <= 300 else text[:297] + "..."
 

@@ -79,3 +79,25 @@ def test_a_run_with_30_percent_dropouts_completes(
     assert last["round"] == 2 and last["aggregated"] is True
     assert (last["fit_failed_total"], last["fit_ok_total"]) == (2, 4)
     assert last["test_loss"] < honest["test_loss"] + 0.1
+
+
+@pytest.mark.slow
+def test_a_run_in_which_every_fit_fails_stops_without_an_adapter(
+    tmp_path: Path,
+) -> None:
+    from lora_flwr.fl.guards import RunAborted
+    from lora_flwr.results import read_history
+
+    with pytest.raises(
+        RunAborted,
+        match="none of the 2 rounds produced an aggregate.*"
+        "RuntimeError: dropout probe: partition",
+    ):
+        _probes().run_probe(tmp_path, "dropout_100")
+
+    run_dir = tmp_path / "smoke-dropout_100"
+    history = read_history(run_dir)
+    assert (
+        history[-1]["round"] == 2 and "none of the 2 rounds" in history[-1]["aborted"]
+    )
+    assert not (run_dir / "adapter").exists()
