@@ -99,12 +99,22 @@ def main(
         action="store_true",
         help="replace the results of an earlier run with the same name",
     )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last complete round (its saved "
+        "config is used)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        cfg = config_from_arguments(args)
+        if args.resume is not None:
+            cfg = _resume_config(args.resume, args.overrides, args.overwrite)
+        else:
+            cfg = config_from_arguments(args)
         if args.overwrite:
             cfg = dataclasses.replace(cfg, on_existing="overwrite")
         # The rule is built inside the ServerApp; check it before Ray starts.
@@ -113,7 +123,13 @@ def main(
             server_optimizer=cfg.fed.server_optimizer,
             robust=cfg.fed.robust,
         )
-        check_run_dir(Path(cfg.output_dir) / cfg.name, cfg.on_existing)
+        run_dir = Path(cfg.output_dir) / cfg.name
+        check_run_dir(run_dir, cfg.on_existing)
+        if cfg.on_existing == "resume":
+            from lora_flwr.fl.checkpoint import check_resumable
+
+            done = check_resumable(cfg, run_dir)
+            print(f"resuming {run_dir} after round {done}", file=sys.stderr)
         # Data, labels, model and targets: one line and exit 2, before Ray. (Imported
         # here: torch and transformers would slow the schema errors above.)
         from lora_flwr.preflight import preflight
@@ -129,6 +145,35 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _resume_config(
+    run_dir: Path, overrides: Sequence[str], overwrite: bool
+) -> ExperimentConfig:
+    """Return the saved config of ``run_dir``, set to resume into that directory.
+
+    Raises
+    ------
+    ValueError
+        If overrides or --overwrite are given with --resume.
+    FileNotFoundError
+        If ``run_dir`` holds no config.toml.
+    """
+    if overrides or overwrite:
+        raise ValueError(
+            "--resume continues a run exactly as it was configured; drop --set and "
+            "--overwrite"
+        )
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume {run_dir}: it holds no config.toml")
+    cfg = ExperimentConfig.from_toml(path)
+    return dataclasses.replace(
+        cfg,
+        output_dir=str(run_dir.parent),
+        name=run_dir.name,
+        on_existing="resume",
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import get_workspace, heldout_data
+from lora_flwr.fl.checkpoint import (
+    Checkpoint,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import Arrays, FedLoRA
 from lora_flwr.lora.io import (
@@ -24,7 +31,13 @@ from lora_flwr.lora.io import (
     save_peft,
     write_text_atomic,
 )
-from lora_flwr.results import format_header, format_row, plot_history, write_history
+from lora_flwr.results import (
+    format_header,
+    format_row,
+    plot_history,
+    read_history,
+    write_history,
+)
 from lora_flwr.rundir import claim_run_dir
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
@@ -46,6 +59,7 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
     # Refuses a directory with results (unless overwrite) or in use by a live run.
     claim_run_dir(out, cfg.on_existing)
     write_text_atomic(out / "config.toml", cfg.to_toml())
+    resume, history = _resume_point(cfg, out)
     ws = get_workspace(cfg)
     ws.reset_adapter()
     layout = layout_of(ws.adapter)
@@ -93,6 +107,10 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
         if rnd == cfg.fed.num_rounds:
             save(out / "adapter", strategy)
             plot_history(history, out)
+        if rnd > 0:
+            # Last: a resume restarts after the newest round whose state is here,
+            # and drops any later history row.
+            save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd))
 
     return FedLoRA(
         cfg=cfg,
@@ -100,7 +118,22 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
         initial=ws.initial,
         evaluate_fn=evaluate_fn,
         on_round_end=on_round_end,
+        resume=resume,
+        history=history,
     )
+
+
+def _resume_point(
+    cfg: ExperimentConfig, run_dir: Path
+) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
+    """Return the checkpoint and history to continue from (None: start anew)."""
+    if cfg.on_existing != "resume":
+        return None, []
+    if check_resumable(cfg, run_dir) == 0:
+        return None, []
+    path = latest_checkpoint(run_dir)
+    assert path is not None
+    return load_checkpoint(path), read_history(run_dir)
 
 
 def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
@@ -131,8 +164,11 @@ def make_server_fn(
     def server_fn(context: Context) -> ServerAppComponents:
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         strategy = build_strategy(exp, run_dir)
+        # After a resume Flower counts rounds from 1 again; the strategy adds the
+        # rounds already done.
+        rounds = exp.fed.num_rounds - strategy.offset
         return ServerAppComponents(
-            strategy=strategy, config=ServerConfig(num_rounds=exp.fed.num_rounds)
+            strategy=strategy, config=ServerConfig(num_rounds=rounds)
         )
 
     return server_fn

@@ -57,6 +57,7 @@ from lora_flwr.aggregation import (
     get_rule,
 )
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.fl.checkpoint import Checkpoint
 from lora_flwr.fl.guards import RunAborted, clean_metrics, guard_replies
 from lora_flwr.fl.sampling import (
     EVALUATE_STREAM,
@@ -174,6 +175,8 @@ class FedLoRA(Strategy):
         initial: Mapping[str, NDArray],
         evaluate_fn: EvaluateFn | None = None,
         on_round_end: RoundCallback | None = None,
+        resume: Checkpoint | None = None,
+        history: Sequence[dict[str, Any]] = (),
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -197,12 +200,51 @@ class FedLoRA(Strategy):
         self.failed_rounds = 0  # consecutive rounds without an aggregate
         self._last_failure = ""
         self.aggregated_rounds = 0
+        self.offset = 0  # rounds done before this server started (resume)
+        if resume is not None:
+            self._restore(resume, history)
 
     def __repr__(self) -> str:
         """Name shown in Flower's logs."""
         return f"FedLoRA(aggregation={self.fed.aggregation!r})"
 
     # ---------------------------------------------------------------- setup
+    def counters(self, server_round: int) -> dict[str, Any]:
+        """Return what a checkpoint after ``server_round`` needs beyond the state."""
+        return {
+            "round": server_round,
+            "failed_rounds": self.failed_rounds,
+            "aggregated_rounds": self.aggregated_rounds,
+            "last_failure": self._last_failure,
+        }
+
+    def _restore(self, resume: Checkpoint, history: Sequence[dict[str, Any]]) -> None:
+        """Continue after the checkpointed round: state, counters, history.
+
+        Nodes are new to this server: their partitions are asked again, and their
+        base versions are unknown (a merging rule sends them the whole delta).
+        """
+        counters = resume.counters
+        done = int(counters["round"])
+        if not 0 < done < self.fed.num_rounds:
+            raise ValueError(
+                f"cannot resume after round {done} of fed.num_rounds="
+                f"{self.fed.num_rounds}"
+            )
+        check_arrays(resume.state.arrays, self.layout.items(), what="checkpoint")
+        self.state = resume.state
+        self.offset = done
+        self.failed_rounds = int(counters.get("failed_rounds", 0))
+        self.aggregated_rounds = int(counters.get("aggregated_rounds", 0))
+        self._last_failure = str(counters.get("last_failure", ""))
+        self.history = [dict(r) for r in history if int(r.get("round", 0)) <= done]
+        rounds = [int(r.get("round", -1)) for r in self.history]
+        if rounds != list(range(done + 1)):
+            raise ValueError(
+                f"history to resume holds rounds {rounds}; expected 0..{done}"
+            )
+        self.versions = {pid: None for pid in range(self.fed.num_clients)}
+
     def global_arrays(self) -> Arrays:
         """Return the global adapter at the allocated rank, by weight name."""
         return self.rule.global_arrays(self.state)
@@ -331,6 +373,7 @@ class FedLoRA(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Send each sampled client its own plan and payload."""
+        server_round += self.offset  # Flower counts from 1 again after a resume
         self._round_start = time.perf_counter()
         clients = self._sample(
             client_manager,
@@ -377,6 +420,7 @@ class FedLoRA(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate replies, run the rule and optimizer; keep the global on faults."""
+        server_round += self.offset  # Flower counts from 1 again after a resume
         rec = self._record
         up = [parameters_nbytes(res.parameters) for _, res in results]
         rec["bytes_up"] = sum(up)
@@ -500,7 +544,11 @@ class FedLoRA(Strategy):
         """Evaluate centrally: round 0, every ``eval_every`` rounds and the last.
 
         A personalised rule has no global model: its evaluation is federated.
+        After a resume, Flower's round-0 evaluation is skipped (history has it).
         """
+        if self.offset and server_round == 0:
+            return None
+        server_round += self.offset
         if self.evaluate_fn is None or self.rule.personalized:
             if server_round == 0:
                 self.history.append({"round": 0})
@@ -530,6 +578,7 @@ class FedLoRA(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Federated evaluation on a share of clients (FedSA: all, by default)."""
+        server_round += self.offset  # Flower counts from 1 again after a resume
         personal = self.rule.personalized and self._eval_round(server_round)
         if self.fed.fraction_evaluate == 0 and not personal:
             self._finish_round()
@@ -559,6 +608,7 @@ class FedLoRA(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Example-weighted mean of the clients' local test loss and accuracy."""
+        server_round += self.offset  # Flower counts from 1 again after a resume
         for failure in failures:
             who = failure[0].cid if isinstance(failure, tuple) else "?"
             sent = self._sent.get(who)

@@ -1641,3 +1641,26 @@ def test_a_run_without_any_aggregate_does_not_finish_quietly() -> None:
     _failed_round(strategy, manager, 1)
     with pytest.raises(RunAborted, match="none of the 2 rounds produced an aggregate"):
         _failed_round(strategy, manager, 2)
+
+
+def test_a_resumed_strategy_continues_the_round_numbers() -> None:
+    from lora_flwr.fl.checkpoint import Checkpoint
+
+    # Prepare: a checkpoint after round 2 of 3 and its history.
+    first = _strategy()
+    state = first.state.replace(round=2)
+    history = [{"round": 0}, {"round": 1}, {"round": 2}, {"round": 3}]  # 3: stale
+    counters = {"round": 2, "failed_rounds": 0, "aggregated_rounds": 2}
+
+    resumed = _strategy()
+    resumed._restore(Checkpoint(state, counters), history)
+
+    # Execute: Flower's first round after the restart is its round 1.
+    assert resumed.evaluate(0, NO_PARAMS) is None  # round 0 is in the history
+    sent = _configure(resumed, _manager(), server_round=1)
+
+    # Assert
+    assert [r["round"] for r in resumed.history] == [0, 1, 2]
+    for _, ins in sent.values():
+        assert ins.config[ROUND] == 3
+    assert resumed.versions == {0: None, 1: None, 2: None, 3: None}

@@ -1,0 +1,180 @@
+"""The server's resumable state after each round: written atomically, read back exactly.
+
+``<run_dir>/state/round-NNN/`` holds everything a resumed run needs beyond the
+config and ``history.json``: the rule's :class:`ServerState` (global adapter,
+base-weight delta, the fold log of merging rules, optimizer moments) as one
+safetensors file of float arrays, and the strategy's counters as JSON. A round's
+directory appears whole or not at all (temporary directory, fsync, rename), so the
+newest one is always complete; older rounds are pruned once a newer one exists.
+
+Sampling and client training are seeded from ``(seed, round, partition)``, so no
+random-generator state needs saving: a resumed round draws what the uninterrupted
+run drew.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lora_flwr.aggregation import FoldBlock, ServerState, get_rule
+from lora_flwr.atomic import atomic_write_dir
+from lora_flwr.config import ExperimentConfig
+
+STATE_DIR = "state"
+ARRAYS_FILE = "server_state.safetensors"
+META_FILE = "server_state.json"
+FORMAT = 1
+_ROUND_DIR = re.compile(r"round-(\d{3,})")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the server saved after round ``counters["round"]``."""
+
+    state: ServerState
+    counters: dict[str, Any]
+
+
+def save_checkpoint(
+    run_dir: Path, server_round: int, state: ServerState, counters: dict[str, Any]
+) -> Path:
+    """Write ``state/round-NNN`` after ``server_round`` atomically; prune older ones.
+
+    ``state.round`` is the last round that aggregated; ``server_round`` the last
+    round the run finished (they differ after a round without an aggregate).
+    """
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in state.arrays.items():
+        tensors[f"arrays/{name}"] = value
+    for module, value in state.base_delta.items():
+        tensors[f"base_delta/{module}"] = value
+    for key, value in state.extra.items():
+        tensors[f"extra/{key}"] = value
+    for version, block in enumerate(state.fold_log):
+        for module, (b, a) in block.factors.items():
+            tensors[f"fold/{version:05d}/{module}/B"] = b
+            tensors[f"fold/{version:05d}/{module}/A"] = a
+    meta = {
+        "format": FORMAT,
+        "round": server_round,
+        "state_round": state.round,
+        "fold_versions": len(state.fold_log),
+        "counters": counters,
+    }
+    root = run_dir / STATE_DIR
+    path = root / f"round-{server_round:03d}"
+
+    def write(tmp: Path) -> None:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            str(tmp / ARRAYS_FILE),
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    atomic_write_dir(path, write)
+    for older in root.iterdir():
+        match = _ROUND_DIR.fullmatch(older.name)
+        if match and int(match.group(1)) < server_round:
+            shutil.rmtree(older, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Return the newest complete ``state/round-NNN`` of ``run_dir``, or None."""
+    root = run_dir / STATE_DIR
+    if not root.is_dir():
+        return None
+    rounds = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _ROUND_DIR.fullmatch(p.name)) and (p / META_FILE).is_file()
+    ]
+    return max(rounds)[1] if rounds else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a ``state/round-NNN`` directory back into a :class:`Checkpoint`.
+
+    Raises
+    ------
+    ValueError
+        If the files are unreadable, of another format, or inconsistent.
+    """
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(str(path / ARRAYS_FILE))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"server checkpoint {path} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"server checkpoint {path} has an unknown format")
+    arrays: dict[str, np.ndarray] = {}
+    base_delta: dict[str, np.ndarray] = {}
+    extra: dict[str, np.ndarray] = {}
+    folds: dict[int, dict[str, dict[str, np.ndarray]]] = {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "arrays":
+            arrays[rest] = value
+        elif kind == "base_delta":
+            base_delta[rest] = value
+        elif kind == "extra":
+            extra[rest] = value
+        elif kind == "fold":
+            version, _, tail = rest.partition("/")
+            module, _, factor = tail.rpartition("/")
+            folds.setdefault(int(version), {}).setdefault(module, {})[factor] = value
+        else:
+            raise ValueError(f"server checkpoint {path}: unknown tensor {key!r}")
+    versions = int(meta["fold_versions"])
+    if sorted(folds) != list(range(versions)):
+        raise ValueError(
+            f"server checkpoint {path}: fold log holds versions {sorted(folds)}, "
+            f"expected 0..{versions - 1}"
+        )
+    fold_log = tuple(
+        FoldBlock({m: (f["B"], f["A"]) for m, f in folds[v].items()})
+        for v in range(versions)
+    )
+    state = ServerState(
+        round=int(meta["state_round"]),
+        arrays=arrays,
+        base_delta=base_delta,
+        fold_log=fold_log,
+        extra=extra,
+    )
+    counters = dict(meta.get("counters", {}))
+    counters["round"] = int(meta["round"])
+    return Checkpoint(state, counters)
+
+
+def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> int:
+    """Return the round a resume of ``run_dir`` continues after (0: from scratch).
+
+    Raises
+    ------
+    ValueError
+        If the rule keeps client state a restarted run cannot have (FedSA's B), or
+        the run already finished.
+    """
+    if get_rule(cfg.fed.aggregation).personalized:
+        raise ValueError(
+            f"`fed.aggregation`={cfg.fed.aggregation!r} keeps each client's B in "
+            "that client's Context.state, which a restarted run does not have; it "
+            "cannot be resumed"
+        )
+    path = latest_checkpoint(run_dir)
+    done = load_checkpoint(path).counters["round"] if path is not None else 0
+    if done >= cfg.fed.num_rounds:
+        raise ValueError(
+            f"{run_dir} already finished all fed.num_rounds={cfg.fed.num_rounds} "
+            "rounds; nothing to resume"
+        )
+    return int(done)
