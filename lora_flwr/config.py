@@ -334,6 +334,13 @@ class FedConfig:
     # replies at each end per coordinate). Only for plain-average rules.
     robust: Literal["none", "median", "trimmed_mean"] = "none"
     trim_fraction: float = 0.2
+    # Client-level differential privacy (DP-FedAvg, McMahan et al., ICLR 2018):
+    # each update is clipped to dp_clip_norm, clients weigh equally, and Gaussian
+    # noise of std dp_noise_multiplier * dp_clip_norm / m is added to the mean of
+    # the m updates. 0: off. Epsilon at dp_delta is reported every round.
+    dp_noise_multiplier: float = 0.0
+    dp_clip_norm: float = 1.0
+    dp_delta: float = 1e-5
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     client_num_gpus: float = 0.0
 
@@ -443,6 +450,20 @@ class FedConfig:
             "fed.trim_fraction",
             self.trim_fraction,
             "in [0, 0.5)",
+        )
+        _check(
+            self.dp_noise_multiplier >= 0,
+            "fed.dp_noise_multiplier",
+            self.dp_noise_multiplier,
+            ">= 0 (0: no differential privacy)",
+        )
+        _check(self.dp_clip_norm > 0, "fed.dp_clip_norm", self.dp_clip_norm, "> 0")
+        _check(0 < self.dp_delta < 1, "fed.dp_delta", self.dp_delta, "in (0, 1)")
+        _check(
+            self.dp_noise_multiplier == 0 or self.robust == "none",
+            "fed.robust",
+            self.robust,
+            "'none' with differential privacy (its noise is calibrated to a mean)",
         )
         _check(
             self.client_num_cpus > 0,

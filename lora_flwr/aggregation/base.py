@@ -23,6 +23,7 @@ zero-padded or truncated factor pair keeps its product.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -235,6 +236,30 @@ class Rule:
         # fed.robust: the averaging :meth:`weighted_mean` performs.
         self.robust: RobustMode = "none"
         self.trim_fraction = 0.2
+        # Differential privacy (:meth:`use_dp`): equal weights and Gaussian noise.
+        self.dp_noise_multiplier = 0.0
+        self.dp_clip_norm = 0.0
+        self._dp_rng: np.random.Generator | None = None
+
+    def use_dp(self, noise_multiplier: float, clip_norm: float) -> None:
+        """Average with equal weights and add Gaussian noise to every mean.
+
+        Each averaged tensor gets ``N(0, (z C / m)^2)`` noise, ``z`` the noise
+        multiplier, ``C`` the clip norm the server applied to every update and
+        ``m`` the number of replies (DP-FedAvg, McMahan et al., "Learning
+        Differentially Private Recurrent Language Models", ICLR 2018). The noise
+        comes from fresh OS entropy, never from the run's seed: noise that can be
+        replayed protects nothing.
+
+        Raises
+        ------
+        ValueError
+            If the rule's aggregate is not a plain average (see ``check_setup``).
+        """
+        self.check_setup(rank_tiers=(), server_optimizer="none", dp=True)
+        self.dp_noise_multiplier = float(noise_multiplier)
+        self.dp_clip_norm = float(clip_norm)
+        self._dp_rng = np.random.default_rng(secrets.randbits(128))
 
     def use_robust(self, mode: RobustMode, trim_fraction: float = 0.2) -> None:
         """Average with a coordinate-wise ``median`` or ``trimmed_mean`` instead.
@@ -270,6 +295,7 @@ class Rule:
         rank_tiers: Sequence[int],
         server_optimizer: str,
         robust: str = "none",
+        dp: bool = False,
     ) -> None:
         """Refuse combinations that make no sense for this rule (one clear line).
 
@@ -296,6 +322,13 @@ class Rule:
                 f"`fed.robust`={robust!r} cannot be combined with "
                 f"`fed.aggregation`={cls.name!r}: its aggregate is not a plain "
                 "average of what clients send; use fedit, ffa, fedsa, rolora or fedsvd"
+            )
+        if dp and not cls.supports_robust:
+            raise ValueError(
+                f"differential privacy (`fed.dp_noise_multiplier` > 0) cannot be "
+                f"combined with `fed.aggregation`={cls.name!r}: its aggregate is not "
+                "a noisy mean of clipped updates; use ffa or fedsvd (as their papers "
+                "do under DP), fedit, fedsa or rolora"
             )
 
     optimizer_refusal: ClassVar[str] = (
@@ -416,7 +449,8 @@ class Rule:
         """``sum_k p_k X_k`` of one weight (float64); ``pad`` zero-pads to rank r.
 
         With ``fed.robust`` set (:meth:`use_robust`) the coordinate-wise median or
-        trimmed mean of the ``X_k`` instead (unweighted).
+        trimmed mean of the ``X_k`` instead (unweighted); with differential privacy
+        (:meth:`use_dp`) their plain mean plus Gaussian noise.
         """
         weights = example_weights(replies)
         shape = self.layout.shape_of[name]
@@ -432,6 +466,12 @@ class Rule:
             values.append(value)
         if self.robust != "none":
             return robust_mean(values, self.robust, self.trim_fraction)
+        if self._dp_rng is not None:
+            # Clipped updates, equal weights: one client moves the mean by at
+            # most C/m, which is what the noise is calibrated to.
+            mean: F64 = np.mean(values, axis=0)
+            std = self.dp_noise_multiplier * self.dp_clip_norm / len(values)
+            return mean + self._dp_rng.normal(0.0, std, size=shape)
         acc = np.zeros(shape, dtype=np.float64)
         for w, value in zip(weights, values, strict=True):
             acc += w * value

@@ -21,6 +21,7 @@ Bytes are counted per client from the serialized tensors actually sent and recei
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -47,6 +48,7 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
 from lora_flwr.aggregation import (
     ClientInfo,
@@ -66,6 +68,7 @@ from lora_flwr.fl.sampling import (
     sample_count,
     sample_partitions,
 )
+from lora_flwr.privacy import epsilon
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
@@ -131,6 +134,8 @@ def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) ->
     )
     if cfg.fed.robust != "none":
         rule.use_robust(cfg.fed.robust, cfg.fed.trim_fraction)
+    if cfg.fed.dp_noise_multiplier > 0:
+        rule.use_dp(cfg.fed.dp_noise_multiplier, cfg.fed.dp_clip_norm)
     return rule
 
 
@@ -201,6 +206,7 @@ class FedLoRA(Strategy):
         self._last_failure = ""
         self.aggregated_rounds = 0
         self.offset = 0  # rounds done before this server started (resume)
+        self.dp_rounds = 0  # rounds that released a noisy aggregate
         if resume is not None:
             self._restore(resume, history)
 
@@ -216,6 +222,7 @@ class FedLoRA(Strategy):
             "failed_rounds": self.failed_rounds,
             "aggregated_rounds": self.aggregated_rounds,
             "last_failure": self._last_failure,
+            "dp_rounds": self.dp_rounds,
         }
 
     def _restore(self, resume: Checkpoint, history: Sequence[dict[str, Any]]) -> None:
@@ -237,6 +244,7 @@ class FedLoRA(Strategy):
         self.failed_rounds = int(counters.get("failed_rounds", 0))
         self.aggregated_rounds = int(counters.get("aggregated_rounds", 0))
         self._last_failure = str(counters.get("last_failure", ""))
+        self.dp_rounds = int(counters.get("dp_rounds", 0))
         self.history = [dict(r) for r in history if int(r.get("round", 0)) <= done]
         rounds = [int(r.get("round", -1)) for r in self.history]
         if rounds != list(range(done + 1)):
@@ -485,6 +493,8 @@ class FedLoRA(Strategy):
         )
         if report.norm_bound is not None:
             rec["norm_bound"] = report.norm_bound
+        if self.fed.dp_noise_multiplier > 0:
+            replies = self._dp_clip(replies, rec)
         rec.update(_fit_metrics(metrics))
         if len(replies) < self.fed.min_fit_replies:
             log(
@@ -511,11 +521,54 @@ class FedLoRA(Strategy):
             return None, {}
         self.state = new
         rec["aggregated"] = True
+        if self.fed.dp_noise_multiplier > 0:
+            self.dp_rounds += 1
+            self._dp_account(rec)
         rec["base_version"] = new.base_version
         out: dict[str, Scalar] = {
             k: v for k, v in rec.items() if isinstance(v, int | float | str)
         }
         return self._as_parameters(), out
+
+    def _dp_clip(
+        self, replies: Sequence[ClientReply], rec: dict[str, Any]
+    ) -> list[ClientReply]:
+        """Clip every update to ``fed.dp_clip_norm`` (Flower's DP clipping)."""
+        out = []
+        clipped = 0
+        for reply in replies:
+            names = [n for n in reply.arrays if n in reply.start]
+            start = [reply.start[n].astype(np.float64) for n in names]
+            values = [reply.arrays[n].astype(np.float64) for n in names]
+            norm = get_norm([v - s for v, s in zip(values, start, strict=True)])
+            if norm <= self.fed.dp_clip_norm:  # (Flower's clip divides by the norm)
+                out.append(reply)
+                continue
+            clipped += 1
+            compute_clip_model_update(values, start, self.fed.dp_clip_norm)
+            arrays = dict(reply.arrays)
+            for n, v in zip(names, values, strict=True):
+                arrays[n] = v.astype(reply.arrays[n].dtype)
+            out.append(dataclasses.replace(reply, arrays=arrays))
+        rec["dp_clipped"] = clipped
+        return out
+
+    def _dp_account(self, rec: dict[str, Any]) -> None:
+        """Record the noise std and the privacy spent so far (epsilon at delta)."""
+        fed = self.fed
+        sampled = sample_count(fed.num_clients, fed.fraction_fit, fed.min_fit_clients)
+        rec["dp_noise_std"] = (
+            fed.dp_noise_multiplier * fed.dp_clip_norm / max(1, rec.get("fit_ok", 1))
+        )
+        for key, amplified in (("dp_epsilon", True), ("dp_epsilon_unamplified", False)):
+            rec[key] = epsilon(
+                noise_multiplier=fed.dp_noise_multiplier,
+                num_clients=fed.num_clients,
+                sampled=sampled,
+                rounds=self.dp_rounds,
+                delta=fed.dp_delta,
+                amplified=amplified,
+            )
 
     def _aggregate(
         self, state: ServerState, replies: Sequence[ClientReply], server_round: int

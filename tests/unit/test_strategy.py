@@ -1664,3 +1664,58 @@ def test_a_resumed_strategy_continues_the_round_numbers() -> None:
     for _, ins in sent.values():
         assert ins.config[ROUND] == 3
     assert resumed.versions == {0: None, 1: None, 2: None, 3: None}
+
+
+def test_dp_clips_every_update_and_reports_epsilon() -> None:
+    # Prepare: noise small enough to see the clipped mean; C = 1.
+    strategy = _strategy(dp_noise_multiplier=1e-9, dp_clip_norm=1.0)
+    start = _global(strategy)
+    sent = _configure(strategy, _manager())
+    results = [
+        (sent[p][0], _res(_full(10.0 * (p + 1)), 1 + 99 * p, pid=p)) for p in (0, 1)
+    ]
+
+    # Execute
+    params, metrics = strategy.aggregate_fit(1, results, [])
+
+    # Assert: each update scaled to norm 1, then averaged with equal weights.
+    assert params is not None and metrics["dp_clipped"] == 2
+    expected = {}
+    for p in (0, 1):
+        update = {n: np.full(s, 10.0 * (p + 1)) - start[n] for n, s in LAYOUT.items()}
+        norm = math.sqrt(sum(float(np.sum(u * u)) for u in update.values()))
+        for n, u in update.items():
+            expected[n] = expected.get(n, 0) + (start[n] + u / norm) / 2
+    for n, value in strategy.global_arrays().items():
+        np.testing.assert_allclose(value, expected[n], atol=1e-6)
+    assert metrics["dp_epsilon"] > 0
+    assert metrics["dp_epsilon_unamplified"] >= metrics["dp_epsilon"]
+
+
+def test_dp_noise_has_the_calibrated_std() -> None:
+    # Prepare: wide layout, clients send back exactly what they got (zero update).
+    layout = AdapterLayout(
+        ("q.lora_A.weight", "q.lora_B.weight"), ((R, 4000), (4000, R))
+    )
+    strategy = _strategy(layout, dp_noise_multiplier=2.0, dp_clip_norm=0.5)
+    start = _global(strategy)
+    sent = _configure(strategy, _manager())
+    same = [start[n] for n in layout.names]
+    results = [(sent[p][0], _res(same, 5, pid=p)) for p in (0, 1, 2)]
+
+    # Execute
+    strategy.aggregate_fit(1, results, [])
+
+    # Assert: std z C / m = 2 * 0.5 / 3, from fresh entropy (not the seed).
+    noise = np.concatenate(
+        [(strategy.global_arrays()[n] - start[n]).ravel() for n in layout.names]
+    )
+    assert noise.std() == pytest.approx(1.0 / 3.0, rel=0.05)
+    assert abs(noise.mean()) < 0.01
+    again = _strategy(layout, dp_noise_multiplier=2.0, dp_clip_norm=0.5)
+    sent = _configure(again, _manager())
+    again.aggregate_fit(1, [(sent[p][0], _res(same, 5, pid=p)) for p in (0, 1, 2)], [])
+    assert not np.array_equal(
+        again.global_arrays()["q.lora_B.weight"],
+        strategy.global_arrays()["q.lora_B.weight"],
+    )
