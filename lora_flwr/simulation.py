@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -139,12 +140,35 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger("lora_flwr").setLevel(logging.INFO)
+    # SIGTERM (kill, a scheduler) ends the run like Ctrl-C: Ray is shut down, and
+    # the rounds already checkpointed can be resumed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         (run_fn or run)(cfg, verbose=args.verbose)
     except RunAborted as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, SystemExit):  # Ray's own SIGTERM handler exits
+        print(
+            f"interrupted; continue with: python run_simulation.py --resume {run_dir}",
+            file=sys.stderr,
+        )
+        if run_fn is not None:
+            return 130
+        # The engine's threads still use Ray: shutting it down or exiting through
+        # the interpreter under them aborts the process. Exit at once instead; Ray's
+        # own processes stop when their driver is gone, every result file is
+        # written atomically, and the run lock dies with the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _resume_config(

@@ -258,3 +258,16 @@ def test_bad_inputs_exit_2_before_the_engine_with_nothing_written(
     assert len(err) == 1 and err[0].startswith("error: ")
     assert message in err[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_an_interrupted_run_exits_130_and_says_how_to_resume(
+    main_with: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(cfg: ExperimentConfig, verbose: bool = False) -> None:
+        raise KeyboardInterrupt
+
+    code = main_with([], run_fn=interrupted)
+
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "interrupted; continue with: python run_simulation.py --resume" in err
