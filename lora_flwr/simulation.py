@@ -90,8 +90,13 @@ def main(
     argv: Sequence[str] | None = None,
     *,
     run_fn: Callable[..., object] | None = None,
+    hard_exit: bool = True,
 ) -> int:
-    """Command-line entry point; ``run_fn`` replaces :func:`run` (tests)."""
+    """Command-line entry point; ``run_fn`` replaces :func:`run` (tests).
+
+    On SIGINT/SIGTERM the process ends at once with exit code 130 (``hard_exit``;
+    tests turn it off to get the code returned).
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
@@ -153,7 +158,7 @@ def main(
             f"interrupted; continue with: python run_simulation.py --resume {run_dir}",
             file=sys.stderr,
         )
-        if run_fn is not None:
+        if not hard_exit:
             return 130
         # The engine's threads still use Ray: shutting it down or exiting through
         # the interpreter under them aborts the process. Exit at once instead; Ray's

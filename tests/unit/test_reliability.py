@@ -152,7 +152,9 @@ def main_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
         def record(cfg: ExperimentConfig, verbose: bool = False) -> None:
             started.append(cfg)
 
-        code = simulation.main(["--config", str(SMOKE), *argv], run_fn=run_fn or record)
+        code = simulation.main(
+            ["--config", str(SMOKE), *argv], run_fn=run_fn or record, hard_exit=False
+        )
         call.started = started  # type: ignore[attr-defined]
         return code
 
