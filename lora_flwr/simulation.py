@@ -53,6 +53,7 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     if not verbose:
         FLOWER_LOGGER.setLevel(logging.WARNING)
     run_dir = run_dir_for(cfg)
+    _ensure_watchdog()
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.fed.client_num_cpus,
@@ -84,6 +85,17 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
         )
     print(f"\nfinished {cfg.fed.num_rounds} rounds in {seconds:.1f} s -> {run_dir}")
     return run_dir
+
+
+_WATCHDOG: list[object] = []
+
+
+def _ensure_watchdog() -> None:
+    """Start, once per process, the watchdog that stops Ray's helpers after us."""
+    if not _WATCHDOG:
+        from lora_flwr.watchdog import start_watchdog
+
+        _WATCHDOG.append(start_watchdog())
 
 
 def main(

@@ -105,3 +105,37 @@ def test_a_finished_run_cannot_be_resumed(tmp_path: Path) -> None:
 
     assert again.returncode == 2
     assert "already finished all fed.num_rounds=4 rounds" in again.stderr
+
+
+def _session(sid: int) -> list[str]:
+    out = subprocess.run(
+        ["ps", "-eo", "pid,sid,args"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[1:]
+    return [line for line in out if line.split() and line.split()[1] == str(sid)]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_leaves_no_ray_process_behind(tmp_path: Path) -> None:
+    # Prepare: a run in its own session, so its processes can be told apart.
+    proc = subprocess.Popen(
+        _fresh(tmp_path, "orphans", "fedit"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = tmp_path / "orphans" / "state" / "round-001"
+    deadline = time.monotonic() + 300
+    while not state.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None
+    assert any("ray::" in line or "raylet" in line for line in _session(proc.pid))
+
+    # Execute: SIGKILL the driver alone (not its group).
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    # Assert: without the watchdog, DashboardAgent and RuntimeEnvAgent stay.
+    deadline = time.monotonic() + 20
+    while _session(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _session(proc.pid) == []
