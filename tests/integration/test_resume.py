@@ -40,6 +40,24 @@ def _fresh(out: Path, name: str, rule: str) -> list[str]:
     )
 
 
+def _start_until(
+    cmd: list[str], run_dir: Path, server_round: int
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session; return once ``server_round``'s state exists."""
+    proc = subprocess.Popen(
+        cmd,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = run_dir / "state" / f"round-{server_round:03d}"
+    deadline = time.monotonic() + 300
+    while not state.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    return proc
+
+
 def _adapter(run_dir: Path) -> dict[str, bytes]:
     tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     return {k: v.tobytes() for k, v in tensors.items()}
@@ -54,17 +72,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(
     subprocess.run(_fresh(tmp_path, "whole", rule), check=True, capture_output=True)
 
     # Execute: the same run, killed with SIGKILL after round 2's state is written.
-    proc = subprocess.Popen(
-        _fresh(tmp_path, "cut", rule),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = tmp_path / "cut" / "state" / "round-002"
-    deadline = time.monotonic() + 300
-    while not state.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    proc = _start_until(_fresh(tmp_path, "cut", rule), tmp_path / "cut", 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
@@ -117,17 +125,7 @@ def _session(sid: int) -> list[str]:
 @pytest.mark.slow
 def test_kill_9_of_the_driver_leaves_no_ray_process_behind(tmp_path: Path) -> None:
     # Prepare: a run in its own session, so its processes can be told apart.
-    proc = subprocess.Popen(
-        _fresh(tmp_path, "orphans", "fedit"),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = tmp_path / "orphans" / "state" / "round-001"
-    deadline = time.monotonic() + 300
-    while not state.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None
+    proc = _start_until(_fresh(tmp_path, "orphans", "fedit"), tmp_path / "orphans", 1)
     assert any("ray::" in line or "raylet" in line for line in _session(proc.pid))
 
     # Execute: SIGKILL the driver alone (not its group).
