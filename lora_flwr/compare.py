@@ -96,6 +96,8 @@ def _complete(run_dir: Path, cfg: ExperimentConfig) -> bool:
     except (OSError, ValueError):
         return False
     rounds = [r for r in history if r.get("round", 0) > 0]
+    # The child ran with --overwrite: how it treated the directory is not the run.
+    saved = dataclasses.replace(saved, on_existing=cfg.on_existing)
     return saved == cfg and len(rounds) == cfg.fed.num_rounds
 
 
