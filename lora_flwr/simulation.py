@@ -136,17 +136,14 @@ def main(
         if args.overwrite:
             cfg = dataclasses.replace(cfg, on_existing="overwrite")
         # The rule is built inside the ServerApp; check it before Ray starts.
-        get_rule(cfg.fed.aggregation).check_setup(
-            rank_tiers=cfg.fed.rank_tiers,
-            server_optimizer=cfg.fed.server_optimizer,
-            robust=cfg.fed.robust,
-        )
+        get_rule(cfg.fed.aggregation).check_config(cfg.fed)
         run_dir = Path(cfg.output_dir) / cfg.name
         check_run_dir(run_dir, cfg.on_existing)
         if cfg.on_existing == "resume":
-            from lora_flwr.fl.checkpoint import check_resumable
+            from lora_flwr.fl.checkpoint import resume_checkpoint
 
-            done = check_resumable(cfg, run_dir)
+            point = resume_checkpoint(cfg, run_dir)
+            done = point.counters["round"] if point is not None else 0
             print(f"resuming {run_dir} after round {done}", file=sys.stderr)
         # Data, labels, model and targets: one line and exit 2, before Ray. (Imported
         # here: torch and transformers would slow the schema errors above.)

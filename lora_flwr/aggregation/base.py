@@ -26,7 +26,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,9 @@ from lora_flwr.protocol import (
     group_of,
 )
 from lora_flwr.validation import check_arrays
+
+if TYPE_CHECKING:  # annotations only: the rules do not depend on the config
+    from lora_flwr.config import FedConfig
 
 NDArray = npt.NDArray[np.float32]
 Arrays = dict[str, NDArray]
@@ -304,7 +307,8 @@ class Rule:
         ValueError
             On heterogeneous rank tiers for a rule that needs one rank, a server
             optimizer for a rule whose state it cannot act on, or robust averaging
-            for a rule whose aggregate is not a plain average.
+            or differential privacy for a rule whose aggregate is not a plain
+            average.
         """
         if len(set(rank_tiers)) > 1 and not cls.supports_rank_tiers:
             raise ValueError(
@@ -330,6 +334,22 @@ class Rule:
                 "a noisy mean of clipped updates; use ffa or fedsvd (as their papers "
                 "do under DP), fedit, fedsa or rolora"
             )
+
+    @classmethod
+    def check_config(cls, fed: FedConfig) -> None:
+        """:meth:`check_setup` for the ``[fed]`` section of a config.
+
+        Raises
+        ------
+        ValueError
+            As :meth:`check_setup`.
+        """
+        cls.check_setup(
+            rank_tiers=fed.rank_tiers,
+            server_optimizer=fed.server_optimizer,
+            robust=fed.robust,
+            dp=fed.dp_noise_multiplier > 0,
+        )
 
     optimizer_refusal: ClassVar[str] = (
         "its state is not a fixed set of averaged tensors"

@@ -155,14 +155,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(state, counters)
 
 
-def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> int:
-    """Return the round a resume of ``run_dir`` continues after (0: from scratch).
+def resume_checkpoint(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None:
+    """Return the checkpoint a resume of ``run_dir`` continues from (None: round 0).
 
     Raises
     ------
     ValueError
-        If the rule keeps client state a restarted run cannot have (FedSA's B), or
-        the run already finished.
+        If the rule keeps client state a restarted run cannot have (FedSA's B), the
+        run already finished, or the checkpoint is unreadable.
     """
     if get_rule(cfg.fed.aggregation).personalized:
         raise ValueError(
@@ -171,10 +171,12 @@ def check_resumable(cfg: ExperimentConfig, run_dir: Path) -> int:
             "cannot be resumed"
         )
     path = latest_checkpoint(run_dir)
-    done = load_checkpoint(path).counters["round"] if path is not None else 0
-    if done >= cfg.fed.num_rounds:
+    if path is None:
+        return None
+    point = load_checkpoint(path)
+    if point.counters["round"] >= cfg.fed.num_rounds:
         raise ValueError(
             f"{run_dir} already finished all fed.num_rounds={cfg.fed.num_rounds} "
             "rounds; nothing to resume"
         )
-    return int(done)
+    return point

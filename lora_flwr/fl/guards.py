@@ -39,6 +39,15 @@ _REALS = (TRAIN_LOSS, SECONDS, ACCURACY, PERPLEXITY)
 _COUNTS = (NUM_TOKENS, MODEL_LOADS, FIT_CALLS, BASE_VERSION)
 
 
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
 def clean_metrics(
     metrics: Mapping[str, MetricValue],
 ) -> tuple[dict[str, MetricValue], list[str]]:
@@ -51,9 +60,8 @@ def clean_metrics(
     kept: dict[str, MetricValue] = {}
     problems: list[str] = []
     for key, value in metrics.items():
-        real = isinstance(value, int | float) and not isinstance(value, bool)
         if key in _REALS:
-            ok = real and math.isfinite(value)  # type: ignore[arg-type]
+            ok = is_finite_number(value)
             what = "a finite number"
         elif key in _COUNTS:
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -16,13 +16,7 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.experiment import get_workspace, heldout_data
-from lora_flwr.fl.checkpoint import (
-    Checkpoint,
-    check_resumable,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import Arrays, FedLoRA
 from lora_flwr.lora.io import (
@@ -127,13 +121,10 @@ def _resume_point(
     cfg: ExperimentConfig, run_dir: Path
 ) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
     """Return the checkpoint and history to continue from (None: start anew)."""
-    if cfg.on_existing != "resume":
+    point = resume_checkpoint(cfg, run_dir) if cfg.on_existing == "resume" else None
+    if point is None:
         return None, []
-    if check_resumable(cfg, run_dir) == 0:
-        return None, []
-    path = latest_checkpoint(run_dir)
-    assert path is not None
-    return load_checkpoint(path), read_history(run_dir)
+    return point, read_history(run_dir)
 
 
 def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:

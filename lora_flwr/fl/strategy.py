@@ -48,7 +48,6 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
 from lora_flwr.aggregation import (
     ClientInfo,
@@ -58,9 +57,15 @@ from lora_flwr.aggregation import (
     ServerState,
     get_rule,
 )
+from lora_flwr.aggregation.robust import clip_update
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.checkpoint import Checkpoint
-from lora_flwr.fl.guards import RunAborted, clean_metrics, guard_replies
+from lora_flwr.fl.guards import (
+    RunAborted,
+    clean_metrics,
+    guard_replies,
+    is_finite_number,
+)
 from lora_flwr.fl.sampling import (
     EVALUATE_STREAM,
     FIT_STREAM,
@@ -123,15 +128,11 @@ def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) ->
     Raises
     ------
     ValueError
-        On an unknown rule, rank tiers the rule cannot hold, or a server optimizer
-        or robust average it cannot use (one line naming the keys).
+        On an unknown rule, rank tiers the rule cannot hold, or a server optimizer,
+        robust average or DP it cannot use (one line naming the keys).
     """
     rule = get_rule(cfg.fed.aggregation)(layout, initial, cfg.lora.scaling)
-    rule.check_setup(
-        rank_tiers=cfg.fed.rank_tiers,
-        server_optimizer=cfg.fed.server_optimizer,
-        robust=cfg.fed.robust,
-    )
+    rule.check_config(cfg.fed)
     if cfg.fed.robust != "none":
         rule.use_robust(cfg.fed.robust, cfg.fed.trim_fraction)
     if cfg.fed.dp_noise_multiplier > 0:
@@ -533,23 +534,19 @@ class FedLoRA(Strategy):
     def _dp_clip(
         self, replies: Sequence[ClientReply], rec: dict[str, Any]
     ) -> list[ClientReply]:
-        """Clip every update to ``fed.dp_clip_norm`` (Flower's DP clipping)."""
+        """Clip every update (reply - start) to norm ``fed.dp_clip_norm``.
+
+        The same flat clipping as Flower's DP strategies, done by the norm guard's
+        :func:`clip_update` on the names each client sent.
+        """
         out = []
         clipped = 0
         for reply in replies:
-            names = [n for n in reply.arrays if n in reply.start]
-            start = [reply.start[n].astype(np.float64) for n in names]
-            values = [reply.arrays[n].astype(np.float64) for n in names]
-            norm = get_norm([v - s for v, s in zip(values, start, strict=True)])
-            if norm <= self.fed.dp_clip_norm:  # (Flower's clip divides by the norm)
-                out.append(reply)
-                continue
-            clipped += 1
-            compute_clip_model_update(values, start, self.fed.dp_clip_norm)
-            arrays = dict(reply.arrays)
-            for n, v in zip(names, values, strict=True):
-                arrays[n] = v.astype(reply.arrays[n].dtype)
-            out.append(dataclasses.replace(reply, arrays=arrays))
+            if update_norm(reply.arrays, reply.start) > self.fed.dp_clip_norm:
+                clipped += 1
+                arrays = clip_update(reply.arrays, reply.start, self.fed.dp_clip_norm)
+                reply = dataclasses.replace(reply, arrays=arrays)
+            out.append(reply)
         rec["dp_clipped"] = clipped
         return out
 
@@ -672,11 +669,7 @@ class FedLoRA(Strategy):
         for proxy, res in results:
             sent = self._sent.get(proxy.cid)
             clean, problems = clean_metrics(res.metrics)
-            loss_ok = (
-                isinstance(res.loss, int | float)
-                and not isinstance(res.loss, bool)
-                and math.isfinite(res.loss)
-            )
+            loss_ok = is_finite_number(res.loss)
             n = res.num_examples
             n_ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
             if not loss_ok:

@@ -10,9 +10,9 @@ import pytest
 from lora_flwr.aggregation import FoldBlock, ServerState
 from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.fl.checkpoint import (
-    check_resumable,
     latest_checkpoint,
     load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 
@@ -75,17 +75,17 @@ def test_checkpoint_round_trip_is_exact_and_older_rounds_are_pruned(
 
 def test_no_checkpoint_means_start_from_scratch(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
-    assert check_resumable(ExperimentConfig(), tmp_path) == 0
+    assert resume_checkpoint(ExperimentConfig(), tmp_path) is None
 
 
 def test_fedsa_cannot_resume(tmp_path: Path) -> None:
     cfg = ExperimentConfig(fed=FedConfig(aggregation="fedsa"))
     with pytest.raises(ValueError, match="keeps each client's B .* cannot be resumed"):
-        check_resumable(cfg, tmp_path)
+        resume_checkpoint(cfg, tmp_path)
 
 
 def test_a_finished_run_has_nothing_to_resume(tmp_path: Path) -> None:
     cfg = ExperimentConfig(fed=FedConfig(num_rounds=2))
     save_checkpoint(tmp_path, 2, _state(2), {})
     with pytest.raises(ValueError, match="already finished all fed.num_rounds=2"):
-        check_resumable(cfg, tmp_path)
+        resume_checkpoint(cfg, tmp_path)

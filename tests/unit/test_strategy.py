@@ -1499,6 +1499,11 @@ def test_run_simulation_rejects_a_bad_config_with_exit_code_2(
             "error: `fed.aggregation`='fedit' needs one rank for every client but "
             "`fed.rank_tiers` is '2,4'",
         ),
+        (
+            ["fed.aggregation=flora", "fed.dp_noise_multiplier=1.0"],
+            "error: differential privacy (`fed.dp_noise_multiplier` > 0) cannot be "
+            "combined with `fed.aggregation`='flora'",
+        ),
     ],
 )
 def test_run_simulation_rejects_an_impossible_combination_before_starting(
