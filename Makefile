@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 install: $(VENV)/.installed
 
 run: install  ## the default experiment: MiniLM + LoRA on Rotten Tomatoes, 10 clients
-	$(BIN)/python run_simulation.py --config $(CONFIG)
+	$(BIN)/python run_simulation.py --config $(CONFIG) $(ARGS)
 
 test: install quality  ## lint, types and the fast test suite
 	$(BIN)/python -m pytest -q
