@@ -5,7 +5,8 @@ Each probe is one Ray simulation; the honest run is the reference. Prints a
 Markdown table (final held-out loss / accuracy, what the guards counted):
 
     PYTHONPATH=. python benchmarks/reliability_probes.py [--out DIR] [--no-guards]
-        [--robust median] [--probes honest,dropout_30] [--config configs/default.toml]
+        [--robust median] [--secagg] [--probes honest,dropout_30]
+        [--config configs/default.toml]
 
 ``tests/integration/test_hostile_clients.py`` runs the same probes and asserts on
 them.
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,17 @@ PROBES = (
     "fit_metric_abc",  # fit metric seconds = "abc"
     "eval_metric_abc",  # evaluate metric accuracy = "abc"
     "dropout_30",  # every client fails 30 % of its fit calls at random (seeded)
+    "leave",  # the hostile partition fails every fit call
 )
+# fed settings of a SecAgg+ run (--secagg): the server-side guards cannot see a
+# single update, and the weight bound sits just above the smoke clients' ~97
+# examples so the quantisation keeps its precision.
+SECAGG = {
+    "secagg": True,
+    "norm_guard": "off",
+    "weight_cap": 0.0,
+    "secagg_max_weight": 100.0,
+}
 
 
 class HostileClient(LoRAClient):
@@ -45,6 +57,8 @@ class HostileClient(LoRAClient):
     probe = "honest"
 
     def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        if self.probe == "leave" and self.partition_id == HOSTILE:
+            raise RuntimeError(f"leave probe: partition {HOSTILE} fails every fit")
         if self.probe.startswith("dropout_"):
             share = int(self.probe.split("_")[1]) / 100
             draw = np.random.default_rng(
@@ -85,9 +99,12 @@ def probe_config(
     guards: bool = True,
     robust: str = "none",
     base_path: Path = SMOKE,
+    fed_set: Mapping[str, Any] | None = None,
+    tag: str = "",
 ) -> ExperimentConfig:
     """The probe's config: the smoke config at 3 clients (every client trained and
-    evaluated), or another config (``base_path``) as it is.
+    evaluated), or another config (``base_path``) as it is; ``fed_set`` replaces
+    fed fields (named by ``tag`` in the run name).
     """
     base = ExperimentConfig.from_toml(base_path)
     fed = base.fed
@@ -103,11 +120,12 @@ def probe_config(
         )
     if not guards:
         fed = dataclasses.replace(fed, weight_cap=0.0, norm_guard="off")
-    fed = dataclasses.replace(fed, robust=robust)
+    fed = dataclasses.replace(fed, robust=robust, **dict(fed_set or {}))
     name = (
         f"{base.name}-{probe}"
         + ("" if guards else "-noguards")
         + ("" if robust == "none" else f"-{robust}")
+        + (f"-{tag}" if tag else "")
     )
     return dataclasses.replace(
         base, name=name, output_dir=str(out), on_existing="overwrite", fed=fed
@@ -121,20 +139,34 @@ def run_probe(
     guards: bool = True,
     robust: str = "none",
     base_path: Path = SMOKE,
+    fed_set: Mapping[str, Any] | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Run one probe in the Ray simulation; return its last history record."""
+    """Run one probe in the Ray simulation; return its last history record.
+
+    The record also has ``run_dir`` and, per count, ``<count>_total`` over rounds.
+    """
     import ray.cloudpickle
     from flwr.client import ClientApp
     from flwr.common import Context
     from flwr.simulation import run_simulation
 
+    from lora_flwr.fl.client_app import make_secagg_mod
     from lora_flwr.fl.server_app import make_server_app
     from lora_flwr.results import read_history
     from lora_flwr.rundir import release_run_dir
 
     # Ray workers cannot import this file: ship the client class by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[HostileClient.__module__])
-    cfg = probe_config(out, probe, guards=guards, robust=robust, base_path=base_path)
+    cfg = probe_config(
+        out,
+        probe,
+        guards=guards,
+        robust=robust,
+        base_path=base_path,
+        fed_set=fed_set,
+        tag=tag,
+    )
     run_dir = out / cfg.name
 
     def client_fn(context: Context):  # type: ignore[no-untyped-def]
@@ -146,7 +178,7 @@ def run_probe(
     try:
         run_simulation(
             server_app=make_server_app(cfg, run_dir),
-            client_app=ClientApp(client_fn=client_fn),
+            client_app=ClientApp(client_fn=client_fn, mods=[make_secagg_mod(cfg)]),
             num_supernodes=cfg.fed.num_clients,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0}},
         )
@@ -154,6 +186,7 @@ def run_probe(
         release_run_dir(run_dir)
     history = read_history(run_dir)
     last = dict(history[-1])
+    last["run_dir"] = str(run_dir)
     for key in (
         "weight_capped",
         "norm_clipped",
@@ -174,12 +207,15 @@ def main() -> None:
     parser.add_argument("--robust", default="none", help="fed.robust")
     parser.add_argument("--probes", default=",".join(PROBES), help="which probes")
     parser.add_argument("--config", type=Path, default=SMOKE, help="base config")
+    parser.add_argument("--secagg", action="store_true", help="fit through SecAgg+")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="probes-"))
     rows = []
     setting = ("guards on" if not args.no_guards else "guards off") + (
         "" if args.robust == "none" else f", robust={args.robust}"
     )
+    if args.secagg:
+        setting = "SecAgg+"
     for probe in args.probes.split(","):
         last = run_probe(
             out,
@@ -187,6 +223,8 @@ def main() -> None:
             guards=not args.no_guards,
             robust=args.robust,
             base_path=args.config,
+            fed_set=SECAGG if args.secagg else None,
+            tag="secagg" if args.secagg else "",
         )
         rows.append(
             f"| {probe} | {setting} | {last.get('test_loss', float('nan')):.4f} | "

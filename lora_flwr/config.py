@@ -341,6 +341,20 @@ class FedConfig:
     dp_noise_multiplier: float = 0.0
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Secure aggregation (Flower's SecAgg+ workflow, Bell et al., CCS 2020): the
+    # server learns only the weighted sum of what clients send. Each client
+    # multiplies its reply by num_examples / secagg_max_weight, and every value of
+    # that must lie within +-secagg_clip (the client refuses to send otherwise:
+    # SecAgg+ would clip it silently); values are quantised to 2**22 levels over
+    # that range. Each client shares its keys with secagg_shares x the sampled
+    # clients; secagg_threshold x those shares rebuild a dropped client's mask.
+    # Only for plain weighted-sum rules at one rank; the server sees no single
+    # update, so its guards (norm_guard, weight_cap, robust, DP) must be off.
+    secagg: bool = False
+    secagg_clip: float = 2.0
+    secagg_max_weight: float = 1000.0
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     client_num_gpus: float = 0.0
 
@@ -465,6 +479,18 @@ class FedConfig:
             self.robust,
             "'none' with differential privacy (its noise is calibrated to a mean)",
         )
+        _check(self.secagg_clip > 0, "fed.secagg_clip", self.secagg_clip, "> 0")
+        _check(
+            self.secagg_max_weight >= 1,
+            "fed.secagg_max_weight",
+            self.secagg_max_weight,
+            ">= 1 (the largest example count a client may have)",
+        )
+        for name in ("secagg_shares", "secagg_threshold"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, f"fed.{name}", value, "in (0, 1]")
+        if self.secagg:
+            self._check_secagg()
         _check(
             self.client_num_cpus > 0,
             "fed.client_num_cpus",
@@ -476,6 +502,41 @@ class FedConfig:
             "fed.client_num_gpus",
             self.client_num_gpus,
             ">= 0",
+        )
+
+    def _check_secagg(self) -> None:
+        """Refuse what cannot run when the server sees only the masked sum."""
+        _check(
+            self.min_fit_clients >= 2,
+            "fed.min_fit_clients",
+            self.min_fit_clients,
+            ">= 2 with fed.secagg = true (a sum of one update reveals it)",
+        )
+        hidden = "with fed.secagg = true: the server sees no single update"
+        _check(
+            self.norm_guard == "off",
+            "fed.norm_guard",
+            self.norm_guard,
+            f"'off' {hidden}",
+        )
+        _check(
+            self.weight_cap == 0,
+            "fed.weight_cap",
+            self.weight_cap,
+            f"0 {hidden}",
+        )
+        _check(
+            self.max_update_norm == 0,
+            "fed.max_update_norm",
+            self.max_update_norm,
+            f"0 {hidden}",
+        )
+        _check(self.robust == "none", "fed.robust", self.robust, f"'none' {hidden}")
+        _check(
+            self.dp_noise_multiplier == 0,
+            "fed.dp_noise_multiplier",
+            self.dp_noise_multiplier,
+            f"0 {hidden} (DP clips each update)",
         )
 
 

@@ -299,6 +299,7 @@ class Rule:
         server_optimizer: str,
         robust: str = "none",
         dp: bool = False,
+        secagg: bool = False,
     ) -> None:
         """Refuse combinations that make no sense for this rule (one clear line).
 
@@ -306,9 +307,10 @@ class Rule:
         ------
         ValueError
             On heterogeneous rank tiers for a rule that needs one rank, a server
-            optimizer for a rule whose state it cannot act on, or robust averaging
+            optimizer for a rule whose state it cannot act on, robust averaging
             or differential privacy for a rule whose aggregate is not a plain
-            average.
+            average, or secure aggregation for a rule whose aggregate is not a
+            plain weighted sum of equally shaped replies.
         """
         if len(set(rank_tiers)) > 1 and not cls.supports_rank_tiers:
             raise ValueError(
@@ -335,6 +337,20 @@ class Rule:
                 "do under DP), fedit, fedsa or rolora"
             )
 
+        if secagg and not cls.plain_weighted_sum:
+            raise ValueError(
+                f"`fed.secagg` = true cannot be combined with `fed.aggregation`="
+                f"{cls.name!r}: SecAgg+ reveals only a weighted sum of what clients "
+                "send, and this rule needs each reply; use fedit, ffa, fedsa, rolora, "
+                "fedsvd or hetlora"
+            )
+        if secagg and len(set(rank_tiers)) > 1:
+            raise ValueError(
+                "`fed.secagg` = true needs one rank for every client (SecAgg+ sums "
+                f"equally shaped vectors) but `fed.rank_tiers` is "
+                f"{','.join(map(str, rank_tiers))!r}"
+            )
+
     @classmethod
     def check_config(cls, fed: FedConfig) -> None:
         """:meth:`check_setup` for the ``[fed]`` section of a config.
@@ -349,6 +365,7 @@ class Rule:
             server_optimizer=fed.server_optimizer,
             robust=fed.robust,
             dp=fed.dp_noise_multiplier > 0,
+            secagg=fed.secagg,
         )
 
     optimizer_refusal: ClassVar[str] = (

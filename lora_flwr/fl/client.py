@@ -26,7 +26,7 @@ from flwr.common import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.data import TokenizedDataset
 from lora_flwr.experiment import Workspace, client_datasets, get_workspace
-from lora_flwr.fl.runner import NodeStore, finish, prepare
+from lora_flwr.fl.runner import NodeStore, check_secagg_range, finish, prepare
 from lora_flwr.models import model_load_count
 from lora_flwr.protocol import (
     BASE_VERSION,
@@ -209,6 +209,11 @@ class LoRAClient(NumPyClient):
             prox_mu=float(config.get(PROX_MU, 0.0)),
         )
         reply = finish(self.ws.adapter, plan, self.store)
+        fed = self.cfg.fed
+        if fed.secagg:
+            check_secagg_range(
+                reply, len(self.train_data), fed.secagg_clip, fed.secagg_max_weight
+            )
         out: dict[str, Scalar] = {
             TRAIN_LOSS: metrics[TRAIN_LOSS],
             SECONDS: metrics[SECONDS],

@@ -7,14 +7,36 @@
 from __future__ import annotations
 
 from flwr.client import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common import Context, Message
 
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import make_client_fn
 
 
+def make_secagg_mod(
+    cfg: ExperimentConfig | None = None,
+) -> Mod:
+    """Return a mod that runs Flower's SecAgg+ protocol when the run asks for it.
+
+    ``secaggplus_mod`` cannot sit on a plain run's fit messages (it expects its
+    protocol stages), so whether it runs follows ``fed.secagg`` of the run's
+    config: the closure's ``cfg``, or else the node's ``run_config``.
+    """
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
+        if exp.fed.secagg:
+            return secaggplus_mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return mod
+
+
 def make_client_app(cfg: ExperimentConfig | None = None) -> ClientApp:
     """Build a ClientApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
-    return ClientApp(client_fn=make_client_fn(cfg))
+    return ClientApp(client_fn=make_client_fn(cfg), mods=[make_secagg_mod(cfg)])
 
 
 app = make_client_app()

@@ -9,6 +9,7 @@ order. Keeping this apart from ``client.py`` lets tests drive it without Flower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -183,3 +184,33 @@ def finish(adapter: LoRAAdapter, plan: Plan, store: NodeStore) -> list[NDArray]:
             {n: a for n, a in current.items() if group_of(n) in plan.keep}
         )
     return [current[name] for name, _ in layout_of(adapter).reply_spec(plan)]
+
+
+def check_secagg_range(
+    reply: Sequence[NDArray], num_examples: int, clip: float, max_weight: float
+) -> None:
+    """Refuse a reply that SecAgg+ would distort without a word.
+
+    The SecAgg+ client mod multiplies the reply by ``num_examples / max_weight``
+    and clips every value to ``[-clip, clip]`` before quantising it, and the
+    masked sums stay exact only while the weights stay at most ``max_weight``.
+
+    Raises
+    ------
+    ValueError
+        If ``num_examples`` exceeds ``max_weight`` or a weighted value would be
+        clipped, naming the value and the config key to raise.
+    """
+    if num_examples > max_weight:
+        raise ValueError(
+            f"SecAgg+: this client has {num_examples} training examples, more than "
+            f"fed.secagg_max_weight={max_weight:g}; raise fed.secagg_max_weight"
+        )
+    ratio = num_examples / max_weight
+    peak = max((float(np.abs(a).max()) for a in reply if a.size), default=0.0)
+    if not math.isfinite(peak) or peak * ratio > clip:
+        raise ValueError(
+            f"SecAgg+: a reply value of magnitude {peak:.4g} x weight {ratio:.4g} "
+            f"exceeds fed.secagg_clip={clip:g} and would be clipped; raise "
+            "fed.secagg_clip"
+        )

@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common import Context
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import (
+    Grid,
+    LegacyContext,
+    ServerApp,
+    ServerAppComponents,
+    ServerConfig,
+)
+from flwr.server.compat import start_grid
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from lora_flwr.aggregation import get_rule
-from lora_flwr.config import ExperimentConfig
+from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from lora_flwr.fl.runner import layout_of
@@ -35,6 +43,8 @@ from lora_flwr.results import (
 from lora_flwr.rundir import claim_run_dir
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]
+SECAGG_MODULUS = 2**32  # masked sums live modulo this
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -165,11 +175,49 @@ def make_server_fn(
     return server_fn
 
 
+def secagg_workflow(fed: FedConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the quantisation of ``fed``.
+
+    Values are clipped to ``+-fed.secagg_clip`` and quantised to ``2**22`` levels
+    (Flower's default), so one value's error is at most ``2 clip / 2**22`` per
+    client before averaging; the masks live modulo ``2**32``.
+    """
+    return SecAggPlusWorkflow(
+        num_shares=fed.secagg_shares,
+        reconstruction_threshold=fed.secagg_threshold,
+        max_weight=fed.secagg_max_weight,
+        clipping_range=fed.secagg_clip,
+        quantization_range=SECAGG_LEVELS,
+        modulus_range=SECAGG_MODULUS,
+    )
+
+
 def make_server_app(
     cfg: ExperimentConfig | None = None, run_dir: Path | None = None
 ) -> ServerApp:
-    """Build a ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None)."""
-    return ServerApp(server_fn=make_server_fn(cfg, run_dir))
+    """Build a ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None).
+
+    A plain run is Flower's legacy server loop over the strategy; with
+    ``fed.secagg`` the fit rounds go through Flower's SecAgg+ workflow instead,
+    which hands the strategy only the unmasked weighted mean.
+    """
+    app = ServerApp()
+    server_fn = make_server_fn(cfg, run_dir)
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        components = server_fn(context)
+        strategy = components.strategy
+        assert isinstance(strategy, FedLoRA)
+        if not strategy.fed.secagg:
+            start_grid(grid=grid, config=components.config, strategy=strategy)
+            return
+        legacy = LegacyContext(
+            context=context, config=components.config, strategy=strategy
+        )
+        DefaultWorkflow(fit_workflow=secagg_workflow(strategy.fed))(grid, legacy)
+
+    return app
 
 
 app = make_server_app()

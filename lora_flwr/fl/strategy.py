@@ -408,7 +408,9 @@ class FedLoRA(Strategy):
         arrays = parameters_to_ndarrays(res.parameters)
         spec = self.rule.reply_spec(sent.plan)
         named = pair_names(spec, arrays)
-        check_arrays(named, spec, dtype=np.float32, what="reply")
+        # Under SecAgg+ the arrays are the unmasked float64 mean, checked later.
+        dtype = None if self.fed.secagg else np.float32
+        check_arrays(named, spec, dtype=dtype, what="reply")
         n = res.num_examples
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
             raise ValueError(f"num_examples={n!r} must be a positive integer")
@@ -442,6 +444,76 @@ class FedLoRA(Strategy):
                 self.versions[sent.partition] = None
             log(WARNING, "round %d: client %s failed: %r", server_round, who, failure)
             self._last_failure = _failure_text(failure)
+        replies, metrics, dropped = self._valid_replies(server_round, results)
+        replies, report = guard_replies(
+            replies,
+            weight_cap=self.fed.weight_cap,
+            norm_guard=self.fed.norm_guard,
+            norm_factor=self.fed.norm_guard_factor,
+        )
+        for warning in report.warnings:
+            log(WARNING, "round %d: %s", server_round, warning)
+        fit_ok = len(replies)
+        if self.fed.secagg:
+            # Uploads are masked vectors that only Flower's workflow sees.
+            rec.pop("bytes_up", None)
+            rec.pop("bytes_up_max", None)
+            replies = self._secagg_reply(server_round, results, replies, dropped)
+            fit_ok = fit_ok if replies else 0
+        failed = len(failures)
+        if self.fed.secagg:
+            # Flower's SecAgg+ workflow lists each failed node twice (1.42): count
+            # the sampled clients that sent no masked vector instead.
+            failed = int(rec.get("fit_sampled", 0)) - len(results)
+        rec.update(fit_ok=fit_ok, fit_failed=failed, fit_dropped=dropped)
+        rec.update(
+            weight_capped=report.weight_capped,
+            norm_clipped=report.norm_clipped,
+            norm_rejected=report.norm_rejected,
+        )
+        if report.norm_bound is not None:
+            rec["norm_bound"] = report.norm_bound
+        if self.fed.dp_noise_multiplier > 0:
+            replies = self._dp_clip(replies, rec)
+        rec.update(_fit_metrics(metrics))
+        if not replies or fit_ok < self.fed.min_fit_replies:
+            log(
+                WARNING,
+                "round %d: %d valid replies < fed.min_fit_replies=%d; the global "
+                "adapter is kept unchanged",
+                server_round,
+                fit_ok,
+                self.fed.min_fit_replies,
+            )
+            rec["aggregated"] = False
+            return None, {}
+        replies.sort(key=lambda r: r.partition)  # sums in a fixed order
+        try:
+            new = self._aggregate(self.state, replies, server_round)
+        except Exception as exc:  # a broken aggregate must not become the global
+            log(
+                ERROR,
+                "round %d: aggregation failed, global kept: %s",
+                server_round,
+                exc,
+            )
+            rec["aggregated"] = False
+            return None, {}
+        self.state = new
+        rec["aggregated"] = True
+        if self.fed.dp_noise_multiplier > 0:
+            self.dp_rounds += 1
+            self._dp_account(rec)
+        rec["base_version"] = new.base_version
+        out: dict[str, Scalar] = {
+            k: v for k, v in rec.items() if isinstance(v, int | float | str)
+        }
+        return self._as_parameters(), out
+
+    def _valid_replies(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[list[ClientReply], list[tuple[int, Mapping[str, Scalar]]], int]:
+        """Validate each reply against its plan; drop (and count) bad ones."""
         replies: list[ClientReply] = []
         metrics: list[tuple[int, Mapping[str, Scalar]]] = []
         dropped = 0
@@ -478,58 +550,50 @@ class FedLoRA(Strategy):
                 continue
             replies.append(reply)
             metrics.append((reply.num_examples, clean))
-        replies, report = guard_replies(
-            replies,
-            weight_cap=self.fed.weight_cap,
-            norm_guard=self.fed.norm_guard,
-            norm_factor=self.fed.norm_guard_factor,
-        )
-        for warning in report.warnings:
-            log(WARNING, "round %d: %s", server_round, warning)
-        rec.update(fit_ok=len(replies), fit_failed=len(failures), fit_dropped=dropped)
-        rec.update(
-            weight_capped=report.weight_capped,
-            norm_clipped=report.norm_clipped,
-            norm_rejected=report.norm_rejected,
-        )
-        if report.norm_bound is not None:
-            rec["norm_bound"] = report.norm_bound
-        if self.fed.dp_noise_multiplier > 0:
-            replies = self._dp_clip(replies, rec)
-        rec.update(_fit_metrics(metrics))
-        if len(replies) < self.fed.min_fit_replies:
+        return replies, metrics, dropped
+
+    def _secagg_reply(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        replies: Sequence[ClientReply],
+        dropped: int,
+    ) -> list[ClientReply]:
+        """Turn SecAgg+'s one aggregate into the single reply the rule averages.
+
+        Flower's SecAgg+ workflow unmasks only the example-weighted mean of what
+        the clients sent and hands it to ``aggregate_fit`` as every result's
+        parameters. The rule then averages one reply: for a plain weighted-sum
+        rule that is the same global as averaging the clients' replies, up to
+        SecAgg+'s quantisation error. A reply that fails validation cannot be
+        taken out of the sum, so the round keeps the global adapter.
+        """
+        if not replies:
+            return []
+        if dropped:
             log(
                 WARNING,
-                "round %d: %d valid replies < fed.min_fit_replies=%d; the global "
-                "adapter is kept unchanged",
+                "round %d: %d invalid replies are inside the SecAgg+ sum and cannot "
+                "be taken out; the global adapter is kept unchanged",
                 server_round,
-                len(replies),
-                self.fed.min_fit_replies,
+                dropped,
             )
-            rec["aggregated"] = False
-            return None, {}
-        replies.sort(key=lambda r: r.partition)  # sums in a fixed order
-        try:
-            new = self._aggregate(self.state, replies, server_round)
-        except Exception as exc:  # a broken aggregate must not become the global
-            log(
-                ERROR,
-                "round %d: aggregation failed, global kept: %s",
-                server_round,
-                exc,
+            return []
+        first = results[0][1].parameters
+        if any(res.parameters.tensors != first.tensors for _, res in results):
+            raise RuntimeError(
+                "fed.secagg: results carry different parameters; Flower's SecAgg+ "
+                "workflow did not run (is the ServerApp built by make_server_app?)"
             )
-            rec["aggregated"] = False
-            return None, {}
-        self.state = new
-        rec["aggregated"] = True
-        if self.fed.dp_noise_multiplier > 0:
-            self.dp_rounds += 1
-            self._dp_account(rec)
-        rec["base_version"] = new.base_version
-        out: dict[str, Scalar] = {
-            k: v for k, v in rec.items() if isinstance(v, int | float | str)
-        }
-        return self._as_parameters(), out
+        plan = replies[0].plan
+        if any(r.plan != plan for r in replies):
+            raise RuntimeError("fed.secagg: the clients of a round had different plans")
+        spec = self.rule.reply_spec(plan)
+        named = pair_names(spec, parameters_to_ndarrays(first))
+        check_arrays(named, spec, dtype=None, what="SecAgg+ aggregate")
+        mean: Arrays = {n: np.asarray(a, dtype=np.float32) for n, a in named.items()}
+        total = sum(r.num_examples for r in replies)
+        return [ClientReply(replies[0].partition, plan, mean, total, replies[0].start)]
 
     def _dp_clip(
         self, replies: Sequence[ClientReply], rec: dict[str, Any]
@@ -571,7 +635,9 @@ class FedLoRA(Strategy):
         self, state: ServerState, replies: Sequence[ClientReply], server_round: int
     ) -> ServerState:
         new = self.rule.aggregate(state, replies, server_round)
-        self._record["agg_error"] = self.rule.aggregation_error(state, new, replies)
+        # Under SecAgg+ the single reply is already the mean: no per-client error.
+        if not self.fed.secagg:
+            self._record["agg_error"] = self.rule.aggregation_error(state, new, replies)
         if self.optimizer is not None:
             names = self.rule.averaged_names(replies)
             opt_state = {k: v for k, v in state.extra.items() if k.startswith("opt.")}
