@@ -442,8 +442,15 @@ class FedLoRA(Strategy):
             if sent is not None:
                 # It may have folded before failing: send it the whole delta next.
                 self.versions[sent.partition] = None
-            log(WARNING, "round %d: client %s failed: %r", server_round, who, failure)
+            # One line (the innermost error): the full Ray traceback is Flower's.
             self._last_failure = _failure_text(failure)
+            log(
+                WARNING,
+                "round %d: client %s failed: %s",
+                server_round,
+                who,
+                self._last_failure,
+            )
         replies, metrics, dropped = self._valid_replies(server_round, results)
         replies, report = guard_replies(
             replies,
