@@ -1,0 +1,158 @@
+"""Time to accuracy: lora_flwr against the PEFT + Flower FedAvg comparison app.
+
+    PYTHONPATH=. python benchmarks/time_to_accuracy.py [--pairs 2] [--target 0.75]
+        [--config configs/default.toml] [--precision fp32|bf16] [--out DIR]
+
+Runs the two apps one after the other, alternating (ours, theirs, ours, theirs,
+...), so that both see the same machine load; then prints, per app, the process
+wall time, the median round wall time, the seconds until held-out accuracy first
+reaches ``--target`` (summed round times, round 0 excluded) and the final accuracy,
+and the ratios ours / theirs. Round times count from the end of one round's
+evaluation to the end of the next in both apps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seconds_to(history: list[dict[str, Any]], target: float) -> float | None:
+    """Summed round seconds until accuracy first reaches ``target`` (None: never)."""
+    total = 0.0
+    for rec in history:
+        if int(rec["round"]) == 0:
+            continue
+        total += float(rec["round_seconds"])
+        if float(rec.get("test_accuracy") or 0.0) >= target:
+            return total
+    return None
+
+
+def summary(
+    history: list[dict[str, Any]], wall: float, target: float
+) -> dict[str, Any]:
+    """What the table shows for one run."""
+    rounds = [float(r["round_seconds"]) for r in history if int(r["round"]) > 0]
+    return {
+        "wall": wall,
+        "round_median": statistics.median(rounds),
+        "to_target": seconds_to(history, target),
+        "final": float(history[-1]["test_accuracy"]),
+    }
+
+
+def run_ours(config: Path, out: Path, name: str, precision: str) -> dict[str, Any]:
+    """Run lora_flwr's main job; return its history and process wall time."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run_simulation.py"),
+            "--config",
+            str(config),
+            "--set",
+            f"name={name}",
+            "--set",
+            f"output_dir={out}",
+            "--set",
+            f"train.precision={precision}",
+            "--overwrite",
+        ],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - start
+    history = json.loads((out / name / "history.json").read_text())
+    return {"history": history, "wall": wall}
+
+
+def run_theirs(config: Path, out: Path, name: str, precision: str) -> dict[str, Any]:
+    """Run the comparison app; return its history and process wall time."""
+    path = out / f"{name}.json"
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "baseline_peft_flower.py"),
+            "--config",
+            str(config),
+            "--out",
+            str(path),
+            "--precision",
+            precision,
+        ],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    wall = time.perf_counter() - start
+    return {"history": json.loads(path.read_text()), "wall": wall}
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "never" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    """Interleave the runs and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "configs/default.toml")
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--target", type=float, default=0.75)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--theirs-precision", choices=("fp32", "bf16"), default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    out = (args.out or Path(tempfile.mkdtemp(prefix="tta-"))).resolve()
+    theirs_precision = args.theirs_precision or args.precision
+    rows: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
+    for i in range(args.pairs):
+        ours = run_ours(args.config, out, f"ours-{i}", args.precision)
+        rows["ours"].append(summary(ours["history"], ours["wall"], args.target))
+        theirs = run_theirs(args.config, out, f"theirs-{i}", theirs_precision)
+        rows["theirs"].append(summary(theirs["history"], theirs["wall"], args.target))
+        print(
+            json.dumps(
+                {"pair": i, "ours": rows["ours"][-1], "theirs": rows["theirs"][-1]}
+            ),
+            flush=True,
+        )
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+
+    def med(app: str, key: str) -> float | None:
+        values = [r[key] for r in rows[app] if r[key] is not None]
+        if len(values) < len(rows[app]):
+            return None
+        return statistics.median(values)
+
+    print(
+        f"\n| | lora_flwr ({args.precision}) | PEFT + Flower FedAvg "
+        f"({theirs_precision}) | ratio |"
+    )
+    print("|---|---|---|---|")
+    for key, label in (
+        ("wall", "process wall, s"),
+        ("round_median", "round wall, median, s"),
+        ("to_target", f"seconds to {args.target} accuracy"),
+    ):
+        a, b = med("ours", key), med("theirs", key)
+        ratio = None if a is None or b is None else a / b
+        each = {app: ", ".join(_fmt(r[key]) for r in rows[app]) for app in rows}
+        print(f"| {label} | {each['ours']} | {each['theirs']} | {_fmt(ratio, 2)} |")
+    finals = {a: ", ".join(f"{r['final']:.3f}" for r in rows[a]) for a in rows}
+    print(f"| final accuracy | {finals['ours']} | {finals['theirs']} | |")
+
+
+if __name__ == "__main__":
+    main()
