@@ -9,12 +9,14 @@ tensors. Used by the centralised CLI and by the Flower apps alike.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
+from lora_flwr.assets import cache_dir
 from lora_flwr.config import ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
 from lora_flwr.data import (
     DatasetSplits,
@@ -23,13 +25,16 @@ from lora_flwr.data import (
     client_data,
     eval_subset,
     load_splits,
+    node_cache,
     tokenize,
 )
+from lora_flwr.data.datasets import source_stamp
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import ModelBundle, load_model
 from lora_flwr.training import LoRATrainer
 
 _LOCK = threading.RLock()
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,10 +195,52 @@ def heldout_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDataset:
 def client_datasets(
     ws: Workspace, cfg: ExperimentConfig, partition_id: int, num_partitions: int
 ) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """One client's local train and local test data, tokenized (cached)."""
-    train, test = client_data(cfg.data, partition_id, num_partitions, seed=cfg.seed)
+    """One client's local train and local test data, tokenized (cached).
+
+    Cached in the process, and on disk under ``$LORA_FLWR_CACHE/partitions`` (see
+    :mod:`lora_flwr.data.node_cache`): a deployed node's next ClientApp process
+    reads its partition back instead of partitioning the corpus again.
+    """
     key = ("client", partition_id, num_partitions)
-    return (
-        _tokenized(ws, cfg, (*key, "train"), train),
-        _tokenized(ws, cfg, (*key, "test"), test),
-    )
+    keys = [
+        (cfg.data, cfg.seed, cfg.model.name, cfg.model.max_length, *key, s)
+        for s in node_cache.SPLITS
+    ]
+    with _LOCK:
+        if all(k in _TOKENIZED for k in keys):
+            return _TOKENIZED[keys[0]], _TOKENIZED[keys[1]]
+    description = _partition_description(ws, cfg, partition_id, num_partitions)
+    path = node_cache.cache_path(cache_dir(), description)
+    stored = node_cache.load_partition(path, description)
+    if stored is None:
+        train, test = client_data(cfg.data, partition_id, num_partitions, seed=cfg.seed)
+        stored = {
+            "train": _tokenized(ws, cfg, (*key, "train"), train),
+            "test": _tokenized(ws, cfg, (*key, "test"), test),
+        }
+        try:
+            node_cache.save_partition(path, description, stored)
+        except OSError as exc:  # a read-only or full disk costs speed, not the run
+            logger.warning(
+                "could not cache partition %d at %s: %s", partition_id, path, exc
+            )
+    with _LOCK:
+        for k, name in zip(keys, node_cache.SPLITS, strict=True):
+            _TOKENIZED.setdefault(k, stored[name])
+        return _TOKENIZED[keys[0]], _TOKENIZED[keys[1]]
+
+
+def _partition_description(
+    ws: Workspace, cfg: ExperimentConfig, partition_id: int, num_partitions: int
+) -> dict[str, object]:
+    """Everything a node's tokenized partition depends on (its cache key)."""
+    return {
+        "data": dataclasses.asdict(cfg.data),
+        "corpus": source_stamp(cfg.data.name),
+        "seed": cfg.seed,
+        "partition": [partition_id, num_partitions],
+        "task": ws.task,
+        "model": cfg.model.name,
+        "max_length": cfg.model.max_length,
+        "tokenizer": node_cache.tokenizer_identity(ws.bundle.tokenizer),
+    }

@@ -118,7 +118,7 @@ def load_splits(cfg: DataConfig, *, seed: int) -> DatasetSplits:
         For an unknown name, a missing column, or a split that would leave the train
         or the test set empty.
     """
-    return _load_splits_cached(cfg, seed, _source_stamp(cfg.name))
+    return _load_splits_cached(cfg, seed, source_stamp(cfg.name))
 
 
 def eval_subset(test: TextDataset, cfg: DataConfig, *, seed: int) -> TextDataset:
@@ -147,7 +147,7 @@ def eval_subset(test: TextDataset, cfg: DataConfig, *, seed: int) -> TextDataset
 
 
 # -------------------------------------------------------------- split helpers
-def _source_stamp(name: str) -> tuple[float, int] | None:
+def source_stamp(name: str) -> tuple[float, int] | None:
     """Modification time and size of a local file, so edits invalidate the cache."""
     if name in BUILTIN_DATASETS:
         return None
@@ -169,7 +169,7 @@ def _load_splits_cached(
         cfg.text_column,
         cfg.label_column,
         cfg.group_column,
-        _source_stamp(cfg.name),
+        source_stamp(cfg.name),
     )
     data = corpus.data
     n_all = len(data)
