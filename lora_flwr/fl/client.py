@@ -13,6 +13,7 @@ keeps between rounds (FedSA's B, a merged base delta) lives in Flower's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
@@ -270,6 +271,34 @@ def node_partition(context: Context, default_partitions: int) -> tuple[int, int]
     return pid, num
 
 
+def node_threads(context: Context) -> int | None:
+    """Read the node's ``num-threads`` (torch threads per ClientApp process).
+
+    Several SuperNodes on one machine each run torch with every core by default;
+    an operator gives each its share with ``--node-config "... num-threads=N"``.
+    None when the node does not set it (``train.num_threads`` then applies).
+
+    Raises
+    ------
+    ValueError
+        If the value is not a positive integer.
+    """
+    value = context.node_config.get("num-threads")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"`num-threads`={value!r} should be a positive integer")
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(
+            f"`num-threads`={value!r} in the node config should be a positive integer"
+        )
+    return threads
+
+
 def make_client_fn(
     cfg: ExperimentConfig | None = None,
 ) -> Callable[[Context], Client]:
@@ -282,6 +311,11 @@ def make_client_fn(
     def client_fn(context: Context) -> Client:
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
+        threads = node_threads(context)
+        if threads is not None and threads != exp.train.num_threads:
+            exp = dataclasses.replace(
+                exp, train=dataclasses.replace(exp.train, num_threads=threads)
+            )
         client: Client = LoRAClient(exp, pid, num, context.state).to_client()
         return client
 

@@ -40,6 +40,7 @@ from lora_flwr.fl.client import (
     client_train_seed,
     make_client_fn,
     node_partition,
+    node_threads,
 )
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.models import model_load_count
@@ -581,6 +582,36 @@ def test_node_partition_defaults_to_the_configured_client_count() -> None:
 
     # Execute / Assert
     assert node_partition(context, 10) == (3, 10)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(3, 3), ("2", 2), (None, None)])
+def test_node_threads_reads_the_node_config(value: Any, expected: int | None) -> None:
+    # Prepare
+    node: dict[str, Any] = {"partition-id": 0}
+    if value is not None:
+        node["num-threads"] = value
+
+    # Execute / Assert
+    assert node_threads(_context(node)) == expected
+
+
+@pytest.mark.parametrize("value", [0, -2, "two", 1.5, True])
+def test_node_threads_refuses_what_is_not_a_positive_integer(value: Any) -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(ValueError, match="`num-threads`=.* should be a positive"):
+        node_threads(_context({"partition-id": 0, "num-threads": value}))
+
+
+def test_client_fn_gives_the_node_its_thread_count() -> None:
+    # Prepare
+    client_fn = make_client_fn(_cfg())
+
+    # Execute
+    client = client_fn(_context({"partition-id": 1, "num-threads": 1}))
+
+    # Assert: the trainer of this client runs torch with one thread.
+    numpy_client = client.numpy_client  # type: ignore[attr-defined]
+    assert numpy_client.cfg.train.num_threads == 1
 
 
 def test_client_fn_reads_the_run_config_without_a_closure() -> None:
