@@ -194,6 +194,8 @@ class Processes:
         # Otherwise every run `uv sync`s the app's dependencies (fails offline).
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        # Flower sends a telemetry event on start and exit: loopback only here.
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
