@@ -431,3 +431,109 @@ def test_node_with_an_unregistered_key_is_refused(
     # No node was added or brought online: the list is what it was.
     assert _node_status(secure_link) == before
     assert before[str(secure_link.node_ids[0])] == "online"
+
+
+PROBE_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "nodeprobe"
+version = "0.1.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "lora-flwr-tests"
+
+[tool.flwr.app.components]
+serverapp = "nodeprobe:app"
+clientapp = "nodeprobe:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+PROBE_APP = '''\
+"""Write what the ServerApp's Grid says about each node to run_config["out"]."""
+
+import json
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = [
+        {"node_id": n.node_id, "name": n.name, "public_key": n.public_key.decode()}
+        for n in grid.get_nodes()
+    ]
+    with open(str(context.run_config["out"]), "w") as fh:
+        json.dump({"grid": type(grid).__name__, "nodes": nodes}, fh)
+'''
+
+
+@pytest.mark.slow
+def test_serverapp_sees_each_nodes_registered_key(
+    secure_link: SecureLink, tmp_path: Path
+) -> None:
+    """The fact the partition-binding design in docs/DEPLOYMENT.md rests on.
+
+    In Flower 1.42 a ServerApp's ``grid.get_nodes()`` returns, per online node,
+    the public key registered for it (and the ``--name`` given at registration),
+    so a server can map a key fingerprint to a partition instead of trusting the
+    partition a node declares.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    # Prepare: a minimal Flower app whose ServerApp only reports the nodes.
+    app_dir = tmp_path / "nodeprobe"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (app_dir / "nodeprobe.py").write_text(PROBE_APP)
+    out = tmp_path / "nodes_seen.json"
+    run_config = tmp_path / "probe.toml"
+    run_config.write_text(f"out = {json.dumps(str(out))}\n")
+
+    # Execute
+    start = time.perf_counter()
+    secure_link.procs.start(
+        "flwr-run",
+        [
+            deploy_local.binary("flwr"),
+            "run",
+            str(app_dir),
+            deploy_local.CONNECTION,
+            "--run-config",
+            str(run_config),
+            "--stream",
+        ],
+        secure_link.env,
+        cwd=app_dir,
+    )
+    run = deploy_local.wait_for_run(
+        secure_link.env, deploy_local.CONNECTION, 600, secure_link.procs, ["superlink"]
+    )
+    print(f"probe run: {time.perf_counter() - start:.1f} s")
+
+    # Assert: exactly the online node, with the key registered for it.
+    assert run["status"] == "finished:completed", run
+    seen = json.loads(out.read_text())
+    assert seen["grid"] == "HttpGrid"
+    key = secure_link.creds.node_keys[0].public
+    pem = (
+        serialization.load_ssh_public_key(key.read_bytes())
+        .public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+        .decode()
+    )
+    assert seen["nodes"] == [
+        {"node_id": secure_link.node_ids[0], "name": "node-0", "public_key": pem}
+    ]
