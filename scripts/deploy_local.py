@@ -2,25 +2,42 @@
 
     python scripts/deploy_local.py [--config configs/smoke.toml] [--num-supernodes 2]
                                    [--set fed.num_rounds=3 ...] [--output-dir DIR]
+                                   [--tls-dir DIR [--generate-certs] | --insecure]
 
-Every component is a separate OS process talking HTTP over loopback, exactly as on
-separate machines (see docs/DEPLOYMENT.md):
+Every component is a separate OS process talking HTTPS over loopback, exactly as
+on separate machines (see docs/DEPLOYMENT.md). Secure by default: TLS on every
+link and SuperNode authentication, with throwaway credentials (a CA, the
+SuperLink's certificate, one ECDSA key pair per SuperNode; scripts/deploy_tls.py)
+written into the private temporary FLWR_HOME tree unless ``--tls-dir`` names
+a directory that holds them (``--generate-certs`` writes fresh ones there first).
 
-1. ``flower-superlink --insecure`` on a free port;
-2. N ``flower-supernode --insecure --superlink 127.0.0.1:PORT --port P_i
-   --node-config "partition-id=i num-partitions=N"`` (own FLWR_HOME, own port);
-3. a CLI connection ``[superlink.<name>]`` in a private ``$FLWR_HOME/config.toml``;
-4. ``flwr run . <name> --run-config <flat toml> --stream``;
-5. poll ``flwr ls --format json`` until the run is ``finished:*`` (``flwr run``
+1. ``flower-superlink --ssl-ca-certfile ca.pem --ssl-certfile server.pem
+   --ssl-keyfile server.key --enable-supernode-auth`` on a free port;
+2. a CLI connection ``[superlink.<name>]`` with ``root-certificates = ca.pem``
+   in a private ``$FLWR_HOME/config.toml``;
+3. ``flwr supernode register node-<i>.pub`` for every SuperNode: the SuperLink
+   answers with the node id bound to that key; the key -> node id -> partition
+   table goes to ``nodes.json``;
+4. N ``flower-supernode --root-certificates ca.pem --auth-supernode-private-key
+   node-<i>.key --superlink 127.0.0.1:PORT --port P_i --node-config
+   "partition-id=i num-partitions=N"`` (own FLWR_HOME, own port); wait until
+   ``flwr supernode list`` shows every registered node id ``online``;
+5. ``flwr run . <name> --run-config <flat toml> --stream``;
+6. poll ``flwr ls --format json`` until the run is ``finished:*`` (``flwr run``
    exits 0 even when the run failed, so its exit code proves nothing);
-6. stop every process started here and every helper they spawned (found by the
+7. stop every process started here and every helper they spawned (found by the
    ``LORA_FLWR_DEPLOY_TAG`` environment tag they all inherit): SIGTERM, then
    SIGKILL; also on error, Ctrl-C or SIGTERM.
 
+``--insecure`` (explicit opt-in, with a warning) skips TLS and authentication:
+``--insecure`` on both binaries, ``insecure = true`` in the connection, no keys,
+and any process on this machine can join as a SuperNode.
+
 Results go to ``<output_dir>/<name>/`` (history.json, adapter/, checkpoints/); the
-processes' logs, the run config sent, the final ``flwr ls`` answer (runs.json) and
-the PIDs (pids.json) go to ``<output_dir>/<name>/deploy/``. Exit code 0 only when
-the run finished as ``completed`` and wrote every round.
+processes' logs, the run config sent, the final ``flwr ls`` answer (runs.json),
+the node table (nodes.json, secure mode) and the PIDs (pids.json) go to
+``<output_dir>/<name>/deploy/``. Exit code 0 only when the run finished as
+``completed`` and wrote every round.
 """
 
 from __future__ import annotations
@@ -41,10 +58,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from deploy_tls import (
+    Credentials,
+    generate_credentials,
+    load_credentials,
+    ssh_fingerprint,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "local-deployment"
 POLL_SECONDS = 2.0
 TAG_VAR = "LORA_FLWR_DEPLOY_TAG"
+# Seconds for every registered SuperNode to come online (≈6 s when idle; a loaded
+# 2-core machine needs far more because each node imports flwr from scratch).
+NODES_ONLINE_TIMEOUT = 300.0
+INSECURE_WARNING = (
+    "WARNING: --insecure: no TLS and no SuperNode authentication. Traffic is "
+    "plain HTTP and any process that reaches the port can join as a SuperNode "
+    "and receive the model. Use only for debugging on a trusted machine."
+)
 
 
 class DeployError(RuntimeError):
@@ -162,6 +194,8 @@ class Processes:
         # Otherwise every run `uv sync`s the app's dependencies (fails offline).
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+        # Flower sends a telemetry event on start and exit: loopback only here.
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -297,10 +331,10 @@ def write_cli_config(flwr_home: Path, connection: str, table: dict[str, Any]) ->
     return path
 
 
-def list_runs(env: dict[str, str], connection: str) -> list[dict[str, Any]]:
-    """``flwr ls <connection> --format json`` -> the list of runs."""
+def flwr_json(argv: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run ``flwr <argv> --format json``; return the answer, raise unless success."""
     out = subprocess.run(
-        [binary("flwr"), "ls", connection, "--format", "json"],
+        [binary("flwr"), *argv, "--format", "json"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -314,10 +348,74 @@ def list_runs(env: dict[str, str], connection: str) -> list[dict[str, Any]]:
         doc = json.loads(text[start:]) if start >= 0 else {}
     except json.JSONDecodeError:
         doc = {}
-    if not doc.get("success", False):
-        raise DeployError(f"`flwr ls` failed:\n{text}\n{out.stderr}")
-    runs: list[dict[str, Any]] = doc.get("runs", [])
+    if not isinstance(doc, dict) or not doc.get("success", False):
+        raise DeployError(f"`flwr {' '.join(argv)}` failed:\n{text}\n{out.stderr}")
+    return doc
+
+
+def list_runs(env: dict[str, str], connection: str) -> list[dict[str, Any]]:
+    """``flwr ls <connection> --format json`` -> the list of runs."""
+    runs: list[dict[str, Any]] = flwr_json(["ls", connection], env).get("runs", [])
     return runs
+
+
+def register_supernode(
+    env: dict[str, str], connection: str, public_key: Path, name: str
+) -> int:
+    """Register a SuperNode's public key with the SuperLink; return its node id.
+
+    With ``--enable-supernode-auth`` the SuperLink accepts only nodes registered
+    this way (through its Control API, by whoever holds the CLI connection); the
+    node id it assigns stays bound to the key: every Fleet request is signed and
+    the SuperLink checks that the signing key is the one registered for the node
+    id in the request.
+    """
+    doc = flwr_json(
+        ["supernode", "register", str(public_key), connection, "--name", name], env
+    )
+    return int(doc["node-id"])
+
+
+def list_supernodes(env: dict[str, str], connection: str) -> list[dict[str, Any]]:
+    """``flwr supernode list <connection> --format json`` -> the list of nodes.
+
+    Each has ``node-id`` (a string), ``status`` (``registered``: never connected;
+    ``online``; ``offline``; ...) and timestamps; no public key or name.
+    """
+    nodes: list[dict[str, Any]] = flwr_json(["supernode", "list", connection], env).get(
+        "nodes", []
+    )
+    return nodes
+
+
+def wait_for_supernodes(
+    env: dict[str, str],
+    connection: str,
+    node_ids: Sequence[int],
+    timeout: float,
+    procs: Processes,
+    watch: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Poll ``flwr supernode list`` until every node in ``node_ids`` is online.
+
+    Raises at once (with its log tail) when a process in ``watch`` exits: a
+    SuperNode that cannot verify the SuperLink's certificate or whose key is not
+    registered exits with Flower's exit code 305.
+    """
+    wanted = {str(n) for n in node_ids}
+    deadline = time.monotonic() + timeout
+    status: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        procs.check_alive(watch)
+        nodes = list_supernodes(env, connection)
+        status = {str(n["node-id"]): str(n["status"]) for n in nodes}
+        if all(status.get(n) == "online" for n in wanted):
+            return nodes
+        time.sleep(POLL_SECONDS)
+    raise DeployError(
+        f"SuperNodes not online within {timeout:.0f} s: "
+        + ", ".join(f"{n}={status.get(n, 'absent')}" for n in sorted(wanted))
+    )
 
 
 def start_flwr_run(
@@ -424,61 +522,273 @@ def finish(
 
 
 # ------------------------------------------------------------- deployment
+def superlink_argv(port: int, creds: Credentials | None) -> list[str]:
+    """``flower-superlink`` on ``127.0.0.1:port``: TLS + node auth, or insecure.
+
+    One port serves the Fleet (SuperNodes), Control (CLI) and Runtime (ServerApp)
+    APIs, all under the same certificate; ``--ssl-ca-certfile`` is what the
+    SuperLink's own helpers (flower-superexec, flwr-serverapp) verify it with.
+    Flower refuses ``--enable-supernode-auth`` without TLS.
+    """
+    argv = [
+        binary("flower-superlink"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if creds is None:
+        return [*argv, "--insecure"]
+    return [
+        *argv,
+        "--ssl-ca-certfile",
+        str(creds.ca_cert),
+        "--ssl-certfile",
+        str(creds.server_cert),
+        "--ssl-keyfile",
+        str(creds.server_key),
+        "--enable-supernode-auth",
+    ]
+
+
+def supernode_argv(
+    superlink: str,
+    port: int,
+    node_config: str | None = None,
+    *,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    insecure: bool = False,
+    max_retries: int | None = None,
+) -> list[str]:
+    """``flower-supernode`` connecting to ``superlink`` (host:port).
+
+    Parameters
+    ----------
+    superlink
+        The SuperLink's Fleet API address.
+    port
+        This node's own Runtime API port (its ClientApp processes talk to it).
+    node_config
+        ``--node-config`` value, e.g. ``"partition-id=0 num-partitions=2"``.
+    root_certificates
+        CA certificate that must have signed the SuperLink's certificate; without
+        it the node trusts only the system CAs.
+    auth_key
+        The node's OpenSSH private key (``--auth-supernode-private-key``); without
+        it the node makes up a key and asks to register itself, which a SuperLink
+        with ``--enable-supernode-auth`` refuses.
+    insecure
+        Plain HTTP (no TLS, no authentication).
+    max_retries
+        ``--max-retries``: reconnection attempts before giving up (None: forever).
+
+    Returns
+    -------
+    list of str
+        The command line.
+    """
+    argv = [
+        binary("flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+    ]
+    if insecure:
+        if root_certificates is not None or auth_key is not None:
+            raise ValueError("`insecure` excludes `root_certificates` and `auth_key`")
+        argv.append("--insecure")
+    if root_certificates is not None:
+        argv += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        argv += ["--auth-supernode-private-key", str(auth_key)]
+    if node_config is not None:
+        argv += ["--node-config", node_config]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    return argv
+
+
+def cli_connection(address: str, creds: Credentials | None) -> dict[str, Any]:
+    """The ``[superlink.<name>]`` table of the CLI's ``config.toml``."""
+    if creds is None:
+        return {"address": address, "insecure": True}
+    return {"address": address, "root-certificates": str(creds.ca_cert)}
+
+
+def start_superlink(
+    procs: Processes, flwr_home: Path, creds: Credentials | None, timeout: float = 60
+) -> str:
+    """Start the SuperLink on a free port, wait until it listens; return host:port."""
+    port = free_port()
+    procs.start("superlink", superlink_argv(port, creds), procs.env(flwr_home))
+    _wait_listening(port, procs, timeout)
+    return f"127.0.0.1:{port}"
+
+
+def check_private_keys(creds: Credentials) -> None:
+    """Refuse private keys that other users may read (as ssh does).
+
+    Keys written by scripts/deploy_tls.py are 0600; a key copied in from
+    elsewhere may not be.
+    """
+    keys = [creds.server_key, *(k.private for k in creds.node_keys)]
+    loose = [
+        f"{p} ({p.stat().st_mode & 0o777:o})" for p in keys if p.stat().st_mode & 0o077
+    ]
+    if loose:
+        raise DeployError(
+            "private keys readable by group or others (chmod 600 them): "
+            + ", ".join(loose)
+        )
+
+
+def prepare_credentials(
+    tls_dir: Path | None, generate: bool, num_supernodes: int, scratch: Path
+) -> Credentials:
+    """The credentials of a secure deployment (see :func:`parse_deploy_args`).
+
+    ``tls_dir`` None: fresh throwaway ones in ``scratch`` (deleted with it);
+    ``generate``: fresh ones written into ``tls_dir`` (never overwriting);
+    otherwise the files already in ``tls_dir``.
+    """
+    if tls_dir is None:
+        creds = generate_credentials(scratch, num_supernodes)
+    elif generate:
+        creds = generate_credentials(tls_dir, num_supernodes)
+        print(f"wrote TLS credentials to {creds.directory}", flush=True)
+    else:
+        creds = load_credentials(tls_dir, num_supernodes)
+    check_private_keys(creds)
+    return creds
+
+
+def register_nodes(
+    env: dict[str, str], connection: str, creds: Credentials, num_partitions: int
+) -> list[dict[str, Any]]:
+    """Register every SuperNode's key; return the key -> node id -> partition table.
+
+    SuperNode ``i`` holds ``node-<i>.key`` and is started with
+    ``partition-id=i``. The table is the operator's record of which key (owner)
+    is which node id in the SuperLink and in the ServerApp, and which
+    partition that owner declared; see docs/DEPLOYMENT.md on what it does and
+    does not guarantee.
+    """
+    table = []
+    for i, key in enumerate(creds.node_keys):
+        name = f"supernode-{i}"
+        node_id = register_supernode(env, connection, key.public, name)
+        table.append(
+            {
+                "name": name,
+                "node-id": node_id,
+                "public-key": str(key.public),
+                "fingerprint": ssh_fingerprint(key.public),
+                "partition-id": i,
+                "num-partitions": num_partitions,
+            }
+        )
+        print(f"registered {name:<13} node-id={node_id}", flush=True)
+    return table
+
+
 def deploy(
-    cfg: Any, num_supernodes: int, timeout: float, keep_homes: bool = False
+    cfg: Any,
+    num_supernodes: int,
+    timeout: float,
+    keep_homes: bool = False,
+    *,
+    insecure: bool = False,
+    tls_dir: Path | None = None,
+    generate_certs: bool = False,
 ) -> Path:
-    """Run ``cfg`` on a real local SuperLink + SuperNodes; return the run dir."""
+    """Run ``cfg`` on a real local SuperLink + SuperNodes; return the run dir.
+
+    Parameters
+    ----------
+    cfg
+        The experiment (``ExperimentConfig`` with an absolute ``output_dir``).
+    num_supernodes
+        SuperNodes to start, one per partition.
+    timeout
+        Seconds the run may take.
+    keep_homes
+        Keep the per-process FLWR_HOME tree (and throwaway credentials).
+    insecure
+        No TLS and no SuperNode authentication.
+    tls_dir
+        Credentials directory (see :func:`prepare_credentials`); None: throwaway.
+    generate_certs
+        Write fresh credentials into ``tls_dir`` first.
+
+    Returns
+    -------
+    Path
+        ``<output_dir>/<name>``.
+    """
     run_dir: Path = Path(cfg.output_dir) / str(cfg.name)
     deploy_dir = run_dir / "deploy"
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("history.json", "runs.json"):
+    for stale in ("history.json", "runs.json", "nodes.json"):
         (run_dir / stale).unlink(missing_ok=True)
         (deploy_dir / stale).unlink(missing_ok=True)
     run_config = write_run_config(cfg, deploy_dir / "run_config.toml")
-    homes = Path(tempfile.mkdtemp(prefix="lora-flwr-deploy-"))
+    homes = Path(tempfile.mkdtemp(prefix="lora-flwr-deploy-"))  # mode 0700
     procs = Processes(deploy_dir, tag=str(homes))
     start = time.perf_counter()
     try:
         with sigterm_as_interrupt():
-            port = free_port()
-            address = f"127.0.0.1:{port}"
-            procs.start(
-                "superlink",
-                [
-                    binary("flower-superlink"),
-                    "--insecure",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--disable-runtime-dependency-installation",
-                ],
-                procs.env(homes / "superlink"),
-            )
+            creds = None
+            if insecure:
+                print(INSECURE_WARNING, file=sys.stderr, flush=True)
+            else:
+                creds = prepare_credentials(
+                    tls_dir, generate_certs, num_supernodes, homes / "tls"
+                )
+            address = start_superlink(procs, homes / "superlink", creds)
+            cli_home = homes / "cli"
+            write_cli_config(cli_home, CONNECTION, cli_connection(address, creds))
+            env = procs.env(cli_home)
+            # Keys are registered before any SuperNode starts: an unregistered
+            # node is refused at once and exits (Flower exit code 305).
+            table = []
+            if creds is not None:
+                table = register_nodes(env, CONNECTION, creds, num_supernodes)
             nodes = []
             for pid in range(num_supernodes):
                 name = f"supernode-{pid}"
                 nodes.append(name)
                 procs.start(
                     name,
-                    [
-                        binary("flower-supernode"),
-                        "--insecure",
-                        "--superlink",
+                    supernode_argv(
                         address,
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
+                        free_port(),
                         f"partition-id={pid} num-partitions={num_supernodes}",
-                    ],
+                        root_certificates=creds.ca_cert if creds else None,
+                        auth_key=creds.node_keys[pid].private if creds else None,
+                        insecure=creds is None,
+                    ),
                     procs.env(homes / name),
                 )
-            cli_home = homes / "cli"
-            write_cli_config(
-                cli_home, CONNECTION, {"address": address, "insecure": True}
-            )
-            env = procs.env(cli_home)
-            _wait_listening(port, procs, 30.0)
+            if creds is not None:
+                online = wait_for_supernodes(
+                    env,
+                    CONNECTION,
+                    [row["node-id"] for row in table],
+                    min(NODES_ONLINE_TIMEOUT, timeout),
+                    procs,
+                    ["superlink", *nodes],
+                )
+                status = {str(n["node-id"]): n["status"] for n in online}
+                for row in table:
+                    row["status"] = status[str(row["node-id"])]
+                doc = {"tls": True, "supernode-auth": True, "nodes": table}
+                (deploy_dir / "nodes.json").write_text(json.dumps(doc, indent=2) + "\n")
+                print(
+                    f"all {len(table)} SuperNodes online (TLS + node auth)", flush=True
+                )
             start_flwr_run(procs, env, CONNECTION, run_config)
             run = wait_for_run(env, CONNECTION, timeout, procs, ["superlink", *nodes])
             _wait_exit(procs.procs["flwr-run"], 15.0)
@@ -515,9 +825,7 @@ def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait(timeout=timeout)
 
 
-def parse_args(
-    argv: Sequence[str] | None, doc: str | None = __doc__
-) -> argparse.Namespace:
+def build_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
     """Command-line options shared by the deployment and simulation scripts."""
     parser = argparse.ArgumentParser(
         description=(doc or "").split("\n\n")[0],
@@ -548,12 +856,52 @@ def parse_args(
         action="store_true",
         help="keep the per-process FLWR_HOME dirs (state, installed FABs)",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(
+    argv: Sequence[str] | None, doc: str | None = __doc__
+) -> argparse.Namespace:
+    """Parse the shared options (scripts/flwr_run_sim.py uses this)."""
+    return build_parser(doc).parse_args(argv)
+
+
+def parse_deploy_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The shared options plus this script's security options."""
+    parser = build_parser(__doc__)
+    sec = parser.add_argument_group(
+        "security (default: TLS + SuperNode auth with throwaway credentials)"
+    )
+    sec.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="credentials: ca.pem, server.pem, server.key (SANs 127.0.0.1, "
+        "localhost), node-<i>.key / node-<i>.pub (OpenSSH ECDSA) for i < N",
+    )
+    sec.add_argument(
+        "--generate-certs",
+        action="store_true",
+        help="write fresh throwaway credentials into --tls-dir first "
+        "(refuses to overwrite)",
+    )
+    sec.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP, no SuperNode authentication (prints a warning)",
+    )
+    args = parser.parse_args(argv)
+    if args.insecure and (args.tls_dir is not None or args.generate_certs):
+        parser.error("--insecure excludes --tls-dir and --generate-certs")
+    if args.generate_certs and args.tls_dir is None:
+        parser.error("--generate-certs needs --tls-dir")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    args = parse_args(argv)
+    args = parse_deploy_args(argv)
     try:
         cfg = resolve_config(args.config, args.set, args.output_dir)
         num = args.num_supernodes or cfg.fed.num_clients
@@ -564,8 +912,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if num != cfg.fed.num_clients:
             cfg = cfg.with_overrides([f"fed.num_clients={num}"])
-        deploy(cfg, num, args.timeout, args.keep_homes)
-    except (DeployError, ValueError, FileNotFoundError) as exc:
+        deploy(
+            cfg,
+            num,
+            args.timeout,
+            args.keep_homes,
+            insecure=args.insecure,
+            tls_dir=args.tls_dir,
+            generate_certs=args.generate_certs,
+        )
+    except (DeployError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"\nERROR: {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:

@@ -1,19 +1,29 @@
 """A real Flower deployment on loopback: scripts/deploy_local.py end to end.
 
-The script starts ``flower-superlink --insecure`` and two ``flower-supernode
---insecure --node-config "partition-id=i num-partitions=2"`` processes (own
-FLWR_HOME and port each), writes a ``[superlink.local-deployment]`` CLI connection,
-runs ``flwr run . local-deployment --run-config <smoke> --stream``, polls
-``flwr ls --format json`` and stops every process it started.
+The script starts ``flower-superlink`` with TLS and ``--enable-supernode-auth``,
+registers one ECDSA key per SuperNode with ``flwr supernode register``, starts two
+``flower-supernode --root-certificates ca.pem --auth-supernode-private-key
+node-<i>.key --node-config "partition-id=i num-partitions=2"`` processes (own
+FLWR_HOME and port each), writes a ``[superlink.local-deployment]`` CLI connection
+with ``root-certificates``, runs ``flwr run . local-deployment --run-config <smoke>
+--stream``, polls ``flwr ls --format json`` and stops every process it started.
+
+The second half starts one secure SuperLink (credentials made here with
+``cryptography``) and checks who may join: a registered node that trusts the CA
+comes online; a node without the CA, or trusting another CA, fails the TLS
+handshake; a node with an unregistered key, or with no key, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +35,14 @@ from lora_flwr.config import ExperimentConfig
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.toml"
 TIMEOUT = 1500  # seconds; a deployment round costs ≈ 12-16 s of polling when idle
+# A refused SuperNode exits by itself (Flower exit code 305): ≈ 15-18 s after launch
+# on the loaded 2-core machine, mostly importing flwr. Bounded, with a wide margin.
+REFUSAL_TIMEOUT = 240
+ONLINE_TIMEOUT = 300
+
+sys.path.insert(0, str(REPO / "scripts"))
+import deploy_local  # noqa: E402
+import deploy_tls  # noqa: E402
 
 
 def _alive(pid: int) -> bool:
@@ -61,9 +79,20 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rule", ["fedit", "fedsa"])
-def test_deploy_local_two_supernodes_smoke(rule: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rule", "tls"), [("fedit", "throwaway"), ("fedsa", "tls-dir")]
+)
+def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) -> None:
+    # Prepare: fedit runs with the script's own throwaway credentials, fedsa with
+    # credentials made here and passed in with --tls-dir.
     name = f"deploy-{rule}"
+    security: list[str] = []
+    creds = None
+    if tls == "tls-dir":
+        creds = deploy_tls.generate_credentials(tmp_path / "tls", 2)
+        security = ["--tls-dir", str(creds.directory)]
+
+    # Execute
     start = time.perf_counter()
     proc = subprocess.run(
         [
@@ -81,6 +110,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tmp_path: Path) -> None:
             f"fed.aggregation={rule}",
             "--timeout",
             str(TIMEOUT - 100),
+            *security,
         ],
         cwd=REPO,
         capture_output=True,
@@ -94,7 +124,8 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tmp_path: Path) -> None:
     run_dir = tmp_path / name
     deploy_dir = run_dir / "deploy"
 
-    # No SuperLink, SuperNode or helper it started is left, whatever the outcome.
+    # Assert: no SuperLink, SuperNode or helper it started is left, whatever the
+    # outcome.
     left = _processes_left(deploy_dir)
     assert left["named"] == {} and left["tagged"] == [], left
     assert set(left["pids"]) == {"superlink", "supernode-0", "supernode-1", "flwr-run"}
@@ -105,6 +136,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tmp_path: Path) -> None:
 
     run = json.loads((deploy_dir / "runs.json").read_text())
     assert run["status"] == "finished:completed", run
+    _check_secure_run(deploy_dir, proc.stdout + proc.stderr, creds)
     assert run["network-traffic"]["total-bytes"] > 0  # messages really travelled
     print(f"deployment smoke: {seconds:.1f} s, run elapsed {run['elapsed']:.1f} s")
 
@@ -184,3 +216,324 @@ def _check_fedsa(
         if "lora_B" in name:
             assert not array.any(), name
     ws.reset_adapter()
+
+
+def _check_secure_run(
+    deploy_dir: Path, output: str, creds: deploy_tls.Credentials | None
+) -> None:
+    """TLS and node auth were on, and only the registered keys took part.
+
+    ``creds`` None: the script made throwaway credentials (and must have deleted
+    them); otherwise the ones the test passed in with ``--tls-dir``.
+    """
+    assert "--insecure" not in output and "WARNING: --insecure" not in output
+    link_log = (deploy_dir / "superlink.log").read_text(errors="replace")
+    assert "Uvicorn running on https://127.0.0.1:" in link_log
+    assert "SuperNode authentication is disabled" not in link_log
+    doc = json.loads((deploy_dir / "nodes.json").read_text())
+    assert doc["tls"] is True and doc["supernode-auth"] is True
+    rows = doc["nodes"]
+    assert [r["partition-id"] for r in rows] == [0, 1]
+    assert [r["status"] for r in rows] == ["online", "online"]
+    ids = {str(r["node-id"]) for r in rows}
+    assert len(ids) == 2
+    for row in rows:
+        assert f"registered {row['name']:<13} node-id={row['node-id']}" in output
+    # The node ids the SuperLink activated and took replies from are exactly the
+    # ids it assigned to the registered keys.
+    activated = set(re.findall(r"Activated node_id=(\d+)", link_log))
+    replied = set(re.findall(r"Push replies from node_id=(\d+)", link_log))
+    assert activated == ids and replied == ids, (activated, replied, ids)
+    if creds is None:
+        # Throwaway credentials lived in the temporary FLWR_HOME tree, now gone.
+        for row in rows:
+            assert not Path(row["public-key"]).exists(), row
+        return
+    for row, key in zip(rows, creds.node_keys, strict=True):
+        assert row["public-key"] == str(key.public)
+        assert row["fingerprint"] == deploy_tls.ssh_fingerprint(key.public)
+        assert row["fingerprint"].startswith("SHA256:")
+        assert key.private.stat().st_mode & 0o777 == 0o600
+
+
+# ------------------------------------------------------ who may join a SuperLink
+@dataclass
+class SecureLink:
+    """A running SuperLink with TLS + node auth, and what the tests need of it."""
+
+    procs: deploy_local.Processes
+    address: str
+    env: dict[str, str]  # the CLI's environment (its FLWR_HOME holds the connection)
+    creds: deploy_tls.Credentials  # node-0 and node-1 are registered
+    other: deploy_tls.Credentials  # another CA; its node-0 key is not registered
+    node_ids: list[int]  # ids the SuperLink assigned to node-0 and node-1
+    homes: Path
+    log_dir: Path
+
+
+@pytest.fixture(scope="module")
+def secure_link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureLink]:
+    """One SuperLink for the admission tests, with a registered node online.
+
+    The node that joins (node-0's key, the right CA) is the control: it shows
+    that the SuperLink accepts a correct node, so a refusal below is down to
+    what the refused node lacks.
+    """
+    root = tmp_path_factory.mktemp("secure-link")
+    creds = deploy_tls.generate_credentials(root / "tls", 2)
+    other = deploy_tls.generate_credentials(root / "other", 1, ca_name="other CA")
+    log_dir = root / "logs"
+    log_dir.mkdir()
+    homes = root / "homes"
+    procs = deploy_local.Processes(log_dir, tag=str(homes))
+    try:
+        address = deploy_local.start_superlink(procs, homes / "superlink", creds)
+        deploy_local.write_cli_config(
+            homes / "cli",
+            deploy_local.CONNECTION,
+            deploy_local.cli_connection(address, creds),
+        )
+        env = procs.env(homes / "cli")
+        node_ids = [
+            deploy_local.register_supernode(
+                env, deploy_local.CONNECTION, key.public, f"node-{i}"
+            )
+            for i, key in enumerate(creds.node_keys)
+        ]
+        procs.start(
+            "good",
+            deploy_local.supernode_argv(
+                address,
+                deploy_local.free_port(),
+                "partition-id=0 num-partitions=2",
+                root_certificates=creds.ca_cert,
+                auth_key=creds.node_keys[0].private,
+            ),
+            procs.env(homes / "good"),
+        )
+        start = time.perf_counter()
+        deploy_local.wait_for_supernodes(
+            env,
+            deploy_local.CONNECTION,
+            node_ids[:1],
+            ONLINE_TIMEOUT,
+            procs,
+            ["superlink", "good"],
+        )
+        print(f"registered node online after {time.perf_counter() - start:.1f} s")
+        yield SecureLink(procs, address, env, creds, other, node_ids, homes, log_dir)
+    finally:
+        procs.stop_all()
+
+
+def _node_status(link: SecureLink) -> dict[str, str]:
+    """node id -> status, as ``flwr supernode list`` reports them."""
+    nodes = deploy_local.list_supernodes(link.env, deploy_local.CONNECTION)
+    return {str(n["node-id"]): str(n["status"]) for n in nodes}
+
+
+def _run_refused_node(
+    link: SecureLink, name: str, **tls: Any
+) -> tuple[int, str, float]:
+    """Start a SuperNode, wait (bounded) for it to exit; return code, log, seconds.
+
+    Fails at once if the node joins instead ("SuperNode ID: ..." in its log).
+    """
+    proc = link.procs.start(
+        name,
+        deploy_local.supernode_argv(link.address, deploy_local.free_port(), **tls),
+        link.procs.env(link.homes / name),
+    )
+    path = link.log_dir / f"{name}.log"
+    start = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - start < REFUSAL_TIMEOUT:
+        log = path.read_text(errors="replace")
+        assert "SuperNode ID:" not in log, f"{name} joined the federation:\n{log}"
+        time.sleep(0.5)
+    seconds = time.perf_counter() - start
+    log = path.read_text(errors="replace")
+    code = proc.poll()
+    assert code is not None, f"{name} still running after {REFUSAL_TIMEOUT} s:\n{log}"
+    return code, log, seconds
+
+
+@pytest.mark.slow
+def test_registered_node_with_the_ca_joins(secure_link: SecureLink) -> None:
+    status = _node_status(secure_link)
+    good, spare = (str(n) for n in secure_link.node_ids)
+    assert status == {good: "online", spare: "registered"}
+    log = (secure_link.log_dir / "good.log").read_text(errors="replace")
+    assert f"SuperNode ID: {good}" in log  # the id bound to its key at registration
+    link_log = (secure_link.log_dir / "superlink.log").read_text(errors="replace")
+    assert "Uvicorn running on https://127.0.0.1:" in link_log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trust", ["no-root-certificates", "other-ca"])
+def test_node_without_the_ca_cannot_join(secure_link: SecureLink, trust: str) -> None:
+    # Prepare: node-1's key IS registered; only the trust anchor is wrong.
+    ca = None if trust == "no-root-certificates" else secure_link.other.ca_cert
+    spare = str(secure_link.node_ids[1])
+
+    # Execute
+    code, log, seconds = _run_refused_node(
+        secure_link,
+        f"no-ca-{trust}",
+        root_certificates=ca,
+        auth_key=secure_link.creds.node_keys[1].private,
+    )
+    print(f"{trust}: refused in {seconds:.1f} s")
+
+    # Assert: the TLS handshake failed on the node's side, so it never reached
+    # the SuperLink's API; its registered id never came online.
+    assert code != 0, log
+    assert "SSL/TLS handshake error detected" in log, log
+    assert "CERTIFICATE_VERIFY_FAILED" in log, log
+    assert "SuperNode ID:" not in log
+    status = _node_status(secure_link)
+    assert status[spare] == "registered", status
+    assert status[str(secure_link.node_ids[0])] == "online", status  # control
+    link_log = (secure_link.log_dir / "superlink.log").read_text(errors="replace")
+    assert f"Activated node_id={spare}" not in link_log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["unregistered-key", "no-key"])
+def test_node_with_an_unregistered_key_is_refused(
+    secure_link: SecureLink, key: str
+) -> None:
+    # Prepare: the right CA; a key the SuperLink has never seen, or none at all
+    # (the node then makes one up and asks to register itself).
+    auth_key = None if key == "no-key" else secure_link.other.node_keys[0].private
+    before = _node_status(secure_link)
+
+    # Execute
+    code, log, seconds = _run_refused_node(
+        secure_link,
+        f"refused-{key}",
+        root_certificates=secure_link.creds.ca_cert,
+        auth_key=auth_key,
+    )
+    print(f"{key}: refused in {seconds:.1f} s")
+
+    # Assert: TLS worked (no handshake error); the SuperLink refused the identity.
+    assert code != 0, log
+    assert "SSL/TLS handshake error" not in log
+    assert "Failed to initialize the connection to the SuperLink" in log, log
+    link_log = (secure_link.log_dir / "superlink.log").read_text(errors="replace")
+    if key == "unregistered-key":
+        assert "[code: 2004] Failed to activate SuperNode." in log, log
+        assert "No SuperNode found with the given public key" in link_log
+    else:
+        assert "SuperNode authentication is enabled" in log, log
+        assert "[/v1/fleet/register-node][ApiError:2001]" in link_log
+    assert "SuperNode ID:" not in log
+    # No node was added or brought online: the list is what it was.
+    assert _node_status(secure_link) == before
+    assert before[str(secure_link.node_ids[0])] == "online"
+
+
+PROBE_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "nodeprobe"
+version = "0.1.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "lora-flwr-tests"
+
+[tool.flwr.app.components]
+serverapp = "nodeprobe:app"
+clientapp = "nodeprobe:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+PROBE_APP = '''\
+"""Write what the ServerApp's Grid says about each node to run_config["out"]."""
+
+import json
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+client = ClientApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = [
+        {"node_id": n.node_id, "name": n.name, "public_key": n.public_key.decode()}
+        for n in grid.get_nodes()
+    ]
+    with open(str(context.run_config["out"]), "w") as fh:
+        json.dump({"grid": type(grid).__name__, "nodes": nodes}, fh)
+'''
+
+
+@pytest.mark.slow
+def test_serverapp_sees_each_nodes_registered_key(
+    secure_link: SecureLink, tmp_path: Path
+) -> None:
+    """The fact the partition-binding design in docs/DEPLOYMENT.md rests on.
+
+    In Flower 1.42 a ServerApp's ``grid.get_nodes()`` returns, per online node,
+    the public key registered for it (and the ``--name`` given at registration),
+    so a server can map a key fingerprint to a partition instead of trusting the
+    partition a node declares.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    # Prepare: a minimal Flower app whose ServerApp only reports the nodes.
+    app_dir = tmp_path / "nodeprobe"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(PROBE_PYPROJECT)
+    (app_dir / "nodeprobe.py").write_text(PROBE_APP)
+    out = tmp_path / "nodes_seen.json"
+    run_config = tmp_path / "probe.toml"
+    run_config.write_text(f"out = {json.dumps(str(out))}\n")
+
+    # Execute
+    start = time.perf_counter()
+    secure_link.procs.start(
+        "flwr-run",
+        [
+            deploy_local.binary("flwr"),
+            "run",
+            str(app_dir),
+            deploy_local.CONNECTION,
+            "--run-config",
+            str(run_config),
+            "--stream",
+        ],
+        secure_link.env,
+        cwd=app_dir,
+    )
+    run = deploy_local.wait_for_run(
+        secure_link.env, deploy_local.CONNECTION, 600, secure_link.procs, ["superlink"]
+    )
+    print(f"probe run: {time.perf_counter() - start:.1f} s")
+
+    # Assert: exactly the online node, with the key registered for it.
+    assert run["status"] == "finished:completed", run
+    seen = json.loads(out.read_text())
+    assert seen["grid"] == "HttpGrid"
+    key = secure_link.creds.node_keys[0].public
+    pem = (
+        serialization.load_ssh_public_key(key.read_bytes())
+        .public_bytes(
+            serialization.Encoding.PEM,
+            serialization.PublicFormat.SubjectPublicKeyInfo,
+        )
+        .decode()
+    )
+    assert seen["nodes"] == [
+        {"node_id": secure_link.node_ids[0], "name": "node-0", "public_key": pem}
+    ]
