@@ -355,6 +355,10 @@ class FedConfig:
     secagg_max_weight: float = 1000.0
     secagg_shares: float = 1.0
     secagg_threshold: float = 0.67
+    # Deployment under SuperNode authentication: which registered key owns which
+    # partition, "SHA256:<fingerprint>=<partition>,..." (ssh-keygen -lf). A node
+    # then gets the partition its key owns, never one it merely claims. "": off.
+    partition_owners: str = ""
     client_num_cpus: float = 1.0  # Ray resources per simulated client
     client_num_gpus: float = 0.0
 
@@ -491,6 +495,10 @@ class FedConfig:
             _check(0 < value <= 1, f"fed.{name}", value, "in (0, 1]")
         if self.secagg:
             self._check_secagg()
+        if self.partition_owners.strip():
+            from lora_flwr.fl.owners import parse_owners
+
+            parse_owners(self.partition_owners, self.num_clients)
         _check(
             self.client_num_cpus > 0,
             "fed.client_num_cpus",

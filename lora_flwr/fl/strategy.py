@@ -66,6 +66,7 @@ from lora_flwr.fl.guards import (
     guard_replies,
     is_finite_number,
 )
+from lora_flwr.fl.owners import node_fingerprints, owned_partition, parse_owners
 from lora_flwr.fl.sampling import (
     EVALUATE_STREAM,
     FIT_STREAM,
@@ -208,6 +209,8 @@ class FedLoRA(Strategy):
         self.aggregated_rounds = 0
         self.offset = 0  # rounds done before this server started (resume)
         self.dp_rounds = 0  # rounds that released a noisy aggregate
+        # Key fingerprint -> partition (deployment under node authentication).
+        self.owners = parse_owners(cfg.fed.partition_owners, cfg.fed.num_clients)
         if resume is not None:
             self._restore(resume, history)
 
@@ -295,7 +298,14 @@ class FedLoRA(Strategy):
         with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
             answers = list(pool.map(ask, unknown))
         claimed = set(self.partition_of.values())
+        keys = self._fingerprints(unknown) if self.owners else {}
         for cid, pid in sorted(answers):
+            if self.owners:
+                # Under node authentication the key decides, not the claim.
+                pid, why = owned_partition(cid, pid, keys, self.owners)
+                if pid is None:
+                    log(WARNING, "%s; ignored", why)
+                    continue
             if pid is None:
                 continue
             if not 0 <= pid < self.fed.num_clients:
@@ -320,6 +330,18 @@ class FedLoRA(Strategy):
             if pid in self.versions:
                 # A returning node may have lost its state: send it everything.
                 self.versions[pid] = None
+
+    @staticmethod
+    def _fingerprints(proxies: Sequence[ClientProxy]) -> dict[str, str | None]:
+        """Each node's registered key fingerprint, from the deployment's grid."""
+        grid = getattr(proxies[0], "grid", None) if proxies else None
+        if grid is None:
+            return {}
+        try:
+            return node_fingerprints(grid.get_nodes())
+        except Exception as exc:  # a grid without node info: no node is trusted
+            log(WARNING, "could not read the nodes' keys from the grid: %r", exc)
+            return {}
 
     def _sample(
         self,
