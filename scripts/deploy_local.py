@@ -431,9 +431,10 @@ def deploy(
     run_dir: Path = Path(cfg.output_dir) / str(cfg.name)
     deploy_dir = run_dir / "deploy"
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("history.json", "runs.json"):
-        (run_dir / stale).unlink(missing_ok=True)
-        (deploy_dir / stale).unlink(missing_ok=True)
+    # Only this script's own record of an earlier attempt: the results
+    # (history.json included) belong to the ServerApp, which keeps, resumes or
+    # clears them as ``on_existing`` says.
+    (deploy_dir / "runs.json").unlink(missing_ok=True)
     run_config = write_run_config(cfg, deploy_dir / "run_config.toml")
     homes = Path(tempfile.mkdtemp(prefix="lora-flwr-deploy-"))
     procs = Processes(deploy_dir, tag=str(homes))
