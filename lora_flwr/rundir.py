@@ -16,6 +16,10 @@ from typing import IO, Literal
 
 OnExisting = Literal["refuse", "overwrite", "resume"]
 LOCK_NAME = ".lock"
+# The launcher scripts' folder (scripts/deploy_local.py, scripts/flwr_run_sim.py):
+# logs and PIDs of the attempt under way, written before the ServerApp claims the
+# directory; an overwrite keeps it (the scripts replace its files themselves).
+LAUNCH_DIR = "deploy"
 # Files whose presence means the directory holds a run's results.
 RESULT_FILES = ("config.toml", "history.json", "adapter", "checkpoints")
 
@@ -88,7 +92,7 @@ def claim_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
     _held[run_dir] = handle
     if on_existing == "overwrite":
         for child in run_dir.iterdir():
-            if child.name == LOCK_NAME:
+            if child.name in (LOCK_NAME, LAUNCH_DIR):
                 continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)

@@ -6,17 +6,20 @@
 What ``flwr run .`` does on a workstation, made safe for tests and CI:
 
 * a private ``FLWR_HOME`` whose ``config.toml`` has one connection ``local`` with
-  ``address = ":local:"``: ``flwr run`` then starts a detached local SuperLink in
-  simulation mode (the simulation runtime runs the SuperNodes on Ray);
+  ``address = ":local:"``: ``flwr run`` uses the local SuperLink in simulation
+  mode (the simulation runtime runs the SuperNodes on Ray);
 * that SuperLink listens on free ports (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``,
   ``FLWR_LOCAL_CONTROL_API_PORT``), so it can never reuse another user's SuperLink
   on the default port 39091;
+* it is started here, with the options ``flwr run`` would start it with, before
+  ``flwr run``: flwr gives the one it starts 15 s to answer (fixed in flwr 1.42),
+  which a loaded machine can exceed; finding it up, ``flwr run`` uses it;
 * ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (no ``uv sync``; works offline);
 * the experiment goes in as ``--run-config <flat toml>``, with an absolute
   ``output_dir``, and the simulation size as
   ``--federation-config "num-supernodes=N client-resources-num-cpus=C"``;
 * success is read from ``flwr ls --format json`` (``flwr run`` exits 0 on failure);
-* the detached SuperLink and all its helpers are stopped by PID at the end.
+* the SuperLink and all its helpers are stopped by PID at the end.
 
 Results go to ``<output_dir>/<name>/``; logs, run config, runs.json and pids.json to
 ``<output_dir>/<name>/deploy/``.
@@ -30,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,13 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deploy_local import (  # noqa: E402
     DeployError,
     Processes,
+    binary,
     finish,
     free_port,
     parse_args,
     resolve_config,
     sigterm_as_interrupt,
     start_flwr_run,
-    tagged_processes,
     wait_for_run,
     write_cli_config,
     write_run_config,
@@ -53,6 +58,7 @@ from deploy_local import (  # noqa: E402
 
 CONNECTION = "local"
 LOCAL_SUPERLINK = "local-superlink"
+SUPERLINK_START_TIMEOUT = 180.0  # seconds; flwr itself waits 15 s
 
 
 def simulate(
@@ -62,8 +68,10 @@ def simulate(
     run_dir: Path = Path(cfg.output_dir) / str(cfg.name)
     deploy_dir = run_dir / "deploy"
     deploy_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (run_dir / "history.json", deploy_dir / "runs.json"):
-        stale.unlink(missing_ok=True)
+    # Only this script's own record of an earlier attempt: the results
+    # (history.json included) belong to the ServerApp, which keeps, resumes or
+    # clears them as ``on_existing`` says.
+    (deploy_dir / "runs.json").unlink(missing_ok=True)
     run_config = write_run_config(cfg, deploy_dir / "run_config.toml")
     home = Path(tempfile.mkdtemp(prefix="lora-flwr-sim-"))
     procs = Processes(deploy_dir, tag=str(home))
@@ -80,10 +88,10 @@ def simulate(
     start = time.perf_counter()
     try:
         with sigterm_as_interrupt():
+            _start_local_superlink(procs, env, home, SUPERLINK_START_TIMEOUT)
             start_flwr_run(
                 procs, env, CONNECTION, run_config, ["--federation-config", federation]
             )
-            _adopt_local_superlink(procs, timeout=60.0)
             run = wait_for_run(env, CONNECTION, timeout, procs, [LOCAL_SUPERLINK])
             with contextlib.suppress(subprocess.TimeoutExpired):
                 procs.procs["flwr-run"].wait(timeout=15)  # last streamed lines
@@ -96,25 +104,48 @@ def simulate(
     return run_dir
 
 
-def _adopt_local_superlink(procs: Processes, timeout: float) -> None:
-    """Find the detached SuperLink ``flwr run`` started and take charge of it."""
+def _start_local_superlink(
+    procs: Processes, env: dict[str, str], home: Path, timeout: float
+) -> None:
+    """Start the local SuperLink ``flwr run`` would start; wait until it answers.
+
+    The options are those of ``flwr.cli.local_superlink`` (flwr 1.42), minus its
+    log rotation: the log goes to ``deploy/local-superlink.log``. ``flwr run`` and
+    ``flwr ls`` probe ``/health`` on ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and use
+    the SuperLink that answers.
+    """
+    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    runtime = home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--control-api-address",
+        f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port,
+        "--database",
+        str(runtime / "state.db"),
+    ]
+    procs.start(LOCAL_SUPERLINK, argv, env)
+    url = f"http://127.0.0.1:{port}/health"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for pid in tagged_processes(procs.tag):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(part.endswith(b"flower-superlink") for part in cmd):
-                procs.adopt(LOCAL_SUPERLINK, pid)
-                return
-        if procs.procs["flwr-run"].poll() is not None:
-            raise DeployError(
-                "`flwr run` exited before a local SuperLink appeared:\n"
-                + (procs.log_dir / "flwr-run.log").read_text(errors="replace")[-3000:]
-            )
-        time.sleep(0.2)
-    raise DeployError(f"no local SuperLink appeared within {timeout:.0f} s")
+        procs.check_alive([LOCAL_SUPERLINK])
+        try:
+            with direct.open(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise DeployError(f"the local SuperLink did not answer {url} within {timeout} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

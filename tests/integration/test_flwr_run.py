@@ -7,9 +7,10 @@ other.
 
 scripts/flwr_run_sim.py runs ``flwr run <repo> local --run-config <flat smoke toml>
 --federation-config "num-supernodes=2 client-resources-num-cpus=1" --stream`` with a
-private FLWR_HOME whose ``local`` connection (``address = ":local:"``) makes flwr
-start a detached local SuperLink on free ports; it reads the outcome from
-``flwr ls --format json`` (saved as deploy/runs.json) and stops every process.
+private FLWR_HOME whose ``local`` connection (``address = ":local:"``) points flwr
+at the local SuperLink, which the script starts (as flwr would) on free ports; it
+reads the outcome from ``flwr ls --format json`` (saved as deploy/runs.json) and
+stops every process.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def test_flwr_run_smoke_completes_and_trains_the_adapter(tmp_path: Path) -> None
     # Every process is gone, whatever the outcome.
     left = _processes_left(deploy_dir)
     assert left["named"] == {} and left["tagged"] == [], left
-    assert "local-superlink" in left["pids"], left  # flwr's detached SuperLink
+    assert "local-superlink" in left["pids"], left  # the :local: SuperLink
     assert proc.returncode == 0, log
 
     # The run's status, as `flwr ls --format json` reported it.

@@ -96,6 +96,22 @@ def test_overwrite_clears_stale_checkpoints(tmp_path: Path) -> None:
         release_run_dir(run_dir)
 
 
+def test_overwrite_keeps_the_launch_scripts_logs(tmp_path: Path) -> None:
+    # scripts/flwr_run_sim.py and deploy_local.py write deploy/ before the
+    # ServerApp claims the directory, and deploy/runs.json after the run.
+    run_dir = tmp_path / "run"
+    _results_in(run_dir)
+    (run_dir / "deploy").mkdir()
+    (run_dir / "deploy" / "pids.json").write_text("{}")
+
+    claim_run_dir(run_dir, "overwrite")
+    try:
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "deploy"]
+        assert (run_dir / "deploy" / "pids.json").read_text() == "{}"
+    finally:
+        release_run_dir(run_dir)
+
+
 def test_resume_needs_an_existing_run(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="cannot resume"):
         check_run_dir(tmp_path / "nothing", "resume")
