@@ -37,6 +37,7 @@ from lora_flwr.fl.strategy import FedLoRA, parameters_nbytes
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
+    COMPRESSION,
     LOCAL_STEPS,
     LR,
     PARTITION_ID,
@@ -44,6 +45,7 @@ from lora_flwr.protocol import (
     PROX_MU,
     ROUND,
     SECONDS,
+    TOPK_FRACTION,
     TRAIN_LOSS,
     AdapterLayout,
     Plan,
@@ -567,6 +569,8 @@ def test_each_client_gets_its_own_plan_and_payload(
             LR: pytest.approx(lr),
             PROX_MU: 0.25,
             LOCAL_STEPS: 7,
+            COMPRESSION: "none",
+            TOPK_FRACTION: 0.1,
             **plan.to_config(),
         }
         payload = parameters_to_ndarrays(ins.parameters)
