@@ -1,7 +1,7 @@
 """Secure aggregation (fed.secagg): config, rule and strategy sides, client checks.
 
 The SecAgg+ protocol itself runs in Flower's workflow and client mod; the
-integration test tests/integration/test_secagg.py runs it for real and compares
+integration test tests/integration/test_secagg_real.py runs it for real and compares
 with a plain run. Here: what our code does around it.
 """
 
