@@ -43,6 +43,14 @@ PLAIN_SUM_RULES = ("fedit", "ffa", "fedsa", "rolora", "fedsvd", "hetlora")
             {"norm_guard": "off", "weight_cap": 0.0, "dp_noise_multiplier": 1.0},
             "fed.dp_noise_multiplier",
         ),
+        (
+            {"norm_guard": "off", "weight_cap": 0.0, "compression": "int8"},
+            "fed.compression",
+        ),
+        (
+            {"norm_guard": "off", "weight_cap": 0.0, "compression": "topk"},
+            "fed.compression",
+        ),
     ],
 )
 def test_secagg_refuses_server_side_checks_it_makes_impossible(
