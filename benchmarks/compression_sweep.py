@@ -86,6 +86,8 @@ def summarize(codec: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "codec": codec,
         "accuracy": float(last["test_accuracy"]),
+        "loss": float(last["test_loss"]),
+        "curve": [r.get("test_accuracy") for r in history],
         "bytes_up": sum(int(r.get("bytes_up", 0)) for r in rounds),
         "reply_bytes": max(int(r.get("bytes_up_max", 0)) for r in rounds),
         "dropped": sum(int(r.get("fit_dropped", 0)) for r in rounds),
@@ -96,19 +98,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table with ratios against the ``none`` row."""
     base = next(r for r in rows if r["codec"] == "none")
     lines = [
-        "| codec | final accuracy | vs none (points) | bytes_up (run) | ratio | "
-        "bytes per reply | plain weighted sum | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| codec | final accuracy | vs none (points) | final loss | bytes_up (run) | "
+        "ratio | bytes per reply | plain weighted sum | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         delta = 100 * (r["accuracy"] - base["accuracy"])
         seconds = f"{r['seconds']:.0f}" if r.get("seconds") else "-"
         lines.append(
-            f"| {r['codec']} | {r['accuracy']:.3f} | {delta:+.1f} | "
+            f"| {r['codec']} | {r['accuracy']:.3f} | {delta:+.1f} | {r['loss']:.4f} | "
             f"{r['bytes_up']:,} | {r['bytes_up'] / base['bytes_up']:.4f} | "
             f"{r['reply_bytes']:,} | {'yes' if r['codec'] == 'none' else 'no'} | "
             f"{seconds} |"
         )
+    rounds = len(base["curve"])
+    lines += [
+        "",
+        "| codec | " + " | ".join(f"acc r{i}" for i in range(rounds)) + " |",
+        "|---|" + "---|" * rounds,
+    ]
+    for r in rows:
+        cells = " | ".join("-" if a is None else f"{a:.3f}" for a in r["curve"])
+        lines.append(f"| {r['codec']} | {cells} |")
     return "\n".join(lines)
 
 
