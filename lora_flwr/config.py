@@ -36,6 +36,10 @@ Task = Literal["seq_cls", "causal_lm"]
 # "a string is a regex"); anything else is a comma-separated list of module names.
 REGEX_PREFIX = "re:"
 
+# Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
+Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
+COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
+
 
 def _check(cond: bool, key: str, value: object, what: str) -> None:
     """Raise a ``ValueError`` naming the field when ``cond`` is false."""
@@ -341,6 +345,13 @@ class FedConfig:
     dp_noise_multiplier: float = 0.0
     dp_clip_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Uplink compression of each reply's update (reply - what the client started
+    # from), decoded on the server before validation (lora_flwr/compression.py):
+    # none (float32), fp16, bf16, int8 (a scale per row/column), or topk (the
+    # topk_fraction largest entries, with error feedback on the client). The
+    # downlink stays float32.
+    compression: Compression = "none"
+    topk_fraction: float = 0.1
     # Secure aggregation (Flower's SecAgg+ workflow, Bell et al., CCS 2020): the
     # server learns only the weighted sum of what clients send. Each client
     # multiplies its reply by num_examples / secagg_max_weight, and every value of
@@ -483,6 +494,18 @@ class FedConfig:
             self.robust,
             "'none' with differential privacy (its noise is calibrated to a mean)",
         )
+        _check(
+            self.compression in COMPRESSIONS,
+            "fed.compression",
+            self.compression,
+            f"one of {', '.join(repr(c) for c in COMPRESSIONS)}",
+        )
+        _check(
+            0 < self.topk_fraction <= 1,
+            "fed.topk_fraction",
+            self.topk_fraction,
+            "in (0, 1]",
+        )
         _check(self.secagg_clip > 0, "fed.secagg_clip", self.secagg_clip, "> 0")
         _check(
             self.secagg_max_weight >= 1,
@@ -540,6 +563,14 @@ class FedConfig:
             f"0 {hidden}",
         )
         _check(self.robust == "none", "fed.robust", self.robust, f"'none' {hidden}")
+        _check(
+            self.compression == "none",
+            "fed.compression",
+            self.compression,
+            "'none' with fed.secagg = true (SecAgg+ sums equally shaped float "
+            "vectors and quantises them itself; a per-client encoding cannot be "
+            "decoded inside that sum)",
+        )
         _check(
             self.dp_noise_multiplier == 0,
             "fed.dp_noise_multiplier",

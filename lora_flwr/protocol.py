@@ -28,7 +28,9 @@ weights (``fold_mode``). It then trains ``train``, stores ``keep`` and sends
     adapter        the adapter weights of the ``receive`` groups, in weight order,
                    A and B cut to the plan's rank
 
-and the reply is the adapter weights of the ``send`` groups in the same form.
+and the reply is the adapter weights of the ``send`` groups in the same form, or,
+under ``fed.compression``, their update encoded as :mod:`lora_flwr.compression`
+describes (decoded on the server into that form before any check).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ ROUND = "server_round"
 LR = "lr"
 LOCAL_STEPS = "local_steps"
 PROX_MU = "prox_mu"
+# How the client encodes its fit reply (lora_flwr.compression): the codec name and
+# top-k's share of entries. The server decodes with the same two values.
+COMPRESSION = "compression"
+TOPK_FRACTION = "topk_fraction"
 # The plan, flattened (see Plan.to_config).
 PLAN_RANK = "plan.rank"
 PLAN_RECEIVE = "plan.receive"

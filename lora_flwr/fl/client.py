@@ -24,13 +24,22 @@ import numpy.typing as npt
 from flwr.client import Client, NumPyClient
 from flwr.common import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
+from lora_flwr.compression import check_codec
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.data import TokenizedDataset
 from lora_flwr.experiment import Workspace, client_datasets, get_workspace
-from lora_flwr.fl.runner import NodeStore, check_secagg_range, finish, prepare
+from lora_flwr.fl.runner import (
+    NodeStore,
+    check_secagg_range,
+    compress_reply,
+    finish,
+    layout_of,
+    prepare,
+)
 from lora_flwr.models import model_load_count
 from lora_flwr.protocol import (
     BASE_VERSION,
+    COMPRESSION,
     FIT_CALLS,
     LOCAL_STEPS,
     LR,
@@ -38,6 +47,7 @@ from lora_flwr.protocol import (
     PARTITION_ID,
     PROX_MU,
     ROUND,
+    TOPK_FRACTION,
     WORKER_PID,
     Plan,
     Scalar,
@@ -57,6 +67,7 @@ NDArrays = list[NDArray]
 STATE_KEY = "lora_flwr"
 PRIVATE_KEY = "lora_flwr.private"
 DELTA_KEY = "lora_flwr.base_delta"
+RESIDUAL_KEY = "lora_flwr.residual"  # top-k error feedback (fed.compression)
 
 
 def client_train_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -114,6 +125,14 @@ class ContextStore(NodeStore):
     def set_private(self, arrays: Mapping[str, NDArray]) -> None:
         """Replace the privately kept tensors."""
         self._set_arrays(PRIVATE_KEY, arrays)
+
+    def residual(self) -> dict[str, NDArray]:
+        """Top-k's error feedback: what this node computed but has not sent."""
+        return self._arrays(RESIDUAL_KEY)
+
+    def set_residual(self, arrays: Mapping[str, NDArray]) -> None:
+        """Replace the top-k residual."""
+        self._set_arrays(RESIDUAL_KEY, arrays)
 
     def count_fit(self) -> int:
         """Count one more fit call served by this node and return the total."""
@@ -178,24 +197,29 @@ class LoRAClient(NumPyClient):
         """Return the adapter's arrays (weight order, allocated rank)."""
         return self.ws.adapter.get_weights()
 
-    def _prepare(self, parameters: NDArrays, config: dict[str, Scalar]) -> Plan:
+    def _prepare(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[Plan, dict[str, NDArray]]:
         plan = Plan.from_config(config)
-        prepare(self.ws.adapter, self.ws.initial, plan, parameters, self.store)
-        return plan
+        start = prepare(self.ws.adapter, self.ws.initial, plan, parameters, self.store)
+        return plan, start
 
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+    ) -> tuple[list[npt.NDArray[np.generic]], int, dict[str, Scalar]]:
         """Set the adapter up as planned, train locally, return the sent groups.
 
         Returns
         -------
         tuple
-            The plan's ``send`` arrays in wire order, the number of local training
-            examples (the aggregation weight ``n_k``), and metrics ``train_loss``,
-            ``seconds``, ``num_tokens``, ``num_steps``, ``base_version``.
+            The plan's ``send`` arrays in wire order (encoded as the config's
+            ``compression`` says, see :mod:`lora_flwr.compression`), the number of
+            local training examples (the aggregation weight ``n_k``), and metrics
+            ``train_loss``, ``seconds``, ``num_tokens``, ``num_steps``,
+            ``base_version``.
         """
-        plan = self._prepare(parameters, config)
+        codec = check_codec(str(config.get(COMPRESSION, "none")))
+        plan, start = self._prepare(parameters, config)
         server_round = int(config.get(ROUND, 1))
         steps = int(
             config.get(LOCAL_STEPS, self.ws.trainer.num_steps_for(self.train_data))
@@ -215,6 +239,15 @@ class LoRAClient(NumPyClient):
             check_secagg_range(
                 reply, len(self.train_data), fed.secagg_clip, fed.secagg_max_weight
             )
+        names = [n for n, _ in layout_of(self.ws.adapter).reply_spec(plan)]
+        sent = compress_reply(
+            reply,
+            start,
+            names,
+            self.store,
+            codec,
+            float(config.get(TOPK_FRACTION, 1.0)),
+        )
         out: dict[str, Scalar] = {
             TRAIN_LOSS: metrics[TRAIN_LOSS],
             SECONDS: metrics[SECONDS],
@@ -228,7 +261,7 @@ class LoRAClient(NumPyClient):
             WORKER_PID: os.getpid(),
             MODEL_LOADS: model_load_count(),
         }
-        return reply, len(self.train_data), out
+        return sent, len(self.train_data), out
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]

@@ -3,8 +3,10 @@
 :func:`prepare` turns a plan and its payload into the adapter state training
 starts from: it folds the base-weight delta, sets every factor group from the
 payload, the node's private store or the seeded init, sets the rank and which
-groups train. :func:`finish` stores the kept groups and returns the reply in wire
-order. Keeping this apart from ``client.py`` lets tests drive it without Flower.
+groups train, and returns what the client starts from. :func:`finish` stores the
+kept groups and returns the reply in wire order; :func:`compress_reply` encodes it
+for the uplink (``fed.compression``), keeping top-k's residual in the node's store.
+Keeping this apart from ``client.py`` lets tests drive it without Flower.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from lora_flwr.aggregation.linalg import cut_to_rank, fold_block
+from lora_flwr.compression import Codec, encode_reply
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.protocol import (
     FOLD_A_SUFFIX,
@@ -55,6 +58,14 @@ class NodeStore(Protocol):
         """Replace the privately kept tensors."""
         ...
 
+    def residual(self) -> dict[str, NDArray]:
+        """Top-k's error feedback by weight name: computed, not yet sent."""
+        ...
+
+    def set_residual(self, arrays: Mapping[str, NDArray]) -> None:
+        """Replace the top-k residual."""
+        ...
+
 
 class MemoryStore:
     """A :class:`NodeStore` in memory (tests, and a single-process client)."""
@@ -63,6 +74,7 @@ class MemoryStore:
         self._version = 0
         self._delta: dict[str, NDArray] = {}
         self._private: dict[str, NDArray] = {}
+        self._residual: dict[str, NDArray] = {}
 
     def base_version(self) -> int:
         """Version of the held delta."""
@@ -84,6 +96,14 @@ class MemoryStore:
     def set_private(self, arrays: Mapping[str, NDArray]) -> None:
         """Replace the kept tensors."""
         self._private = dict(arrays)
+
+    def residual(self) -> dict[str, NDArray]:
+        """Top-k residual."""
+        return dict(self._residual)
+
+    def set_residual(self, arrays: Mapping[str, NDArray]) -> None:
+        """Replace the top-k residual."""
+        self._residual = dict(arrays)
 
 
 def layout_of(adapter: LoRAAdapter) -> AdapterLayout:
@@ -142,11 +162,18 @@ def prepare(
     plan: Plan,
     payload: Sequence[NDArray],
     store: NodeStore,
-) -> None:
+) -> dict[str, NDArray]:
     """Set the adapter (and its base weights) up for a call under ``plan``.
 
     Everything in the payload is checked (count, names, dtype, shape, finite)
     before anything changes.
+
+    Returns
+    -------
+    dict
+        What the adapter starts from, by name, for the groups the server knows:
+        the payload's received groups and the seeded init of groups neither
+        received nor kept (the server's ``Rule.start_arrays``, bit for bit).
 
     Raises
     ------
@@ -174,6 +201,7 @@ def prepare(
     adapter.set_trainable(
         lora_A="A" in plan.train, lora_B="B" in plan.train, saved="M" in plan.train
     )
+    return {n: v for n, v in values.items() if group_of(n) not in plan.keep}
 
 
 def finish(adapter: LoRAAdapter, plan: Plan, store: NodeStore) -> list[NDArray]:
@@ -184,6 +212,57 @@ def finish(adapter: LoRAAdapter, plan: Plan, store: NodeStore) -> list[NDArray]:
             {n: a for n, a in current.items() if group_of(n) in plan.keep}
         )
     return [current[name] for name, _ in layout_of(adapter).reply_spec(plan)]
+
+
+def compress_reply(
+    reply: Sequence[NDArray],
+    start: Mapping[str, NDArray],
+    names: Sequence[str],
+    store: NodeStore,
+    codec: Codec,
+    fraction: float = 1.0,
+) -> list[npt.NDArray[np.generic]]:
+    """Encode a reply for the uplink as ``codec`` (``"none"``: unchanged).
+
+    The update is coded against ``start`` (:func:`prepare`'s return; zero for a
+    weight not in it, as on the server). Top-k adds the residual this node kept
+    from earlier rounds (zero at first, or for a weight whose shape changed) and
+    stores the new one (error feedback), leaving other weights' residuals as they
+    were. The residual is stored before the reply leaves: a reply lost on the way
+    loses what it carried.
+
+    Parameters
+    ----------
+    reply
+        The reply arrays in wire order.
+    start
+        What the client started from, by name.
+    names
+        The reply's weight names in wire order.
+    store
+        The node's store (holds the top-k residual).
+    codec, fraction
+        ``fed.compression`` and ``fed.topk_fraction`` as the server sent them.
+    """
+    if codec == "none":
+        return list(reply)
+    reference = [
+        start[n] if n in start else np.zeros_like(a)
+        for n, a in zip(names, reply, strict=True)
+    ]
+    if codec != "topk":
+        return encode_reply(codec, reply, reference).arrays
+    held = store.residual()
+    residual = [
+        held[n] if n in held and held[n].shape == a.shape else np.zeros_like(a)
+        for n, a in zip(names, reply, strict=True)
+    ]
+    encoded = encode_reply(
+        codec, reply, reference, fraction=fraction, residual=residual
+    )
+    assert encoded.residual is not None
+    store.set_residual({**held, **dict(zip(names, encoded.residual, strict=True))})
+    return encoded.arrays
 
 
 def check_secagg_range(

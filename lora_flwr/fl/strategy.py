@@ -16,7 +16,9 @@ One round, as Flower's server drives it::
                      splits; for a personalised rule (FedSA) this is the
                      evaluation: each client's own model on its own split
 
-Bytes are counted per client from the serialized tensors actually sent and received.
+Bytes are counted per client from the serialized tensors actually sent and received:
+under ``fed.compression`` that is the encoded reply, decoded in ``_check_reply``
+before any other check.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from lora_flwr.aggregation import (
     get_rule,
 )
 from lora_flwr.aggregation.robust import clip_update
+from lora_flwr.compression import decode_reply
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.checkpoint import Checkpoint
 from lora_flwr.fl.guards import (
@@ -78,6 +81,7 @@ from lora_flwr.privacy import epsilon
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
+    COMPRESSION,
     FIT_CALLS,
     LOCAL_STEPS,
     LR,
@@ -88,6 +92,7 @@ from lora_flwr.protocol import (
     PROX_MU,
     ROUND,
     SECONDS,
+    TOPK_FRACTION,
     TRAIN_LOSS,
     WORKER_PID,
     AdapterLayout,
@@ -392,6 +397,8 @@ class FedLoRA(Strategy):
                 config[PROX_MU] = self.fed.prox_mu
                 if self.cfg.train.local_epochs == 0:
                     config[LOCAL_STEPS] = self.cfg.train.local_steps
+                config[COMPRESSION] = self.fed.compression
+                config[TOPK_FRACTION] = self.fed.topk_fraction
             start = self.rule.start_arrays(self.state, plan)
             self._sent[proxy.cid] = _Sent(
                 pid, plan, start, parameters_nbytes(parameters)
@@ -426,9 +433,25 @@ class FedLoRA(Strategy):
         return [(proxy, FitIns(p, c)) for proxy, p, c in instructions]
 
     def _check_reply(self, sent: _Sent, res: FitRes) -> ClientReply:
-        """Validate one reply against its plan; raise ValueError on any fault."""
-        arrays = parameters_to_ndarrays(res.parameters)
+        """Validate one reply against its plan; raise ValueError on any fault.
+
+        A compressed reply is decoded first (``reference + update``, the reference
+        being what the client started from, zero for private groups), so every
+        check below sees float32 arrays as without compression.
+        """
+        arrays: Sequence[object] = parameters_to_ndarrays(res.parameters)
         spec = self.rule.reply_spec(sent.plan)
+        if self.fed.compression != "none":
+            reference = [
+                sent.start[n] if n in sent.start else np.zeros(s, np.float32)
+                for n, s in spec
+            ]
+            arrays = decode_reply(
+                self.fed.compression,
+                arrays,
+                reference,
+                fraction=self.fed.topk_fraction,
+            )
         named = pair_names(spec, arrays)
         # Under SecAgg+ the arrays are the unmasked float64 mean, checked later.
         dtype = None if self.fed.secagg else np.float32

@@ -18,6 +18,7 @@ from flwr.common import (
 )
 
 from lora_flwr.aggregation import ClientInfo, ClientReply, get_rule
+from lora_flwr.compression import decode_reply
 from lora_flwr.config import (
     DataConfig,
     ExperimentConfig,
@@ -47,6 +48,7 @@ from lora_flwr.models import model_load_count
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
+    COMPRESSION,
     FIT_CALLS,
     LOCAL_STEPS,
     LR,
@@ -56,6 +58,7 @@ from lora_flwr.protocol import (
     PARTITION_ID,
     ROUND,
     SECONDS,
+    TOPK_FRACTION,
     TRAIN_LOSS,
     WORKER_PID,
     Plan,
@@ -632,3 +635,65 @@ def test_client_fn_reads_the_run_config_without_a_closure() -> None:
     # Assert
     assert res.metrics[PARTITION_ID] == 1
     assert res.metrics[NUM_STEPS] == cfg.train.local_steps
+
+
+# --------------------------------------------------------------- compression
+@pytest.mark.parametrize("rule_name", ["fedit", "ffa", "flora", "fedsa", "rolora"])
+def test_a_compressed_reply_decodes_against_the_servers_start(rule_name: str) -> None:
+    # Prepare: the same call plain and int8-coded (fit is deterministic).
+    cfg = _cfg()
+    ws = get_workspace(cfg)
+    rule = get_rule(rule_name)(layout_of(ws.adapter), ws.initial, cfg.lora.scaling)
+    state = rule.init_state()
+    plan = rule.plan(state, ClientInfo(0, R, 0), 1)
+    payload, config = rule.payload(state, plan), _fit_config(cfg, 1, plan)
+    spec = rule.reply_spec(plan)
+    start = rule.start_arrays(state, plan)
+    reference = [start[n] if n in start else np.zeros(s, np.float32) for n, s in spec]
+
+    # Execute
+    plain, _, _ = LoRAClient(cfg, 0, 2).fit(payload, config)
+    coded, _, _ = LoRAClient(cfg, 0, 2).fit(payload, {**config, COMPRESSION: "int8"})
+    got = decode_reply("int8", coded, reference)
+
+    # Assert: the client coded against exactly the server's start (CRC), and the
+    # decoded reply is the plain one within int8's half step per tensor.
+    assert [a.dtype for a in coded] == [np.uint32, np.float32, np.int8]
+    for (name, _), g, want, ref in zip(spec, got, plain, reference, strict=True):
+        step = float(np.abs(want - ref).max()) / 127
+        assert np.abs(g - want).max() <= step / 2 * 1.001 + 1e-7, name
+
+
+def test_topk_error_feedback_lives_in_the_nodes_context_state() -> None:
+    # Prepare: one node, two rounds from the same start; plain replies to compare.
+    cfg = _cfg()
+    start = get_workspace(cfg).initial_weights
+    config = {**_fit_config(cfg), COMPRESSION: "topk", TOPK_FRACTION: 0.05}
+    plain, _, _ = LoRAClient(cfg, 0, 2).fit(start, _fit_config(cfg))
+    state = RecordDict()
+
+    # Execute: client_fn builds a new client object every round.
+    first, _, _ = LoRAClient(cfg, 0, 2, state).fit(start, config)
+    residual1 = ContextStore(state).residual()
+    second, _, _ = LoRAClient(cfg, 0, 2, state).fit(start, config)
+    residual2 = ContextStore(state).residual()
+
+    # Assert: round 1 sent 5% of the update, the residual holds exactly the rest;
+    # round 2 sent the top 5% of (update + residual), and keeps the remainder.
+    names = get_workspace(cfg).adapter.weight_names()
+    sent1 = decode_reply("topk", first, start, fraction=0.05)
+    sent2 = decode_reply("topk", second, start, fraction=0.05)
+    total = sum(a.size for a in start)
+    assert first[1].size == second[1].size == round(0.05 * total)
+    for i, name in enumerate(names):
+        update = plain[i] - start[i]
+        np.testing.assert_allclose(
+            (sent1[i] - start[i]) + residual1[name], update, rtol=0, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            (sent2[i] - start[i]) + residual2[name],
+            update + residual1[name],
+            rtol=0,
+            atol=1e-6,
+        )
+    assert not np.array_equal(first[1], second[1])  # the residual changed the pick

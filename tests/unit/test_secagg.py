@@ -1,7 +1,7 @@
 """Secure aggregation (fed.secagg): config, rule and strategy sides, client checks.
 
 The SecAgg+ protocol itself runs in Flower's workflow and client mod; the
-integration test tests/integration/test_secagg.py runs it for real and compares
+integration test tests/integration/test_secagg_real.py runs it for real and compares
 with a plain run. Here: what our code does around it.
 """
 
@@ -42,6 +42,14 @@ PLAIN_SUM_RULES = ("fedit", "ffa", "fedsa", "rolora", "fedsvd", "hetlora")
         (
             {"norm_guard": "off", "weight_cap": 0.0, "dp_noise_multiplier": 1.0},
             "fed.dp_noise_multiplier",
+        ),
+        (
+            {"norm_guard": "off", "weight_cap": 0.0, "compression": "int8"},
+            "fed.compression",
+        ),
+        (
+            {"norm_guard": "off", "weight_cap": 0.0, "compression": "topk"},
+            "fed.compression",
         ),
     ],
 )

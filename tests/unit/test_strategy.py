@@ -28,6 +28,7 @@ from flwr.common import (
 from flwr.server.client_manager import SimpleClientManager
 
 from lora_flwr.aggregation import ClientInfo, available_rules, fold_block
+from lora_flwr.compression import decode_reply, encode_reply, wire_nbytes
 from lora_flwr.config import ExperimentConfig, FedConfig, LoraConfig, TrainConfig
 from lora_flwr.experiment import get_workspace
 from lora_flwr.fl.client import ContextStore, LoRAClient
@@ -37,6 +38,7 @@ from lora_flwr.fl.strategy import FedLoRA, parameters_nbytes
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
+    COMPRESSION,
     LOCAL_STEPS,
     LR,
     PARTITION_ID,
@@ -44,6 +46,7 @@ from lora_flwr.protocol import (
     PROX_MU,
     ROUND,
     SECONDS,
+    TOPK_FRACTION,
     TRAIN_LOSS,
     AdapterLayout,
     Plan,
@@ -567,6 +570,8 @@ def test_each_client_gets_its_own_plan_and_payload(
             LR: pytest.approx(lr),
             PROX_MU: 0.25,
             LOCAL_STEPS: 7,
+            COMPRESSION: "none",
+            TOPK_FRACTION: 0.1,
             **plan.to_config(),
         }
         payload = parameters_to_ndarrays(ins.parameters)
@@ -1724,3 +1729,156 @@ def test_dp_noise_has_the_calibrated_std() -> None:
         again.global_arrays()["q.lora_B.weight"],
         strategy.global_arrays()["q.lora_B.weight"],
     )
+
+
+# --------------------------------------------------------------- compression
+def _encoded(
+    ins: FitIns, reply: list[np.ndarray], codec: Any, fraction: float = 1.0
+) -> list[np.ndarray]:
+    """What a client sends: its reply coded against the payload it started from."""
+    start = parameters_to_ndarrays(ins.parameters)  # fedit receives every group
+    return encode_reply(codec, reply, start, fraction=fraction).arrays
+
+
+@pytest.mark.parametrize(
+    ("codec", "fraction"),
+    [("fp16", 1.0), ("bf16", 1.0), ("int8", 1.0), ("topk", 1.0), ("topk", 0.25)],
+)
+def test_compressed_replies_are_decoded_then_averaged(
+    codec: Any, fraction: float
+) -> None:
+    # Prepare: three clients move the start by different amounts.
+    strategy = _strategy(compression=codec, topk_fraction=fraction)
+    sent = _configure(strategy, _manager())
+    moves = {0: 0.5, 1: -0.25, 2: 0.125}
+    weights = {0: 1, 1: 2, 2: 5}
+    start = _global(strategy)
+    replies = {
+        pid: [
+            start[n]
+            + np.float32(m)
+            * np.arange(1, a.size + 1, dtype=np.float32).reshape(a.shape)
+            for n, a in start.items()
+        ]
+        for pid, m in moves.items()
+    }
+    results = [
+        (sent[pid][0], _res(_encoded(sent[pid][1], replies[pid], codec, fraction), w))
+        for pid, w in weights.items()
+    ]
+
+    # Execute
+    params, metrics = strategy.aggregate_fit(1, results, [])
+
+    # Assert: the rule averaged the decoded replies (float32 in, as without
+    # compression), and bytes_up counted the encoded ones.
+    assert params is not None
+    assert (metrics["fit_ok"], metrics["fit_dropped"]) == (3, 0)
+    decoded = {
+        pid: decode_reply(
+            codec,
+            _encoded(sent[pid][1], replies[pid], codec, fraction),
+            list(start.values()),
+            fraction=fraction,
+        )
+        for pid in moves
+    }
+    for i, name in enumerate(LAYOUT.names):
+        want = sum(w * decoded[p][i].astype(np.float64) for p, w in weights.items()) / 8
+        np.testing.assert_allclose(strategy.global_arrays()[name], want, rtol=1e-6)
+        exact = sum(w * replies[p][i].astype(np.float64) for p, w in weights.items())
+        if codec != "topk" or fraction == 1.0:  # lossy within the codec's bound
+            np.testing.assert_allclose(want, exact / 8, rtol=0, atol=2**-7 * 9)
+    wire = wire_nbytes(codec, list(LAYOUT.shapes), fraction)
+    assert metrics["bytes_up"] == 3 * wire
+    assert metrics["bytes_up_max"] == wire
+
+
+def test_compressed_bytes_up_is_below_the_float32_reply() -> None:
+    # Prepare
+    plain, coded = _strategy(), _strategy(compression="int8")
+    reply = _full(0.5)
+
+    # Execute
+    metrics = {}
+    for key, strategy in (("none", plain), ("int8", coded)):
+        sent = _configure(strategy, _manager())
+        arrays = reply if key == "none" else _encoded(sent[0][1], reply, "int8")
+        results = [(sent[p][0], _res(arrays, 1, pid=p)) for p in (0, 1)]
+        metrics[key] = strategy.aggregate_fit(1, results, [])[1]
+
+    # Assert: each byte counted from what was serialized, and the same global up
+    # to int8's half step (max|update| / 254 per tensor).
+    shapes = list(LAYOUT.shapes)
+    assert metrics["none"]["bytes_up"] == 2 * wire_nbytes("none", shapes, 1.0)
+    assert metrics["int8"]["bytes_up"] == 2 * wire_nbytes("int8", shapes, 1.0)
+    start = _initial()
+    for name, value in zip(LAYOUT.names, reply, strict=True):
+        step = float(np.abs(value - start[name]).max()) / 127
+        got, want = coded.global_arrays()[name], plain.global_arrays()[name]
+        assert np.abs(got - want).max() <= step / 2 * 1.001 + 1e-7
+        assert not np.array_equal(got, want) or group_of(name) != "A"
+
+
+def _nan_scale(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    scales = arrays[1].copy()
+    scales[0] = np.nan
+    return [arrays[0], scales, arrays[2]]
+
+
+def _shifted_start(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    header = arrays[0].copy()
+    header[2] ^= 1  # the reference CRC of another start
+    return [header, *arrays[1:]]
+
+
+BAD_ENCODINGS: dict[str, tuple[Callable[[list[np.ndarray]], list[Any]], str]] = {
+    "float32 reply": (
+        lambda a: _full(9.0),
+        "int8 header: dtype float32, expected uint32",
+    ),
+    "nan scale": (_nan_scale, "int8 scales: every scale must be finite and >= 0"),
+    "short values": (
+        lambda a: [a[0], a[1], a[2][:-1]],
+        "int8 values: shape (15,), expected (16,)",
+    ),
+    "other start": (_shifted_start, "int8 header: the update was coded against"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD_ENCODINGS))
+def test_a_malformed_encoded_reply_is_dropped_and_the_rest_aggregated(
+    fault: str, flwr_caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: partition 2's encoding is broken; 0 and 1 are fine.
+    build, message = BAD_ENCODINGS[fault]
+    strategy = _strategy(compression="int8")
+    sent = _configure(strategy, _manager())
+    results = [
+        (sent[0][0], _res(_encoded(sent[0][1], _full(1.0), "int8"), 1, pid=0)),
+        (sent[2][0], _res(build(_encoded(sent[2][1], _full(5.0), "int8")), 9, pid=2)),
+        (sent[1][0], _res(_encoded(sent[1][1], _full(4.0), "int8"), 3, pid=1)),
+    ]
+
+    # Execute
+    params, metrics = strategy.aggregate_fit(1, results, [])
+
+    # Assert: the mean of the two decoded replies, (1*1 + 3*4) / 4 = 3.25 up to
+    # int8's half step of A's update (B and the head start at 0: exact).
+    assert params is not None
+    assert (metrics["fit_ok"], metrics["fit_dropped"]) == (2, 1)
+    start = [_initial()[n] for n in LAYOUT.names]
+    decoded = [
+        decode_reply("int8", _encoded(sent[p][1], _full(v), "int8"), start)
+        for p, v in ((0, 1.0), (1, 4.0))
+    ]
+    out = parameters_to_ndarrays(params)
+    for i, (got, shape) in enumerate(zip(out, LAYOUT.shapes, strict=True)):
+        np.testing.assert_allclose(
+            got, (decoded[0][i] + 3 * decoded[1][i]) / 4, rtol=1e-6
+        )
+        np.testing.assert_allclose(got, np.full(shape, 3.25), atol=0.05)
+    warnings = _warnings(flwr_caplog)
+    assert len(warnings) == 1
+    assert "dropped reply of client node-2 (partition 2)" in warnings[0]
+    assert message in warnings[0]
