@@ -6,29 +6,16 @@ docs/RELIABILITY.md); this test runs them and asserts on the outcome.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from probes import load_probes
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _probes() -> ModuleType:
-    name = "reliability_probes"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "benchmarks" / "reliability_probes.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_probes = load_probes
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ clients' key shares, or the unmasked sum is noise modulo 2**32.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from probes import load_probes
 from safetensors.numpy import load_file
 
 from lora_flwr.fl.server_app import SECAGG_LEVELS
@@ -24,18 +23,7 @@ from lora_flwr.fl.server_app import SECAGG_LEVELS
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _probes() -> ModuleType:
-    name = "reliability_probes"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "benchmarks" / "reliability_probes.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+_probes = load_probes
 
 
 def _adapter(last: dict[str, Any]) -> dict[str, np.ndarray]:
