@@ -144,7 +144,7 @@ def binary(name: str) -> str:
     return found
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True when ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -168,7 +168,7 @@ def tagged_processes(tag: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if needle in environ.split(b"\0") and _alive(int(entry.name)):
+        if needle in environ.split(b"\0") and process_alive(int(entry.name)):
             found.append(int(entry.name))
     return sorted(found)
 
@@ -249,7 +249,7 @@ class Processes:
         """Raise with the log tail if one of ``names`` has exited."""
         for name in names:
             if name in self.adopted:
-                if not _alive(self.adopted[name]):
+                if not process_alive(self.adopted[name]):
                     raise DeployError(f"{name} (pid {self.adopted[name]}) has died")
                 continue
             proc = self.procs[name]
@@ -265,7 +265,7 @@ class Processes:
         def left() -> set[int]:
             for proc in self.procs.values():
                 proc.poll()  # reap our direct children
-            mine = {p for p in self.pids().values() if _alive(p)}
+            mine = {p for p in self.pids().values() if process_alive(p)}
             return mine | set(tagged_processes(self.tag))
 
         for pid in left():

@@ -45,14 +45,6 @@ import deploy_local  # noqa: E402
 import deploy_tls  # noqa: E402
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-
-
 def _tagged(var: str, tag: str) -> list[int]:
     """Live PIDs whose environment holds ``var=tag`` (what the script started)."""
     needle = f"{var}={tag}".encode()
@@ -62,7 +54,7 @@ def _tagged(var: str, tag: str) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in environ and _alive(int(entry.name)):
+        if needle in environ and deploy_local.process_alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -71,7 +63,7 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
     doc = json.loads((deploy_dir / "pids.json").read_text())
     deadline = time.monotonic() + 10  # helpers notice their parent's death
     while True:
-        named = {n: p for n, p in doc["pids"].items() if _alive(p)}
+        named = {n: p for n, p in doc["pids"].items() if deploy_local.process_alive(p)}
         tagged = _tagged(doc["tag_var"], doc["tag"])
         if not (named or tagged) or time.monotonic() > deadline:
             return {"named": named, "tagged": tagged, "pids": doc["pids"]}

@@ -29,16 +29,11 @@ import pytest
 from lora_flwr.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from deploy_local import process_alive  # noqa: E402
+
 SMOKE = REPO / "configs" / "smoke.toml"
 TIMEOUT = 1500  # seconds; ≈ 2 min on an idle 2-core machine
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
 
 
 def _tagged(var: str, tag: str) -> list[int]:
@@ -50,7 +45,7 @@ def _tagged(var: str, tag: str) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in environ and _alive(int(entry.name)):
+        if needle in environ and process_alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -59,7 +54,7 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
     doc = json.loads((deploy_dir / "pids.json").read_text())
     deadline = time.monotonic() + 10  # helpers notice their parent's death
     while True:
-        named = {n: p for n, p in doc["pids"].items() if _alive(p)}
+        named = {n: p for n, p in doc["pids"].items() if process_alive(p)}
         tagged = _tagged(doc["tag_var"], doc["tag"])
         if not (named or tagged) or time.monotonic() > deadline:
             return {"named": named, "tagged": tagged, "pids": doc["pids"]}

@@ -35,6 +35,9 @@ from safetensors.numpy import load_file
 from lora_flwr.fl.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+from deploy_local import process_alive  # noqa: E402
+
 SMOKE = REPO / "configs" / "smoke.toml"
 ROUNDS = 3
 CUT_AFTER = 1  # the crash comes once this round's server state is saved
@@ -83,15 +86,6 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _environ(pid: int) -> list[bytes]:
     """The environment of ``pid`` (empty once it is gone)."""
     try:
@@ -116,7 +110,7 @@ def _processes(var: str, tag: str, raylets: frozenset[int] = frozenset()) -> lis
         pid = int(entry.name)
         if pid in mine or not needles.intersection(_environ(pid)):
             continue
-        if _alive(pid):
+        if process_alive(pid):
             found.append(pid)
     return sorted(found)
 
@@ -247,7 +241,7 @@ def test_flwr_run_killed_then_resumed_by_run_config_equals_the_whole_run(
     assert CUT_AFTER <= done < ROUNDS  # it really was cut short
     assert not (cut / "adapter").exists()
     holder = int((cut / ".lock").read_text())  # the lock file stays; its holder died
-    assert not _alive(holder)
+    assert not process_alive(holder)
 
     # ... then the same command, resumed through the run config.
     start = time.perf_counter()
