@@ -51,9 +51,12 @@ def summary(
     }
 
 
-def run_ours(config: Path, out: Path, name: str, precision: str) -> dict[str, Any]:
+def run_ours(
+    config: Path, out: Path, name: str, precision: str | None
+) -> dict[str, Any]:
     """Run lora_flwr's main job; return its history and process wall time."""
     start = time.perf_counter()
+    options = ["--set", f"train.precision={precision}"] if precision else []
     subprocess.run(
         [
             sys.executable,
@@ -64,8 +67,7 @@ def run_ours(config: Path, out: Path, name: str, precision: str) -> dict[str, An
             f"name={name}",
             "--set",
             f"output_dir={out}",
-            "--set",
-            f"train.precision={precision}",
+            *options,
             "--overwrite",
         ],
         cwd=ROOT,
@@ -110,12 +112,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/default.toml")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.75)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--theirs-precision", choices=("fp32", "bf16"), default=None)
+    # Ours: the config's own train.precision unless given ("auto" is a choice).
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    # Theirs: fp32, what a PEFT + Flower user gets on a CPU, unless given.
+    parser.add_argument("--theirs-precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="tta-"))).resolve()
-    theirs_precision = args.theirs_precision or args.precision
+    theirs_precision = args.theirs_precision
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
     for i in range(args.pairs):
         ours = run_ours(args.config, out, f"ours-{i}", args.precision)
@@ -137,7 +141,7 @@ def main() -> None:
         return statistics.median(values)
 
     print(
-        f"\n| | lora_flwr ({args.precision}) | PEFT + Flower FedAvg "
+        f"\n| | lora_flwr ({args.precision or 'config'}) | PEFT + Flower FedAvg "
         f"({theirs_precision}) | ratio |"
     )
     print("|---|---|---|---|")

@@ -235,8 +235,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on the device
+    # Autocast on the device; "auto": bf16 where the hardware runs it natively
+    # (CUDA with bf16, CPU with AMX / AVX-512 BF16), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    # Training batches drawn from length-sorted chunks of this many batches: less
+    # padding, the same examples per epoch (0: plain shuffled batches).
+    bucket_batches: int = 0
 
     def __post_init__(self) -> None:
         """Validate every field."""
@@ -277,12 +282,18 @@ class TrainConfig:
             "one of 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'",
         )
         _check(
-            self.precision in ("fp32", "bf16", "fp16"),
+            self.precision in ("auto", "fp32", "bf16", "fp16"),
             "train.precision",
             self.precision,
-            "one of 'fp32', 'bf16', 'fp16'",
+            "one of 'auto', 'fp32', 'bf16', 'fp16'",
         )
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+        _check(
+            self.bucket_batches >= 0,
+            "train.bucket_batches",
+            self.bucket_batches,
+            ">= 0 (0: off)",
+        )
 
 
 @dataclass(frozen=True)

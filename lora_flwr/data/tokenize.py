@@ -176,6 +176,7 @@ def iter_batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     sort_by_length: bool = False,
+    bucket_batches: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One pass over the data in batches.
 
@@ -196,6 +197,12 @@ def iter_batches(
         Visit examples longest first (ignores ``shuffle``). Batches then hold
         examples of similar length and carry little padding: for evaluation, where
         order does not matter.
+    bucket_batches
+        With ``shuffle``: cut the shuffled order into chunks of ``bucket_batches *
+        batch_size`` examples, sort each chunk by length, batch it, and visit the
+        batches of the pass in a random order. Batches stay random draws of the
+        data but carry far less padding (training cost follows padded tokens).
+        0 or 1: off.
 
     Yields
     ------
@@ -206,6 +213,10 @@ def iter_batches(
         raise ValueError(
             f"`batch_size` should be >= 1 but the value passed is {batch_size}"
         )
+    if bucket_batches < 0:
+        raise ValueError(
+            f"`bucket_batches` should be >= 0 but the value passed is {bucket_batches}"
+        )
     n = len(tok)
     if sort_by_length:
         order = sorted(range(n), key=lambda i: -int(tok.input_ids[i].numel()))
@@ -214,12 +225,41 @@ def iter_batches(
     else:
         order = list(range(n))
     stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        yield collate(tok, order[start : start + batch_size])
+    batches = [
+        order[start : start + batch_size] for start in range(0, stop, batch_size)
+    ]
+    if shuffle and not sort_by_length and bucket_batches > 1:
+        batches = _bucketed(tok, order[:stop], batch_size, bucket_batches, generator)
+    for indices in batches:
+        yield collate(tok, indices)
+
+
+def _bucketed(
+    tok: TokenizedDataset,
+    order: list[int],
+    batch_size: int,
+    bucket_batches: int,
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """Batches of similar length from a shuffled ``order``, in a random order."""
+    chunk = bucket_batches * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        # Stable sort: ties keep their shuffled order, so the draw stays random.
+        part = sorted(
+            order[start : start + chunk], key=lambda i: int(tok.input_ids[i].numel())
+        )
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    visit = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in visit]
 
 
 def infinite_batches(
-    tok: TokenizedDataset, batch_size: int, *, generator: torch.Generator | None
+    tok: TokenizedDataset,
+    batch_size: int,
+    *,
+    generator: torch.Generator | None,
+    bucket_batches: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches for step-based training, reshuffled every epoch.
 
@@ -234,6 +274,8 @@ def infinite_batches(
         Examples per batch.
     generator
         Source of every epoch's order; ``None`` uses torch's global generator.
+    bucket_batches
+        Length-bucketed batches (see :func:`iter_batches`); 0: off.
 
     Yields
     ------
@@ -245,4 +287,10 @@ def infinite_batches(
             "`infinite_batches` needs at least one example but the dataset is empty"
         )
     while True:
-        yield from iter_batches(tok, batch_size, shuffle=True, generator=generator)
+        yield from iter_batches(
+            tok,
+            batch_size,
+            shuffle=True,
+            generator=generator,
+            bucket_batches=bucket_batches,
+        )

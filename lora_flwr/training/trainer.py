@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -37,6 +38,9 @@ from lora_flwr.protocol import (  # noqa: E402
     TOKENS_PER_S,
     TRAIN_LOSS,
 )
+from lora_flwr.training.precision import resolve_precision
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,7 +109,13 @@ class LoRATrainer:
         self.task = task
         self.config = config
         self.device = resolve_device(config.device)
-        self.autocast_dtype = _autocast_dtype(config.precision, self.device)
+        # "auto" becomes bf16 only where the hardware runs it natively.
+        self.precision = resolve_precision(config.precision, self.device)
+        self.autocast_dtype = _autocast_dtype(self.precision, self.device)
+        if config.precision == "auto":
+            logger.info(
+                "train.precision 'auto' -> %s on %s", self.precision, self.device
+            )
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.model.to(self.device)
@@ -215,7 +225,9 @@ class LoRATrainer:
             self.device.type, enabled=self.autocast_dtype is torch.float16
         )
         generator = torch.Generator().manual_seed(seed)
-        batches = infinite_batches(data, cfg.batch_size, generator=generator)
+        batches = infinite_batches(
+            data, cfg.batch_size, generator=generator, bucket_batches=cfg.bucket_batches
+        )
         show = sys.stderr.isatty() if progress is None else progress
         losses: list[float] = []
         examples = tokens = 0

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from lora_flwr.data import (
     BUILTIN_DATASETS,
     IGNORE_INDEX,
     TextDataset,
+    TokenizedDataset,
     client_data,
     collate,
     eval_subset,
@@ -697,3 +699,71 @@ def test_tokenize_rotten_tomatoes_with_minilm() -> None:
     assert max(int(ids.numel()) for ids in tok.input_ids) <= 64
     assert all(ids[0] == tokenizer.cls_token_id for ids in tok.input_ids)
     assert elapsed < 30
+
+
+def _varied_lengths(n: int, seed: int = 0) -> TokenizedDataset:
+    """``n`` examples whose first token is their index and whose lengths vary."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 40, size=n)
+    ids = tuple(
+        torch.cat([torch.tensor([i + 4]), torch.full((int(k) - 1,), 7)])
+        for i, k in enumerate(lengths)
+    )
+    labels = torch.tensor([i % 2 for i in range(n)])
+    return TokenizedDataset(ids, labels, "seq_cls", pad_token_id=0)
+
+
+def _epoch(
+    tok: TokenizedDataset, seed: int, bucket: int
+) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return list(
+        iter_batches(tok, 8, shuffle=True, generator=gen, bucket_batches=bucket)
+    )
+
+
+@pytest.mark.parametrize("bucket", [2, 4, 100])
+def test_bucketed_batches_visit_each_example_once_with_less_padding(
+    bucket: int,
+) -> None:
+    # Prepare
+    tok = _varied_lengths(203)
+
+    # Execute
+    plain = _epoch(tok, 0, 0)
+    bucketed = _epoch(tok, 0, bucket)
+    again = _epoch(tok, 0, bucket)
+
+    # Assert: the same examples once each, seeded, fewer padded positions
+    def seen(batches: list[dict[str, torch.Tensor]]) -> list[int]:
+        return sorted(int(i) - 4 for b in batches for i in b["input_ids"][:, 0])
+
+    assert seen(bucketed) == list(range(203))
+    assert [b["input_ids"].tolist() for b in bucketed] == [
+        b["input_ids"].tolist() for b in again
+    ]
+    padded = sum(int(b["input_ids"].numel()) for b in bucketed)
+    assert padded < sum(int(b["input_ids"].numel()) for b in plain)
+    real = sum(int(b["attention_mask"].sum()) for b in bucketed)
+    assert real == sum(int(t.numel()) for t in tok.input_ids)
+    # Labels still follow their examples.
+    for b in bucketed:
+        assert (b["labels"] == (b["input_ids"][:, 0] - 4) % 2).all()
+
+
+@pytest.mark.parametrize("bucket", [0, 1])
+def test_bucketing_off_gives_the_plain_shuffle(bucket: int) -> None:
+    tok = _varied_lengths(50)
+    off = [b["input_ids"].tolist() for b in _epoch(tok, 3, bucket)]
+    assert off == [b["input_ids"].tolist() for b in _epoch(tok, 3, 0)]
+
+
+def test_bucketed_batch_order_is_random_not_sorted() -> None:
+    tok = _varied_lengths(400)
+    longest = [int(b["input_ids"].shape[1]) for b in _epoch(tok, 0, 50)]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+def test_negative_bucket_batches_is_refused() -> None:
+    with pytest.raises(ValueError, match="`bucket_batches` should be >= 0.*-1"):
+        next(iter_batches(_varied_lengths(4), 2, shuffle=True, bucket_batches=-1))

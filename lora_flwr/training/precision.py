@@ -1,0 +1,86 @@
+"""Which autocast precision to train and evaluate in (``train.precision``).
+
+``"auto"`` picks bf16 autocast only where the hardware runs it natively:
+
+* CUDA with bf16 support (Ampere and later): ``bf16``.
+* CPU whose flags include ``amx_bf16`` (Intel AMX) or ``avx512_bf16``: ``bf16``.
+  Without them (e.g. an AVX2-only CPU) PyTorch emulates bf16 matmuls, which is
+  slower than fp32, so ``auto`` stays ``fp32``.
+* Anything else (MPS, older GPUs): ``fp32``. fp16 needs loss scaling and can
+  overflow, so it is never chosen for you; ask for it explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+# CPU flags (Linux /proc/cpuinfo names) with native bf16 matrix instructions.
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """Return the CPU's feature flags (empty where ``/proc/cpuinfo`` is absent)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def resolve_precision(
+    precision: str,
+    device: torch.device,
+    *,
+    flags: frozenset[str] | None = None,
+    cuda_bf16: bool | None = None,
+) -> str:
+    """Turn ``train.precision`` into the precision actually used on ``device``.
+
+    Parameters
+    ----------
+    precision
+        ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``; all but ``"auto"`` are
+        returned as given.
+    device
+        The training device (see :func:`~lora_flwr.training.resolve_device`).
+    flags
+        CPU feature flags; read from ``/proc/cpuinfo`` when None.
+    cuda_bf16
+        Whether the CUDA device runs bf16; asked of torch when None.
+
+    Returns
+    -------
+    str
+        ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+
+    Raises
+    ------
+    ValueError
+        For a precision outside the four names.
+    """
+    if precision in ("fp32", "bf16", "fp16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(
+            f"`train.precision` is {precision!r}; use one of "
+            "'auto', 'fp32', 'bf16', 'fp16'"
+        )
+    if device.type == "cuda":
+        if cuda_bf16 is None:
+            # Emulated bf16 (pre-Ampere) is slower than fp32: ask for native support.
+            cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(
+                including_emulation=False
+            )
+        return "bf16" if cuda_bf16 else "fp32"
+    if device.type == "cpu":
+        have = cpu_flags() if flags is None else flags
+        return "bf16" if have & BF16_CPU_FLAGS else "fp32"
+    return "fp32"
