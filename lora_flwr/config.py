@@ -239,6 +239,12 @@ class TrainConfig:
     # (CUDA with bf16, CPU with AMX / AVX-512 BF16), else fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    # Local classification loss under label skew (lora_flwr/training/losses.py):
+    # ce | fedlc (logit calibration) | fedrs (restricted softmax) | balanced.
+    loss: Literal["ce", "fedlc", "fedrs", "balanced"] = "ce"
+    loss_tau: float = 1.0  # fedlc: calibration strength
+    fedrs_alpha: float = 0.5  # fedrs: scale of absent classes' logits
+    balanced_beta: float = 0.999  # balanced: effective-number beta
     # Training batches drawn from length-sorted chunks of this many batches: less
     # padding, the same examples per epoch (0: plain shuffled batches).
     bucket_batches: int = 0
@@ -288,6 +294,25 @@ class TrainConfig:
             "one of 'auto', 'fp32', 'bf16', 'fp16'",
         )
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+        _check(
+            self.loss in ("ce", "fedlc", "fedrs", "balanced"),
+            "train.loss",
+            self.loss,
+            "one of 'ce', 'fedlc', 'fedrs', 'balanced'",
+        )
+        _check(self.loss_tau >= 0, "train.loss_tau", self.loss_tau, ">= 0")
+        _check(
+            0 <= self.fedrs_alpha <= 1,
+            "train.fedrs_alpha",
+            self.fedrs_alpha,
+            "in [0, 1]",
+        )
+        _check(
+            0 <= self.balanced_beta < 1,
+            "train.balanced_beta",
+            self.balanced_beta,
+            "in [0, 1)",
+        )
         _check(
             self.bucket_batches >= 0,
             "train.bucket_batches",

@@ -38,6 +38,7 @@ from lora_flwr.protocol import (  # noqa: E402
     TOKENS_PER_S,
     TRAIN_LOSS,
 )
+from lora_flwr.training.losses import class_counts, skew_loss
 from lora_flwr.training.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ class LoRATrainer:
     ) -> None:
         if task not in ("seq_cls", "causal_lm"):
             raise ValueError(f"`task` should be 'seq_cls' or 'causal_lm', not {task!r}")
+        if task != "seq_cls" and config.loss != "ce":
+            raise ValueError(
+                f"`train.loss` = {config.loss!r} needs a classification task; "
+                f"this model's task is {task!r}: use 'ce'"
+            )
         self.adapter = adapter
         self.model: nn.Module = adapter.model
         self.task = task
@@ -231,6 +237,7 @@ class LoRATrainer:
         show = sys.stderr.isatty() if progress is None else progress
         losses: list[float] = []
         examples = tokens = 0
+        counts: torch.Tensor | None = None
         self.model.train()
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
@@ -242,7 +249,25 @@ class LoRATrainer:
                         step, total, cfg.warmup_steps, cfg.lr_schedule
                     )
                 with self._autocast():
-                    loss = self.model(**batch).loss
+                    if cfg.loss == "ce":
+                        loss = self.model(**batch).loss
+                    else:
+                        logits = self.model(
+                            input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"],
+                        ).logits
+                        if counts is None:  # the client's own label counts
+                            assert data.labels is not None, "seq_cls has labels"
+                            counts = class_counts(data.labels, logits.shape[-1])
+                        loss = skew_loss(
+                            cfg.loss,
+                            logits,
+                            batch["labels"],
+                            counts,
+                            tau=cfg.loss_tau,
+                            alpha=cfg.fedrs_alpha,
+                            beta=cfg.balanced_beta,
+                        )
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"Training loss became {loss.item()} at step {step}; lower "
