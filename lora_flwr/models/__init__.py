@@ -15,11 +15,15 @@
 * a Hugging Face Hub id (needs a reachable hub).
 
 Every model comes back in float32, on the CPU, in ``eval()`` mode, with
-``requires_grad`` untouched (the LoRA code freezes the base weights).
+``requires_grad`` untouched (the LoRA code freezes the base weights). Weights read
+from a float32 safetensors file stay views of a copy-on-write memory map of it, so
+processes that load the same model (Ray actors) share one copy in the page cache.
 
 Modules: :mod:`~lora_flwr.models.loading` (:func:`load_model`, local directories and
 Hub ids), :mod:`~lora_flwr.models.tiny` (the tiny test models),
-:mod:`~lora_flwr.models.smollm2` (the one-off GGUF conversion) and
+:mod:`~lora_flwr.models.smollm2` (the one-off GGUF conversion),
+:mod:`~lora_flwr.models.weights` (checks of safetensors files; which weights are
+memory-mapped, i.e. shared between processes) and
 :mod:`~lora_flwr.models.bundle` (:class:`ModelBundle` and :func:`resolve_task`,
 which they all share).
 """

@@ -32,6 +32,11 @@ from lora_flwr.config import ModelConfig, Task
 from lora_flwr.models.bundle import ModelBundle, resolve_task
 from lora_flwr.models.smollm2 import _smollm2_hf_dir
 from lora_flwr.models.tiny import _load_tiny_bert, _load_tiny_gpt2, _load_tiny_llama
+from lora_flwr.models.weights import (
+    CorruptWeightsError,
+    check_safetensors,
+    weight_residency,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,16 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> ModelBundle:
     with _count_lock:
         _load_count += 1
     n_params = sum(p.numel() for p in model.parameters())
+    residency = weight_residency(model)
+    if residency is not None:
+        logger.debug(
+            "%r: %.1f MB of weights memory-mapped (shared with every process that "
+            "maps the same file) from %s, %.1f MB private",
+            cfg.name,
+            residency.mapped_bytes / 1e6,
+            ", ".join(residency.mapped) or "no file",
+            residency.private / 1e6,
+        )
     logger.info(
         "Loaded model %r (%s, %s, %s parameters)",
         cfg.name,
@@ -168,6 +183,8 @@ def _from_dir(
     cfg: ModelConfig, source: Path | str, task: Task, config: PretrainedConfig
 ) -> ModelBundle:
     """Load a model and tokenizer for ``task`` from a directory or Hub id."""
+    if isinstance(source, Path):
+        _check_weight_files(cfg, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model: PreTrainedModel
@@ -198,6 +215,26 @@ def _from_dir(
     if new:
         logger.info("Newly initialised in %r: %s", cfg.name, ", ".join(new))
     return ModelBundle(model, tokenizer, task, cfg.name)
+
+
+def _check_weight_files(cfg: ModelConfig, directory: Path) -> None:
+    """Refuse a directory whose safetensors files are truncated or damaged.
+
+    safetensors would refuse them too, but with a bare ``SafetensorError`` that
+    does not say which file or what to do.
+    """
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            check_safetensors(weights)
+        except CorruptWeightsError as exc:
+            fix = (
+                f"delete {directory} and the next run unpacks the built-in again"
+                if cfg.name in _BUILDERS
+                else "save the model there again (`save_pretrained`)"
+            )
+            raise RuntimeError(
+                f"Could not load model {cfg.name!r}: {exc}. The file is damaged; {fix}."
+            ) from exc
 
 
 def _looks_like_path(name: str) -> bool:
