@@ -237,6 +237,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on the device
     num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    # Time every phase of a round (lora_flwr/profiling.py) into the history;
+    # off: no timer runs and no device sync is added.
+    profile: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field."""
@@ -283,6 +286,12 @@ class TrainConfig:
             "one of 'fp32', 'bf16', 'fp16'",
         )
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
+        _check(
+            isinstance(self.profile, bool),
+            "train.profile",
+            self.profile,
+            "true or false",
+        )
 
 
 @dataclass(frozen=True)
