@@ -25,7 +25,9 @@ running it again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -56,6 +58,17 @@ LABELS = {
     "server_other": "other, server (sampling, plans)",
     "flower": "Flower (messaging, scheduling, spawning)",
 }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (as ``lscpu`` prints it) and the core count."""
+    name = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} logical CPUs"
 
 
 def finished(run_dir: Path, rounds: int) -> list[dict[str, Any]] | None:
@@ -217,7 +230,7 @@ def main() -> int:
         print("no finished profiled run in", args.out, file=sys.stderr)
         return 1
     print_tables(runs)
-    print(f"\nprocess wall seconds: {walls}; machine: {platform.processor()}")
+    print(f"\nprocess wall seconds: {walls}; machine: {cpu_model()}")
     if args.json is not None:
         doc = {
             "config": str(args.config),
