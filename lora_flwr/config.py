@@ -248,6 +248,9 @@ class TrainConfig:
     # Training batches drawn from length-sorted chunks of this many batches: less
     # padding, the same examples per epoch (0: plain shuffled batches).
     bucket_batches: int = 0
+    # Time every phase of a round (lora_flwr/profiling.py) into the history;
+    # off: no timer runs and no device sync is added.
+    profile: bool = False
 
     def __post_init__(self) -> None:
         """Validate every field."""
@@ -318,6 +321,12 @@ class TrainConfig:
             "train.bucket_batches",
             self.bucket_batches,
             ">= 0 (0: off)",
+        )
+        _check(
+            isinstance(self.profile, bool),
+            "train.profile",
+            self.profile,
+            "true or false",
         )
 
 

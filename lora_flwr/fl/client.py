@@ -37,6 +37,7 @@ from lora_flwr.fl.runner import (
     prepare,
 )
 from lora_flwr.models import model_load_count
+from lora_flwr.profiling import CallProfile, maybe_phase, take_startup
 from lora_flwr.protocol import (
     BASE_VERSION,
     COMPRESSION,
@@ -197,6 +198,21 @@ class LoRAClient(NumPyClient):
         """Return the adapter's arrays (weight order, allocated rank)."""
         return self.ws.adapter.get_weights()
 
+    def _profile(self) -> CallProfile | None:
+        """Start timing this call (``train.profile``), model and data first.
+
+        The workspace and the partition are built here, before the payload is
+        read, so that their cost is charged to their own phases.
+        """
+        if not self.cfg.train.profile:
+            return None
+        prof = CallProfile(take_startup())
+        with prof.phase("startup_model"):
+            _ = self.ws
+        with prof.phase("startup_data"):
+            _ = self._data
+        return prof
+
     def _prepare(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[Plan, dict[str, NDArray]]:
@@ -216,10 +232,13 @@ class LoRAClient(NumPyClient):
             ``compression`` says, see :mod:`lora_flwr.compression`), the number of
             local training examples (the aggregation weight ``n_k``), and metrics
             ``train_loss``, ``seconds``, ``num_tokens``, ``num_steps``,
-            ``base_version``.
+            ``base_version`` (and, with ``train.profile``, the call's phases:
+            :mod:`lora_flwr.profiling`).
         """
+        prof = self._profile()
         codec = check_codec(str(config.get(COMPRESSION, "none")))
-        plan, start = self._prepare(parameters, config)
+        with maybe_phase(prof, "serialization"):
+            plan, start = self._prepare(parameters, config)
         server_round = int(config.get(ROUND, 1))
         steps = int(
             config.get(LOCAL_STEPS, self.ws.trainer.num_steps_for(self.train_data))
@@ -233,21 +252,23 @@ class LoRAClient(NumPyClient):
             progress=False,
             prox_mu=float(config.get(PROX_MU, 0.0)),
         )
-        reply = finish(self.ws.adapter, plan, self.store)
+        with maybe_phase(prof, "serialization"):
+            reply = finish(self.ws.adapter, plan, self.store)
         fed = self.cfg.fed
         if fed.secagg:
             check_secagg_range(
                 reply, len(self.train_data), fed.secagg_clip, fed.secagg_max_weight
             )
         names = [n for n, _ in layout_of(self.ws.adapter).reply_spec(plan)]
-        sent = compress_reply(
-            reply,
-            start,
-            names,
-            self.store,
-            codec,
-            float(config.get(TOPK_FRACTION, 1.0)),
-        )
+        with maybe_phase(prof, "serialization"):
+            sent = compress_reply(
+                reply,
+                start,
+                names,
+                self.store,
+                codec,
+                float(config.get(TOPK_FRACTION, 1.0)),
+            )
         out: dict[str, Scalar] = {
             TRAIN_LOSS: metrics[TRAIN_LOSS],
             SECONDS: metrics[SECONDS],
@@ -261,24 +282,35 @@ class LoRAClient(NumPyClient):
             WORKER_PID: os.getpid(),
             MODEL_LOADS: model_load_count(),
         }
+        if prof is not None:
+            prof.add_train(metrics)
+            out.update(prof.metrics())
         return sent, len(self.train_data), out
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         """Evaluate the planned model (global, or personalised) on the local split."""
-        self._prepare(parameters, config)
+        prof = self._profile()
+        with maybe_phase(prof, "serialization"):
+            self._prepare(parameters, config)
         out: dict[str, Scalar] = {
             PARTITION_ID: self.partition_id,
             BASE_VERSION: self.store.base_version(),
         }
-        if len(self.test_data) == 0:
-            return 0.0, 0, out
-        metrics = self.ws.trainer.evaluate(self.test_data, progress=False)
-        for key in (ACCURACY, PERPLEXITY):
-            if key in metrics:
-                out[key] = metrics[key]
-        return float(metrics["loss"]), len(self.test_data), out
+        loss = 0.0
+        if len(self.test_data) > 0:
+            with maybe_phase(prof, "evaluation"):
+                metrics = self.ws.trainer.evaluate(self.test_data, progress=False)
+            for key in (ACCURACY, PERPLEXITY):
+                if key in metrics:
+                    out[key] = metrics[key]
+            loss = float(metrics["loss"])
+        if prof is not None:
+            # The server finds the critical path of the stage by worker process.
+            out[WORKER_PID] = os.getpid()
+            out.update(prof.metrics())
+        return loss, len(self.test_data), out
 
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter currently held by this client (PEFT directory)."""

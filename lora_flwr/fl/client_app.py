@@ -11,8 +11,14 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context, Message
 
+from lora_flwr import profiling
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import make_client_fn
+
+# In a deployed node's fresh ClientApp process the imports above are the first
+# of this package (profiling's import notes their start): train.profile reports
+# how long they took (torch, transformers).
+profiling.mark_app_imports_done()
 
 
 def make_secagg_mod(

@@ -23,6 +23,7 @@ before any other check.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -78,6 +79,14 @@ from lora_flwr.fl.sampling import (
     sample_partitions,
 )
 from lora_flwr.privacy import epsilon
+from lora_flwr.profiling import (
+    HANDSHAKE,
+    ClientCall,
+    PhaseTimer,
+    client_call,
+    maybe_phase,
+    round_profile,
+)
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
@@ -209,6 +218,9 @@ class FedLoRA(Strategy):
         self._sent: dict[str, _Sent] = {}
         self._record: dict[str, Any] = {}
         self._round_start = 0.0
+        # train.profile: the round's server phases and the clients' call profiles.
+        self._prof: PhaseTimer | None = None
+        self._prof_calls: list[ClientCall] = []
         self.failed_rounds = 0  # consecutive rounds without an aggregate
         self._last_failure = ""
         self.aggregated_rounds = 0
@@ -268,7 +280,24 @@ class FedLoRA(Strategy):
 
     def _as_parameters(self) -> Parameters:
         arrays = self.global_arrays()
-        return ndarrays_to_parameters([arrays[n] for n in self.layout.names])
+        with self._phase("server_serialization"):
+            return ndarrays_to_parameters([arrays[n] for n in self.layout.names])
+
+    def _phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Time a block as a server phase of the round (``train.profile`` only)."""
+        return maybe_phase(self._prof, name)
+
+    def _note_calls(
+        self, stage: str, results: Sequence[tuple[ClientProxy, FitRes | EvaluateRes]]
+    ) -> None:
+        """Keep the call profiles the clients sent (dropped replies' too)."""
+        if self._prof is None:
+            return
+        for i, (_, res) in enumerate(results):
+            worker = res.metrics.get(WORKER_PID, f"unknown-{stage}-{i}")
+            call = client_call(stage, res.metrics, worker)
+            if call is not None:
+                self._prof_calls.append(call)
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start from the seeded initial adapter (the rule's state at round 0)."""
@@ -356,7 +385,8 @@ class FedLoRA(Strategy):
         minimum: int,
         stream: int,
     ) -> list[tuple[ClientProxy, int]]:
-        self._learn_partitions(client_manager, server_round)
+        with self._phase(HANDSHAKE):  # messages to new nodes: Flower's time
+            self._learn_partitions(client_manager, server_round)
         proxies = client_manager.all()
         by_pid = {
             pid: proxies[cid]
@@ -390,7 +420,9 @@ class FedLoRA(Strategy):
             plan = self.rule.plan(self.state, info, server_round)
             if evaluate:
                 plan = plan.evaluation()
-            parameters = ndarrays_to_parameters(self.rule.payload(self.state, plan))
+            with self._phase("server_serialization"):
+                payload = self.rule.payload(self.state, plan)
+                parameters = ndarrays_to_parameters(payload)
             config: dict[str, Scalar] = {ROUND: server_round, **plan.to_config()}
             if not evaluate:
                 config[LR] = self.round_lr(server_round)
@@ -413,14 +445,17 @@ class FedLoRA(Strategy):
         """Send each sampled client its own plan and payload."""
         server_round += self.offset  # Flower counts from 1 again after a resume
         self._round_start = time.perf_counter()
-        clients = self._sample(
-            client_manager,
-            server_round,
-            self.fed.fraction_fit,
-            self.fed.min_fit_clients,
-            FIT_STREAM,
-        )
-        instructions = self._instructions(clients, server_round, evaluate=False)
+        self._prof = PhaseTimer() if self.cfg.train.profile else None
+        self._prof_calls = []
+        with self._phase("server_other"):
+            clients = self._sample(
+                client_manager,
+                server_round,
+                self.fed.fraction_fit,
+                self.fed.min_fit_clients,
+                FIT_STREAM,
+            )
+            instructions = self._instructions(clients, server_round, evaluate=False)
         down = [s.nbytes for s in self._sent.values()]
         self._record = {
             "round": server_round,
@@ -439,19 +474,20 @@ class FedLoRA(Strategy):
         being what the client started from, zero for private groups), so every
         check below sees float32 arrays as without compression.
         """
-        arrays: Sequence[object] = parameters_to_ndarrays(res.parameters)
         spec = self.rule.reply_spec(sent.plan)
-        if self.fed.compression != "none":
-            reference = [
-                sent.start[n] if n in sent.start else np.zeros(s, np.float32)
-                for n, s in spec
-            ]
-            arrays = decode_reply(
-                self.fed.compression,
-                arrays,
-                reference,
-                fraction=self.fed.topk_fraction,
-            )
+        with self._phase("server_serialization"):
+            arrays: Sequence[object] = parameters_to_ndarrays(res.parameters)
+            if self.fed.compression != "none":
+                reference = [
+                    sent.start[n] if n in sent.start else np.zeros(s, np.float32)
+                    for n, s in spec
+                ]
+                arrays = decode_reply(
+                    self.fed.compression,
+                    arrays,
+                    reference,
+                    fraction=self.fed.topk_fraction,
+                )
         named = pair_names(spec, arrays)
         # Under SecAgg+ the arrays are the unmasked float64 mean, checked later.
         dtype = None if self.fed.secagg else np.float32
@@ -476,6 +512,16 @@ class FedLoRA(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Validate replies, run the rule and optimizer; keep the global on faults."""
+        self._note_calls("fit", results)
+        with self._phase("server_aggregation"):
+            return self._aggregate_fit(server_round, results, failures)
+
+    def _aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.offset  # Flower counts from 1 again after a resume
         rec = self._record
         up = [parameters_nbytes(res.parameters) for _, res in results]
@@ -725,9 +771,10 @@ class FedLoRA(Strategy):
         if not self._eval_round(server_round):
             return None
         start = time.perf_counter()
-        metrics = self.evaluate_fn(
-            server_round, self.global_arrays(), dict(self.state.base_delta)
-        )
+        with self._phase("server_evaluation"):
+            metrics = self.evaluate_fn(
+                server_round, self.global_arrays(), dict(self.state.base_delta)
+            )
         entry: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
         entry["eval_seconds"] = time.perf_counter() - start
         if server_round == 0:
@@ -746,6 +793,12 @@ class FedLoRA(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         """Federated evaluation on a share of clients (FedSA: all, by default)."""
+        with self._phase("server_other"):
+            return self._configure_evaluate(server_round, client_manager)
+
+    def _configure_evaluate(
+        self, server_round: int, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
         server_round += self.offset  # Flower counts from 1 again after a resume
         personal = self.rule.personalized and self._eval_round(server_round)
         if self.fed.fraction_evaluate == 0 and not personal:
@@ -776,6 +829,16 @@ class FedLoRA(Strategy):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Example-weighted mean of the clients' local test loss and accuracy."""
+        self._note_calls("evaluate", results)
+        with self._phase("server_aggregation"):
+            return self._aggregate_evaluate(server_round, results, failures)
+
+    def _aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.offset  # Flower counts from 1 again after a resume
         for failure in failures:
             who = failure[0].cid if isinstance(failure, tuple) else "?"
@@ -835,7 +898,12 @@ class FedLoRA(Strategy):
         rec = self._record
         if not rec:
             return
+        # Server phases read first, so that none runs past the round's end.
+        server = self._prof.snapshot() if self._prof is not None else None
         rec["round_seconds"] = time.perf_counter() - self._round_start
+        if server is not None:
+            rec.update(round_profile(rec["round_seconds"], server, self._prof_calls))
+            self._prof = None
         if rec.get("aggregated"):
             self.failed_rounds = 0
             self.aggregated_rounds += 1

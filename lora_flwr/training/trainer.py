@@ -25,6 +25,7 @@ from torch import nn
 from lora_flwr.config import TrainConfig
 from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
 from lora_flwr.lora import LoRAAdapter, save_peft
+from lora_flwr.profiling import PhaseTimer, key
 
 # Metric keys live with the wire protocol: the server reads them without torch.
 from lora_flwr.protocol import (  # noqa: E402
@@ -206,7 +207,9 @@ class LoRATrainer:
         -------
         dict
             ``train_loss`` (mean over steps), ``num_examples``, ``num_steps``,
-            ``num_tokens``, ``seconds``, ``tokens_per_s``.
+            ``num_tokens``, ``seconds``, ``tokens_per_s``; with ``train.profile``
+            also ``prof_data_s``, ``prof_forward_s``, ``prof_backward_s`` and
+            ``prof_optimizer_s`` (:mod:`lora_flwr.profiling`).
         """
         if len(data) == 0:
             raise ValueError("Cannot train on an empty dataset")
@@ -239,11 +242,16 @@ class LoRATrainer:
         examples = tokens = 0
         counts: torch.Tensor | None = None
         self.model.train()
+        clock = self._phase_timer() if cfg.profile else None
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for step in _progress(range(total), show, "train"):
+                if clock is not None:
+                    clock.restart()
                 batch = self._to_device(next(batches))
+                if clock is not None:
+                    clock.lap("data")
                 for group in optimizer.param_groups:
                     group["lr"] = peak * lr_factor(
                         step, total, cfg.warmup_steps, cfg.lr_schedule
@@ -279,13 +287,21 @@ class LoRATrainer:
                         ((p.float() - a.float()) ** 2).sum()
                         for p, a in zip(params, anchors, strict=True)
                     )
+                if clock is not None:
+                    clock.lap("forward")
                 optimizer.zero_grad(set_to_none=True)
+                if clock is not None:
+                    clock.lap("optimizer")
                 scaler.scale(objective).backward()
+                if clock is not None:
+                    clock.lap("backward")
                 if cfg.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
+                if clock is not None:
+                    clock.lap("optimizer")
                 losses.append(loss.item())
                 if on_step is not None:
                     on_step(step + 1, losses[-1])
@@ -301,8 +317,20 @@ class LoRATrainer:
             SECONDS: seconds,
             TOKENS_PER_S: tokens / seconds if seconds > 0 else 0.0,
         }
+        if clock is not None:
+            metrics.update({key(p): v for p, v in clock.seconds.items()})
         self._log("train", metrics)
         return metrics
+
+    def _phase_timer(self) -> PhaseTimer:
+        # Profile mode only: CUDA runs asynchronously, so each reading of the
+        # clock waits for the queued kernels; otherwise a phase would be charged
+        # to whichever later call happens to block.
+        if self.device.type == "cuda":
+            return PhaseTimer(sync=lambda: torch.cuda.synchronize(self.device))
+        if self.device.type == "mps":
+            return PhaseTimer(sync=torch.mps.synchronize)
+        return PhaseTimer()
 
     # -------------------------------------------------------------- evaluate
     @torch.no_grad()
