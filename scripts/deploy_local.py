@@ -706,6 +706,18 @@ def register_nodes(
     return table
 
 
+def node_config(pid: int, num_supernodes: int, node_threads: int | None) -> str:
+    """The ``--node-config`` of SuperNode ``pid`` on this machine.
+
+    ``node_threads`` None shares the machine's cores between the nodes (at least
+    one each); 0 leaves ``num-threads`` out (torch's default: every core).
+    """
+    if node_threads is None:
+        node_threads = max(1, (os.cpu_count() or 1) // num_supernodes)
+    text = f"partition-id={pid} num-partitions={num_supernodes}"
+    return text + (f" num-threads={node_threads}" if node_threads > 0 else "")
+
+
 def deploy(
     cfg: Any,
     num_supernodes: int,
@@ -715,6 +727,7 @@ def deploy(
     insecure: bool = False,
     tls_dir: Path | None = None,
     generate_certs: bool = False,
+    node_threads: int | None = None,
 ) -> Path:
     """Run ``cfg`` on a real local SuperLink + SuperNodes; return the run dir.
 
@@ -734,6 +747,11 @@ def deploy(
         Credentials directory (see :func:`prepare_credentials`); None: throwaway.
     generate_certs
         Write fresh credentials into ``tls_dir`` first.
+    node_threads
+        Torch threads per node (the node config's ``num-threads``). None: the
+        machine's cores shared between the nodes, at least 1 (every node runs on
+        this machine; with torch's default each would use every core, and two
+        nodes on 2 cores trained 4x slower, see docs/BENCHMARKS.md). 0: not set.
 
     Returns
     -------
@@ -779,7 +797,7 @@ def deploy(
                     supernode_argv(
                         address,
                         free_port(),
-                        f"partition-id={pid} num-partitions={num_supernodes}",
+                        node_config(pid, num_supernodes, node_threads),
                         root_certificates=creds.ca_cert if creds else None,
                         auth_key=creds.node_keys[pid].private if creds else None,
                         insecure=creds is None,
@@ -900,6 +918,14 @@ def parse_deploy_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="write fresh throwaway credentials into --tls-dir first "
         "(refuses to overwrite)",
     )
+    parser.add_argument(
+        "--node-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads per SuperNode (node config num-threads); default: the "
+        "cores shared between the nodes; 0: torch's default (every core)",
+    )
     sec.add_argument(
         "--insecure",
         action="store_true",
@@ -910,6 +936,8 @@ def parse_deploy_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--insecure excludes --tls-dir and --generate-certs")
     if args.generate_certs and args.tls_dir is None:
         parser.error("--generate-certs needs --tls-dir")
+    if args.node_threads is not None and args.node_threads < 0:
+        parser.error(f"--node-threads should be >= 0, not {args.node_threads}")
     return args
 
 
@@ -934,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             insecure=args.insecure,
             tls_dir=args.tls_dir,
             generate_certs=args.generate_certs,
+            node_threads=args.node_threads,
         )
     except (DeployError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"\nERROR: {exc}", file=sys.stderr, flush=True)
