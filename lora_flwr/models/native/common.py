@@ -51,7 +51,7 @@ class ModelOutput:
 
 
 def embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
-    """An ``nn.Embedding``; on the ``meta`` device, built without drawing weights.
+    """Build an ``nn.Embedding``; on the ``meta`` device, without drawing weights.
 
     ``normal_`` on a meta tensor goes through a torch reference implementation
     that imports ``torch._dynamo`` (~3 s in a fresh process) for nothing: a
