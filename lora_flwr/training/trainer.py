@@ -37,6 +37,7 @@ from lora_flwr.protocol import (  # noqa: E402
     TOKENS_PER_S,
     TRAIN_LOSS,
 )
+from lora_flwr.training.adamw import AdamW
 
 
 def resolve_device(device: str) -> torch.device:
@@ -210,7 +211,13 @@ class LoRATrainer:
                 "with at least one group"
             )
         anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
-        optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer | AdamW
+        if self.device.type == "cpu":  # same arithmetic, no torch._dynamo import
+            optimizer = AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=peak, weight_decay=cfg.weight_decay
+            )
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype is torch.float16
         )
@@ -243,12 +250,18 @@ class LoRATrainer:
                         for p, a in zip(params, anchors, strict=True)
                     )
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(objective).backward()
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                if isinstance(optimizer, AdamW):  # CPU: no fp16, so no loss scaling
+                    objective.backward()
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                else:
+                    scaler.scale(objective).backward()
+                    if cfg.max_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
                 losses.append(loss.item())
                 if on_step is not None:
                     on_step(step + 1, losses[-1])
