@@ -20,7 +20,9 @@ reports the seconds since its parent launched it at these milestones:
 Implementations alternate within each repeat (interleaved, so a load change on a
 shared machine hits both alike); the table gives medians, the ratio of the
 transformers build to the native one, the peak RSS and whether transformers was
-imported. One torch thread per process (``train.num_threads = 1``), as a node
+imported; a second table gives the same milestones in CPU seconds of the child
+(user + system), which other processes on a shared machine disturb far less than
+wall time. One torch thread per process (``train.num_threads = 1``), as a node
 started with ``--node-config "num-threads=1"`` runs.
 """
 
@@ -55,12 +57,15 @@ def child(config: Path, implementation: str, partition: int) -> None:
     """Walk one fresh process to its first step; print the milestones as JSON."""
     t0 = float(os.environ[T0_ENV])
     marks: dict[str, float] = {"interpreter": time.time() - t0}
+    cpu: dict[str, float] = {"interpreter": _cpu_seconds()}
     import flwr.client  # noqa: F401
 
     marks["flwr"] = time.time() - t0
+    cpu["flwr"] = _cpu_seconds()
     import lora_flwr.fl.client_app  # noqa: F401
 
     marks["client_app"] = time.time() - t0
+    cpu["client_app"] = _cpu_seconds()
     from lora_flwr.config import ExperimentConfig
     from lora_flwr.experiment import (
         client_datasets,
@@ -68,7 +73,8 @@ def child(config: Path, implementation: str, partition: int) -> None:
         resolve_model_config,
     )
 
-    marks["torch"] = time.time() - t0  # lora_flwr.experiment imports torch
+    marks["torch"] = time.time() - t0
+    cpu["torch"] = _cpu_seconds()  # lora_flwr.experiment imports torch
 
     cfg = ExperimentConfig.from_toml(config)
     cfg = dataclasses.replace(
@@ -78,23 +84,34 @@ def child(config: Path, implementation: str, partition: int) -> None:
     )
     resolve_model_config(cfg)
     marks["task"] = time.time() - t0
+    cpu["task"] = _cpu_seconds()
     ws = get_workspace(cfg)
     marks["model"] = time.time() - t0
+    cpu["model"] = _cpu_seconds()
     train, _ = client_datasets(ws, cfg, partition, cfg.fed.num_clients)
     marks["data"] = time.time() - t0
+    cpu["data"] = _cpu_seconds()
     ws.trainer.train(train, steps=1, seed=0, progress=False)
     marks["first_step"] = time.time() - t0
+    cpu["first_step"] = _cpu_seconds()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
             {
                 "marks": marks,
+                "cpu": cpu,
                 "peak_rss_mb": peak_kb / 1024,
                 "transformers_imported": "transformers" in sys.modules,
                 "model_class": f"{type(ws.bundle.model).__module__}",
             }
         )
     )
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_child(config: Path, implementation: str, partition: int) -> dict[str, object]:
@@ -118,17 +135,22 @@ def run_child(config: Path, implementation: str, partition: int) -> dict[str, ob
     return result
 
 
-def table(results: dict[str, list[dict[str, object]]]) -> str:
-    """Markdown table: median seconds per milestone and implementation, ratios."""
+def table(results: dict[str, list[dict[str, object]]], kind: str = "marks") -> str:
+    """Markdown table: median seconds per milestone and implementation, ratios.
+
+    ``kind`` is ``"marks"`` (wall seconds since launch) or ``"cpu"`` (the child's
+    CPU seconds: less sensitive to other processes on a shared machine).
+    """
     impls = list(results)
-    head = "| milestone (s from process start) | " + " | ".join(impls)
+    what = "wall s from launch" if kind == "marks" else "CPU s of the process"
+    head = f"| milestone ({what}) | " + " | ".join(impls)
     if len(impls) == 2:
         head += f" | {impls[0]} / {impls[1]}"
     lines = [head + " |", "|---" * (len(impls) + 1 + (len(impls) == 2)) + "|"]
 
     def median(impl: str, key: str) -> float:
         return statistics.median(
-            float(r["marks"][key])  # type: ignore[index]
+            float(r[kind][key])  # type: ignore[index]
             for r in results[impl]
         )
 
@@ -172,6 +194,8 @@ def main() -> None:
             marks = result["marks"]
             print(f"repeat {rep} {impl}: {json.dumps(marks)}", flush=True)
     print(table(results))
+    print()
+    print(table(results, "cpu"))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "cold_start.json").write_text(json.dumps(results, indent=2))
