@@ -136,6 +136,10 @@ class LoraConfig:
         return float(self.lora_alpha) / self.r
 
 
+# The built-ins with a plain-torch implementation (lora_flwr.models.native).
+NATIVE_MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2-135m")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which pretrained model to adapt."""
@@ -146,6 +150,10 @@ class ModelConfig:
     task: Literal["auto", "seq_cls", "causal_lm"] = "auto"  # auto: from the model
     num_labels: int = 2  # classes for seq_cls
     max_length: int = 64  # tokens per example after truncation
+    # Who builds the model: "native" (plain torch, no transformers import: a fresh
+    # process starts seconds sooner) for minilm and smollm2-135m only,
+    # "transformers", or "auto" (native where it exists, else transformers).
+    implementation: Literal["auto", "native", "transformers"] = "auto"
 
     def __post_init__(self) -> None:
         """Validate every field."""
@@ -159,6 +167,19 @@ class ModelConfig:
         )
         _check(self.num_labels >= 2, "model.num_labels", self.num_labels, ">= 2")
         _check(self.max_length >= 2, "model.max_length", self.max_length, ">= 2")
+        _check(
+            self.implementation in ("auto", "native", "transformers"),
+            "model.implementation",
+            self.implementation,
+            "one of 'auto', 'native', 'transformers'",
+        )
+        _check(
+            self.implementation != "native" or self.name in NATIVE_MODEL_NAMES,
+            "model.implementation",
+            f"native (with model.name = {self.name!r})",
+            f"'auto' or 'transformers' for a model other than "
+            f"{' or '.join(NATIVE_MODEL_NAMES)}",
+        )
 
 
 @dataclass(frozen=True)

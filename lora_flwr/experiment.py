@@ -103,6 +103,21 @@ def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
     with _LOCK:
         if key in _MODEL_CONFIGS:
             return _MODEL_CONFIGS[key]
+    # A task resolved and checked by an earlier process (a deployed node's last
+    # message) is read back instead of reading the whole corpus again.
+    description = {
+        "data": dataclasses.asdict(cfg.data),
+        "corpus": source_stamp(cfg.data.name),
+        "seed": cfg.seed,
+        "model": dataclasses.asdict(cfg.model),
+    }
+    path = node_cache.task_path(cache_dir(), description)
+    stored = node_cache.load_task(path, description)
+    if stored is not None:
+        resolved = dataclasses.replace(cfg.model, task=stored)  # type: ignore[arg-type]
+        with _LOCK:
+            _MODEL_CONFIGS[key] = resolved
+        return resolved
     splits = load_splits(cfg.data, seed=cfg.seed)
     model_cfg = cfg.model
     if model_cfg.task == "auto":
@@ -126,6 +141,10 @@ def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
                 "training rows; a classifier needs at least two (check "
                 f"`data.label_column` = {cfg.data.label_column!r})"
             )
+    try:
+        node_cache.save_task(path, description, model_cfg.task)
+    except OSError as exc:  # a read-only or full disk costs speed, not the run
+        logger.warning("could not cache the resolved task at %s: %s", path, exc)
     with _LOCK:
         _MODEL_CONFIGS[key] = model_cfg
     return model_cfg

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_flwr.atomic import atomic_write
+from lora_flwr.atomic import atomic_write, write_text_atomic
 from lora_flwr.data.tokenize import TokenizedDataset
 
 logger = logging.getLogger(__name__)
@@ -137,3 +137,39 @@ def _split(
         raise ValueError(f"{name}: labels do not match task {task!r}")
     input_ids = tuple(torch.split(ids, lengths.tolist())) if lengths.numel() else ()
     return TokenizedDataset(input_ids, labels, task, int(meta["pad_token_id"]))
+
+
+def task_path(root: Path, description: Mapping[str, Any]) -> Path:
+    """Where the task resolved for ``description`` is kept under ``root``."""
+    return root / "tasks" / f"{cache_key(description)}.json"
+
+
+def load_task(path: Path, description: Mapping[str, Any]) -> str | None:
+    """Return the task a previous process resolved; None if absent, stale, broken.
+
+    A fresh ClientApp process would otherwise read the whole corpus (the default
+    one is a bz2 CSV: ~1.5 s) only to learn the task and check the label count.
+    """
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        expected = json.loads(json.dumps(description, sort_keys=True, default=str))
+        if stored.get("description") != expected:
+            raise ValueError("it was written for another configuration")
+        task = stored["task"]
+        if task not in ("seq_cls", "causal_lm"):
+            raise ValueError(f"unknown task {task!r}")
+    except Exception as exc:  # a broken cache must never break a run
+        logger.warning("ignoring the cached task %s (%s)", path, exc)
+        return None
+    return str(task)
+
+
+def save_task(path: Path, description: Mapping[str, Any], task: str) -> None:
+    """Keep a resolved (and checked) task for later processes, atomically."""
+    text = json.dumps(
+        {"description": description, "task": task}, sort_keys=True, default=str
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)

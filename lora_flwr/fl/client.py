@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -26,8 +27,6 @@ from flwr.common import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from lora_flwr.compression import check_codec
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.data import TokenizedDataset
-from lora_flwr.experiment import Workspace, client_datasets, get_workspace
 from lora_flwr.fl.runner import (
     NodeStore,
     check_secagg_range,
@@ -36,31 +35,35 @@ from lora_flwr.fl.runner import (
     layout_of,
     prepare,
 )
-from lora_flwr.models import model_load_count
 from lora_flwr.profiling import CallProfile, maybe_phase, take_startup
 from lora_flwr.protocol import (
+    ACCURACY,
     BASE_VERSION,
     COMPRESSION,
     FIT_CALLS,
     LOCAL_STEPS,
     LR,
     MODEL_LOADS,
+    NUM_STEPS,
+    NUM_TOKENS,
     PARTITION_ID,
+    PERPLEXITY,
     PROX_MU,
     ROUND,
+    SECONDS,
     TOPK_FRACTION,
+    TRAIN_LOSS,
     WORKER_PID,
     Plan,
     Scalar,
 )
-from lora_flwr.training import (
-    ACCURACY,
-    NUM_STEPS,
-    NUM_TOKENS,
-    PERPLEXITY,
-    SECONDS,
-    TRAIN_LOSS,
-)
+
+if TYPE_CHECKING:
+    # torch, transformers and the data stack load only when a message needs the
+    # model (see LoRAClient.ws): flwr-clientapp imports this module for EVERY
+    # message, SecAgg+ stages and the get_properties handshake included.
+    from lora_flwr.data import TokenizedDataset
+    from lora_flwr.experiment import Workspace
 
 NDArray = npt.NDArray[np.float32]
 NDArrays = list[NDArray]
@@ -172,10 +175,15 @@ class LoRAClient(NumPyClient):
     @cached_property
     def ws(self) -> Workspace:
         """Return the process's base model, adapter and trainer."""
+        # Imported here, not at the top: it pulls in torch and the model code.
+        from lora_flwr.experiment import get_workspace
+
         return get_workspace(self.cfg)
 
     @cached_property
     def _data(self) -> tuple[TokenizedDataset, TokenizedDataset]:
+        from lora_flwr.experiment import client_datasets  # torch: only when needed
+
         return client_datasets(
             self.ws, self.cfg, self.partition_id, self.num_partitions
         )
@@ -235,6 +243,8 @@ class LoRAClient(NumPyClient):
             ``base_version`` (and, with ``train.profile``, the call's phases:
             :mod:`lora_flwr.profiling`).
         """
+        from lora_flwr.models import model_load_count  # loaded with the model
+
         prof = self._profile()
         codec = check_codec(str(config.get(COMPRESSION, "none")))
         with maybe_phase(prof, "serialization"):

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from lora_flwr.aggregation.linalg import cut_to_rank, fold_block
 from lora_flwr.compression import Codec, encode_reply
-from lora_flwr.lora import LoRAAdapter
 from lora_flwr.protocol import (
     FOLD_A_SUFFIX,
     FOLD_B_SUFFIX,
@@ -31,6 +30,9 @@ from lora_flwr.protocol import (
     pair_names,
 )
 from lora_flwr.validation import check_arrays
+
+if TYPE_CHECKING:  # torch: the client's protocol-only messages never need it
+    from lora_flwr.lora import LoRAAdapter
 
 NDArray = npt.NDArray[np.float32]
 

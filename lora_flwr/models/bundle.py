@@ -7,11 +7,16 @@ A leaf module, so that :mod:`~lora_flwr.models.loading` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from lora_flwr.config import ModelConfig, Task
+
+if TYPE_CHECKING:  # transformers costs seconds to import; native models skip it
+    from transformers import PreTrainedTokenizerBase
+
+    from lora_flwr.models.native.tokenizer import NativeTokenizer
 
 # model_type values of decoder-only language models: ``task = "auto"`` picks
 # causal_lm for them even when the config lists no architecture.
@@ -76,11 +81,14 @@ class ModelBundle:
     Attributes
     ----------
     model
-        A ``transformers`` ``PreTrainedModel``: float32, on the CPU, ``eval()``
-        mode, ``requires_grad`` as loaded (all True).
+        A ``transformers`` ``PreTrainedModel``, or its plain-torch twin from
+        :mod:`lora_flwr.models.native` (same module names): float32, on the CPU,
+        ``eval()`` mode, ``requires_grad`` as loaded (all True).
     tokenizer
-        Its tokenizer, with a pad token set (for causal LMs the EOS token when the
-        model has none; ``model.config.pad_token_id`` then matches).
+        Its tokenizer (a ``transformers`` one, or a
+        :class:`~lora_flwr.models.native.tokenizer.NativeTokenizer`), with a pad
+        token set (for causal LMs the EOS token when the model has none;
+        ``model.config.pad_token_id`` then matches).
     task
         ``"seq_cls"`` (logits of shape ``(batch, num_labels)``) or ``"causal_lm"``
         (logits of shape ``(batch, seq, vocab)``).
@@ -89,12 +97,12 @@ class ModelBundle:
     """
 
     model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | NativeTokenizer
     task: Task
     name: str
 
 
-def resolve_task(cfg: ModelConfig, hf_config: PretrainedConfig) -> Task:
+def resolve_task(cfg: ModelConfig, hf_config: Any) -> Task:
     """Decide the task for a model from ``cfg.task`` and the model's config.
 
     ``"auto"`` gives ``"causal_lm"`` when an architecture ends in ``ForCausalLM``
@@ -106,7 +114,9 @@ def resolve_task(cfg: ModelConfig, hf_config: PretrainedConfig) -> Task:
     cfg
         The model section; its ``task`` wins unless it is ``"auto"``.
     hf_config
-        The model's ``transformers`` config (``AutoConfig.from_pretrained``).
+        The model's config: a ``transformers`` ``PretrainedConfig`` or a
+        :class:`~lora_flwr.models.native.common.NativeConfig` (``model_type`` and
+        ``architectures`` are read).
 
     Returns
     -------

@@ -13,30 +13,26 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from huggingface_hub import constants as hub_constants
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
-from transformers.utils import logging as hf_logging
 
 from lora_flwr.assets import fetch_asset
 from lora_flwr.config import ModelConfig, Task
+from lora_flwr.models import native
 from lora_flwr.models.bundle import ModelBundle, resolve_task
 from lora_flwr.models.smollm2 import _smollm2_hf_dir
-from lora_flwr.models.tiny import _load_tiny_bert, _load_tiny_gpt2, _load_tiny_llama
 from lora_flwr.models.weights import (
     CorruptWeightsError,
     check_safetensors,
     weight_residency,
 )
+
+# transformers is imported where a model is built with it, never at module level:
+# it costs seconds (torch._dynamo, torch.distributed.tensor, scipy) that a process
+# building a native model (lora_flwr.models.native) never pays.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +80,10 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> ModelBundle:
         If a local directory or a built-in asset exists but cannot be loaded.
     """
     global _load_count
-    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+    quiet = (
+        contextlib.nullcontext() if native.uses_native(cfg) else _quiet_transformers()
+    )
+    with quiet, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if cfg.name in _BUILDERS:
             bundle = _BUILDERS[cfg.name](cfg)
@@ -95,7 +94,7 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> ModelBundle:
     model.eval()
     if cfg.name in _BUILDERS:
         # What exports record as the base model: the name that loads it again.
-        cast(PreTrainedModel, model).config.name_or_path = cfg.name
+        cast("PreTrainedModel", model).config.name_or_path = cfg.name
     _check_pad_token(bundle)
     with _count_lock:
         _load_count += 1
@@ -129,6 +128,10 @@ def model_load_count() -> int:
 def _load_minilm(cfg: ModelConfig) -> ModelBundle:
     """Load all-MiniLM-L6-v2 with a new classification head."""
     path = fetch_asset("minilm")
+    if native.uses_native(cfg):
+        return native.build_bert_classifier(cfg, path)
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(path)
     task = resolve_task(cfg, config)  # raises for causal_lm
     return _from_dir(cfg, path, task, config)
@@ -137,17 +140,33 @@ def _load_minilm(cfg: ModelConfig) -> ModelBundle:
 def _load_smollm2(cfg: ModelConfig) -> ModelBundle:
     """Load SmolLM2-135M-Instruct from its cached safetensors conversion."""
     hf_dir = _smollm2_hf_dir()
+    if native.uses_native(cfg):
+        return native.build_llama(cfg, hf_dir)
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(hf_dir)
     task = resolve_task(cfg, config)
     return _from_dir(cfg, hf_dir, task, config)
 
 
+def _load_tiny(cfg: ModelConfig) -> ModelBundle:
+    """Build a tiny random test model (transformers classes, imported here)."""
+    from lora_flwr.models import tiny
+
+    builders = {
+        "tiny-bert": tiny._load_tiny_bert,
+        "tiny-llama": tiny._load_tiny_llama,
+        "tiny-gpt2": tiny._load_tiny_gpt2,
+    }
+    return builders[cfg.name](cfg)
+
+
 _BUILDERS: dict[str, Callable[[ModelConfig], ModelBundle]] = {
     "minilm": _load_minilm,
     "smollm2-135m": _load_smollm2,
-    "tiny-bert": _load_tiny_bert,
-    "tiny-llama": _load_tiny_llama,
-    "tiny-gpt2": _load_tiny_gpt2,
+    "tiny-bert": _load_tiny,
+    "tiny-llama": _load_tiny,
+    "tiny-gpt2": _load_tiny,
 }
 assert tuple(_BUILDERS) == BUILTIN_MODELS
 
@@ -155,6 +174,8 @@ assert tuple(_BUILDERS) == BUILTIN_MODELS
 # ------------------------------------------------------------------ any other name
 def _load_external(cfg: ModelConfig) -> ModelBundle:
     """Load a local directory or a Hugging Face Hub id with the Auto classes."""
+    from transformers import AutoConfig
+
     name = cfg.name
     path = Path(name).expanduser()
     if path.is_dir():
@@ -183,6 +204,12 @@ def _from_dir(
     cfg: ModelConfig, source: Path | str, task: Task, config: PretrainedConfig
 ) -> ModelBundle:
     """Load a model and tokenizer for ``task`` from a directory or Hub id."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
     if isinstance(source, Path):
         _check_weight_files(cfg, source)
     try:
@@ -250,6 +277,8 @@ def _looks_like_path(name: str) -> bool:
 
 def _not_found_message(name: str, path: Path, hub_error: Exception | None) -> str:
     """Explain what was tried for an unloadable ``model.name`` and what to do."""
+    from huggingface_hub import constants as hub_constants
+
     offline = bool(getattr(hub_constants, "HF_HUB_OFFLINE", False)) or os.environ.get(
         "HF_HUB_OFFLINE", ""
     ) not in ("", "0")
@@ -309,6 +338,8 @@ def _quiet_transformers() -> Iterator[None]:
     restores them.
     """
     global _quiet_depth, _quiet_saved
+    from transformers.utils import logging as hf_logging
+
     with _quiet_lock:
         if _quiet_depth == 0:
             _quiet_saved = (

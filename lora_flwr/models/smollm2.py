@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_flwr.assets import cache_dir, fetch_asset
 from lora_flwr.atomic import atomic_write_dir
@@ -84,6 +83,8 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     logger.info(
         "Converting %s to float32 safetensors in %s (once; ~30 s)", gguf_path, target
     )
+    # Imported here: only the one-off conversion needs transformers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def write(tmp: Path) -> None:
         kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}

@@ -39,6 +39,7 @@ from lora_flwr.protocol import (  # noqa: E402
     TOKENS_PER_S,
     TRAIN_LOSS,
 )
+from lora_flwr.training.adamw import AdamW
 from lora_flwr.training.losses import class_counts, skew_loss
 from lora_flwr.training.precision import resolve_precision
 
@@ -229,7 +230,13 @@ class LoRATrainer:
                 "with at least one group"
             )
         anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
-        optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer | AdamW
+        if self.device.type == "cpu":  # same arithmetic, no torch._dynamo import
+            optimizer = AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(
+                params, lr=peak, weight_decay=cfg.weight_decay
+            )
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype is torch.float16
         )
@@ -292,14 +299,22 @@ class LoRATrainer:
                 optimizer.zero_grad(set_to_none=True)
                 if clock is not None:
                     clock.lap("optimizer")
-                scaler.scale(objective).backward()
-                if clock is not None:
-                    clock.lap("backward")
-                if cfg.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
+                if isinstance(optimizer, AdamW):  # CPU: no fp16, so no loss scaling
+                    objective.backward()
+                    if clock is not None:
+                        clock.lap("backward")
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                else:
+                    scaler.scale(objective).backward()
+                    if clock is not None:
+                        clock.lap("backward")
+                    if cfg.max_grad_norm > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
                 if clock is not None:
                     clock.lap("optimizer")
                 losses.append(loss.item())

@@ -218,3 +218,45 @@ def test_model_and_data_configs_are_part_of_the_description() -> None:
         node_cache.cache_key({**base, "model_cfg": dataclasses.asdict(ModelConfig())}),
     }
     assert len(keys) == 4
+
+
+def test_a_resolved_task_is_read_back_without_the_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a first process resolves the task from the corpus
+    monkeypatch.setenv("LORA_FLWR_CACHE", str(tmp_path))
+    cfg = ExperimentConfig.from_flat(
+        {"model.name": "tiny-bert", "data.name": "synthetic"}
+    )
+    experiment.clear_caches()
+    first = experiment.resolve_model_config(cfg)
+    experiment.clear_caches()  # a fresh process: nothing in memory
+    calls: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        raise AssertionError("the corpus should not be read again")
+
+    monkeypatch.setattr(experiment, "load_splits", spy)
+
+    # Execute
+    second = experiment.resolve_model_config(cfg)
+
+    # Assert
+    assert first.task == second.task == "seq_cls"
+    assert calls == []
+    assert len(list((tmp_path / "tasks").glob("*.json"))) == 1
+
+
+def test_a_broken_task_file_is_ignored(tmp_path: Path) -> None:
+    # Prepare
+    description = {"data": "x"}
+    path = node_cache.task_path(tmp_path, description)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+
+    # Execute / Assert
+    assert node_cache.load_task(path, description) is None
+    node_cache.save_task(path, description, "causal_lm")
+    assert node_cache.load_task(path, description) == "causal_lm"
+    assert node_cache.load_task(path, {"data": "y"}) is None

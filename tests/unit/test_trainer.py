@@ -30,6 +30,7 @@ from lora_flwr.training import (
     lr_factor,
     resolve_device,
 )
+from lora_flwr.training.adamw import AdamW
 
 MAX_LENGTH = 32
 
@@ -469,3 +470,56 @@ def test_set_adapter_weights_round_trip() -> None:
     # Assert
     for got, want in zip(s.trainer.get_adapter_weights(), arrays, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_cpu_adamw_is_bit_identical_to_torch_adamw(weight_decay: float) -> None:
+    # Prepare: two copies of the same parameters, a schedule and a frozen step
+    generator = torch.Generator().manual_seed(0)
+    start = [
+        torch.randn(5, 3, generator=generator),
+        torch.randn(7, generator=generator),
+    ]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in start]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ours = AdamW(ours_params, lr=0.01, weight_decay=weight_decay)
+    reference = torch.optim.AdamW(torch_params, lr=0.01, weight_decay=weight_decay)
+
+    # Execute
+    for step in range(6):
+        grads = [torch.randn(t.shape, generator=generator) for t in start]
+        for opt, params in ((ours, ours_params), (reference, torch_params)):
+            opt.param_groups[0]["lr"] = 0.01 * (step + 1)
+            opt.zero_grad(set_to_none=True)
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if not (step == 2 and i == 1):  # a parameter without a gradient
+                    p.grad = g.clone()
+            opt.step()
+
+    # Assert
+    for mine, theirs in zip(ours_params, torch_params, strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(ours_params[0], start[0])
+
+
+def test_cpu_training_imports_no_torch_dynamo() -> None:
+    # Prepare: torch.optim optimizers import torch._dynamo (seconds) on first use
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from lora_flwr.training.adamw import AdamW\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "opt = AdamW([p], lr=0.1)\n"
+        "p.sum().backward(); torch.nn.utils.clip_grad_norm_([p], 1.0); opt.step()\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+
+    # Execute
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+
+    # Assert
+    assert out.stdout.strip() == "False"
