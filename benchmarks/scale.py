@@ -102,7 +102,18 @@ def sample_tree(root: psutil.Process) -> dict[str, Any]:
         total["rss"] += rollup.get("Rss", 0)
         total["pss"] += rollup.get("Pss", 0)
         total["shmem"] += rollup.get("Pss_Shmem", 0)
-    return {"t": time.time(), "procs": len(procs), **total, "by_kind": by_kind}
+    try:
+        cpu = root.cpu_times()
+        driver_cpu = cpu.user + cpu.system
+    except psutil.NoSuchProcess:
+        driver_cpu = 0.0
+    return {
+        "t": time.time(),
+        "procs": len(procs),
+        **total,
+        "driver_cpu": driver_cpu,
+        "by_kind": by_kind,
+    }
 
 
 def private_cache(run_root: Path) -> Path:
@@ -195,6 +206,12 @@ def summarize(
                 "round": rec["round"],
                 "seconds": rec.get("round_seconds"),
                 "rss_end": last["rss"],
+                # CPU seconds the driver (server, Flower's engine threads) used
+                # per wall second of the round.
+                "driver_cpu_share": (
+                    last.get("driver_cpu", 0.0) - inside[0].get("driver_cpu", 0.0)
+                )
+                / max(last["t"] - inside[0]["t"], 1e-9),
                 "pss_end": last["pss"],
                 "rss_max": max(s["rss"] for s in inside),
                 "pss_max": max(s["pss"] for s in inside),
@@ -277,8 +294,11 @@ def main() -> int:
         )
     for r in results:
         print(f"\nN={r['clients']}: tree memory at the end of each round (GiB)")
-        print("| round | s | RSS | PSS | driver PSS | actors PSS | Ray daemons PSS |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| round | s | RSS | PSS | driver PSS | actors PSS | Ray daemons PSS "
+            "| driver CPU share |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in r["per_round"]:
             kinds = row["by_kind_end"]
             actors = kinds.get("actor", {}).get("pss", 0)
@@ -289,7 +309,7 @@ def main() -> int:
                 f"| {row['round']} | {row['seconds']:.1f} | {gib(row['rss_end'])} | "
                 f"{gib(row['pss_end'])} | "
                 f"{gib(kinds.get('driver', {}).get('pss', 0))} | {gib(actors)} | "
-                f"{gib(daemons)} |"
+                f"{gib(daemons)} | {row['driver_cpu_share']:.2f} |"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
