@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,7 +87,16 @@ class Workspace:
 
 
 _SHARED: dict[tuple[ModelConfig, LoraConfig, int], _Shared] = {}
+# Global splits (held-out set, centralised train pool): a few per process.
 _TOKENIZED: dict[tuple[object, ...], TokenizedDataset] = {}
+# Client partitions, most recently used last. Bounded: with 1,000 virtual clients
+# one Ray actor serves hundreds of partitions over a run, and each would otherwise
+# stay in memory for good; an evicted one is read back from the node cache on
+# disk in milliseconds.
+CLIENT_CACHE_SIZE = 64
+_CLIENT_DATA: OrderedDict[
+    tuple[object, ...], tuple[TokenizedDataset, TokenizedDataset]
+] = OrderedDict()
 _MODEL_CONFIGS: dict[tuple[ModelConfig, object, int], ModelConfig] = {}
 
 
@@ -181,6 +191,7 @@ def clear_caches() -> None:
         _SHARED.clear()
         _MODEL_CONFIGS.clear()
         _TOKENIZED.clear()
+        _CLIENT_DATA.clear()
 
 
 def _tokenized(
@@ -216,26 +227,35 @@ def client_datasets(
 ) -> tuple[TokenizedDataset, TokenizedDataset]:
     """One client's local train and local test data, tokenized (cached).
 
-    Cached in the process, and on disk under ``$LORA_FLWR_CACHE/partitions`` (see
-    :mod:`lora_flwr.data.node_cache`): a deployed node's next ClientApp process
-    reads its partition back instead of partitioning the corpus again.
+    Cached in the process (the :data:`CLIENT_CACHE_SIZE` most recently used
+    partitions), and on disk under ``$LORA_FLWR_CACHE/partitions`` (see
+    :mod:`lora_flwr.data.node_cache`): a deployed node's next ClientApp process,
+    or an actor that dropped the partition from memory, reads it back instead of
+    partitioning the corpus again.
     """
-    key = ("client", partition_id, num_partitions)
-    keys = [
-        (cfg.data, cfg.seed, cfg.model.name, cfg.model.max_length, *key, s)
-        for s in node_cache.SPLITS
-    ]
+    key = (
+        cfg.data,
+        cfg.seed,
+        cfg.model.name,
+        cfg.model.max_length,
+        partition_id,
+        num_partitions,
+    )
     with _LOCK:
-        if all(k in _TOKENIZED for k in keys):
-            return _TOKENIZED[keys[0]], _TOKENIZED[keys[1]]
+        cached = _CLIENT_DATA.get(key)
+        if cached is not None:
+            _CLIENT_DATA.move_to_end(key)
+            return cached
     description = _partition_description(ws, cfg, partition_id, num_partitions)
     path = node_cache.cache_path(cache_dir(), description)
     stored = node_cache.load_partition(path, description)
     if stored is None:
         train, test = client_data(cfg.data, partition_id, num_partitions, seed=cfg.seed)
+        max_length = cfg.model.max_length
+        tokenizer = ws.bundle.tokenizer
         stored = {
-            "train": _tokenized(ws, cfg, (*key, "train"), train),
-            "test": _tokenized(ws, cfg, (*key, "test"), test),
+            "train": tokenize(train, tokenizer, ws.task, max_length),  # type: ignore[arg-type]
+            "test": tokenize(test, tokenizer, ws.task, max_length),  # type: ignore[arg-type]
         }
         try:
             node_cache.save_partition(path, description, stored)
@@ -244,9 +264,11 @@ def client_datasets(
                 "could not cache partition %d at %s: %s", partition_id, path, exc
             )
     with _LOCK:
-        for k, name in zip(keys, node_cache.SPLITS, strict=True):
-            _TOKENIZED.setdefault(k, stored[name])
-        return _TOKENIZED[keys[0]], _TOKENIZED[keys[1]]
+        data = _CLIENT_DATA.setdefault(key, (stored["train"], stored["test"]))
+        _CLIENT_DATA.move_to_end(key)
+        while len(_CLIENT_DATA) > CLIENT_CACHE_SIZE:
+            _CLIENT_DATA.popitem(last=False)
+        return data
 
 
 def _partition_description(

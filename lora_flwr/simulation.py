@@ -46,6 +46,7 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     from flwr.simulation import run_simulation
 
     from lora_flwr.fl.client_app import make_client_app
+    from lora_flwr.fl.directory import simulation_partitions
     from lora_flwr.fl.server_app import make_server_app, run_dir_for
     from lora_flwr.results import read_history
 
@@ -66,13 +67,16 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     }
     start = time.perf_counter()
     try:
-        run_simulation(
-            server_app=make_server_app(cfg, run_dir),
-            client_app=make_client_app(cfg),
-            num_supernodes=cfg.fed.num_clients,
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        # The engine's node -> partition map goes to the strategy directly: no
+        # get_properties message to each of the (maybe 1,000) virtual nodes.
+        with simulation_partitions() as partitions:
+            run_simulation(
+                server_app=make_server_app(cfg, run_dir, partitions),
+                client_app=make_client_app(cfg),
+                num_supernodes=cfg.fed.num_clients,
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     finally:
         release_run_dir(run_dir)
     seconds = time.perf_counter() - start

@@ -25,6 +25,7 @@ from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
+from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import Arrays, FedLoRA
 from lora_flwr.lora.io import (
@@ -52,12 +53,17 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
-def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoRA:
+def build_strategy(
+    cfg: ExperimentConfig,
+    run_dir: Path | None = None,
+    partitions: PartitionDirectory | None = None,
+) -> FedLoRA:
     """Build the strategy for ``cfg``, wired to centralised evaluation and run outputs.
 
     The server process loads the base model once: to build the seeded initial
     adapter, to evaluate the global adapter (on top of the rule's base-weight
-    delta, if any) and to save it as a PEFT directory.
+    delta, if any) and to save it as a PEFT directory. ``partitions`` is the
+    simulation engine's node -> partition map (in-process simulation only).
     """
     out = run_dir if run_dir is not None else run_dir_for(cfg)
     # Refuses a directory with results (unless overwrite) or in use by a live run.
@@ -124,6 +130,7 @@ def build_strategy(cfg: ExperimentConfig, run_dir: Path | None = None) -> FedLoR
         on_round_end=on_round_end,
         resume=resume,
         history=history,
+        partitions=partitions,
     )
 
 
@@ -158,13 +165,15 @@ def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
 
 
 def make_server_fn(
-    cfg: ExperimentConfig | None = None, run_dir: Path | None = None
+    cfg: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    partitions: PartitionDirectory | None = None,
 ) -> Callable[[Context], ServerAppComponents]:
     """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``."""
 
     def server_fn(context: Context) -> ServerAppComponents:
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
-        strategy = build_strategy(exp, run_dir)
+        strategy = build_strategy(exp, run_dir, partitions)
         # After a resume Flower counts rounds from 1 again; the strategy adds the
         # rounds already done.
         rounds = exp.fed.num_rounds - strategy.offset
@@ -193,7 +202,9 @@ def secagg_workflow(fed: FedConfig) -> SecAggPlusWorkflow:
 
 
 def make_server_app(
-    cfg: ExperimentConfig | None = None, run_dir: Path | None = None
+    cfg: ExperimentConfig | None = None,
+    run_dir: Path | None = None,
+    partitions: PartitionDirectory | None = None,
 ) -> ServerApp:
     """Build a ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None).
 
@@ -202,7 +213,7 @@ def make_server_app(
     which hands the strategy only the unmasked weighted mean.
     """
     app = ServerApp()
-    server_fn = make_server_fn(cfg, run_dir)
+    server_fn = make_server_fn(cfg, run_dir, partitions)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:

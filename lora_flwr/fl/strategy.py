@@ -2,7 +2,8 @@
 
 One round, as Flower's server drives it::
 
-    configure_fit    learn new nodes' partition ids (get_properties, once); sample
+    configure_fit    learn new nodes' partition ids (the simulation engine's map,
+                     or get_properties, once per node); sample
                      partitions with a seeded generator; for each client ask the
                      rule for its plan (rank, groups, base-weight catch-up) and its
                      payload; send one FitIns per client
@@ -64,6 +65,7 @@ from lora_flwr.aggregation.robust import clip_update
 from lora_flwr.compression import decode_reply
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.checkpoint import Checkpoint
+from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.guards import (
     RunAborted,
     clean_metrics,
@@ -120,6 +122,8 @@ RoundCallback = Callable[[dict[str, Any], "FedLoRA"], None]
 # Seconds a node may take to report its partition (a deployed node starts a fresh
 # ClientApp process per message); one that does not answer is asked again next round.
 HANDSHAKE_TIMEOUT = 600.0
+# Seconds to wait for the simulation engine's partition map once nodes are seen.
+DIRECTORY_TIMEOUT = 60.0
 
 
 def parameters_nbytes(parameters: Parameters) -> int:
@@ -186,6 +190,9 @@ class FedLoRA(Strategy):
     on_round_end
         Called with the round record and the strategy after every round (save
         checkpoints, write history, print the table row).
+    partitions
+        The simulation engine's node -> partition map (in-process simulation), or
+        None: nodes are then asked for their partition, once each.
     """
 
     def __init__(
@@ -198,8 +205,13 @@ class FedLoRA(Strategy):
         on_round_end: RoundCallback | None = None,
         resume: Checkpoint | None = None,
         history: Sequence[dict[str, Any]] = (),
+        partitions: PartitionDirectory | None = None,
     ) -> None:
         super().__init__()
+        self.directory = partitions
+        # Nodes whose reply contradicted the directory: asked from then on.
+        self._ask_only: set[str] = set()
+        self._asked = 0  # get_properties messages sent this round
         self.cfg = cfg
         self.fed = cfg.fed
         self.layout = layout
@@ -221,6 +233,7 @@ class FedLoRA(Strategy):
         # train.profile: the round's server phases and the clients' call profiles.
         self._prof: PhaseTimer | None = None
         self._prof_calls: list[ClientCall] = []
+        self._handshake_seconds = 0.0  # this round's time learning new nodes
         self.failed_rounds = 0  # consecutive rounds without an aggregate
         self._last_failure = ""
         self.aggregated_rounds = 0
@@ -306,7 +319,11 @@ class FedLoRA(Strategy):
     def _learn_partitions(
         self, client_manager: ClientManager, server_round: int
     ) -> None:
-        """Ask nodes not seen before which partition they own (in parallel)."""
+        """Learn the partition of every node not seen before.
+
+        From the simulation engine's map when there is one (no message), else by
+        asking each such node once (``get_properties``, in parallel).
+        """
         # Virtual nodes register asynchronously: wait for the ones we mean to use.
         client_manager.wait_for(self.fed.min_available_clients, timeout=3600)
         proxies = client_manager.all()
@@ -316,6 +333,24 @@ class FedLoRA(Strategy):
         unknown = [p for cid, p in proxies.items() if cid not in self.partition_of]
         if not unknown:
             return
+        answers: list[tuple[str, int | None]] = []
+        if self.directory is not None and not self.owners:
+            # Simulation: the engine's own assignment, no message needed.
+            known = self.directory.lookup(DIRECTORY_TIMEOUT)
+            for proxy in unknown:
+                if proxy.cid in known and proxy.cid not in self._ask_only:
+                    answers.append((proxy.cid, known[proxy.cid]))
+            told = {cid for cid, _ in answers}
+            unknown = [p for p in unknown if p.cid not in told]
+        if unknown:
+            answers += self._ask_partitions(unknown, server_round)
+        self._assign(answers, unknown)
+
+    def _ask_partitions(
+        self, unknown: Sequence[ClientProxy], server_round: int
+    ) -> list[tuple[str, int | None]]:
+        """Ask each node in ``unknown`` which partition it owns (in parallel)."""
+        self._asked += len(unknown)
         ins = GetPropertiesIns(config={})
 
         def ask(proxy: ClientProxy) -> tuple[str, int | None]:
@@ -330,9 +365,14 @@ class FedLoRA(Strategy):
                 return proxy.cid, None
 
         with ThreadPoolExecutor(max_workers=min(32, len(unknown))) as pool:
-            answers = list(pool.map(ask, unknown))
+            return list(pool.map(ask, unknown))
+
+    def _assign(
+        self, answers: Sequence[tuple[str, int | None]], asked: Sequence[ClientProxy]
+    ) -> None:
+        """Record each node's partition, refusing out-of-range or taken ones."""
         claimed = set(self.partition_of.values())
-        keys = self._fingerprints(unknown) if self.owners else {}
+        keys = self._fingerprints(asked) if self.owners else {}
         for cid, pid in sorted(answers):
             if self.owners:
                 # Under node authentication the key decides, not the claim.
@@ -385,8 +425,11 @@ class FedLoRA(Strategy):
         minimum: int,
         stream: int,
     ) -> list[tuple[ClientProxy, int]]:
+        start = time.perf_counter()
+        self._asked = 0
         with self._phase(HANDSHAKE):  # messages to new nodes: Flower's time
             self._learn_partitions(client_manager, server_round)
+        self._handshake_seconds = time.perf_counter() - start
         proxies = client_manager.all()
         by_pid = {
             pid: proxies[cid]
@@ -445,6 +488,7 @@ class FedLoRA(Strategy):
         """Send each sampled client its own plan and payload."""
         server_round += self.offset  # Flower counts from 1 again after a resume
         self._round_start = time.perf_counter()
+        started_at = time.time()
         self._prof = PhaseTimer() if self.cfg.train.profile else None
         self._prof_calls = []
         with self._phase("server_other"):
@@ -459,6 +503,10 @@ class FedLoRA(Strategy):
         down = [s.nbytes for s in self._sent.values()]
         self._record = {
             "round": server_round,
+            # Wall clock (epoch seconds): where a round sits in a run's timeline.
+            "started_at": started_at,
+            "handshake_seconds": self._handshake_seconds,
+            "handshake_messages": self._asked,
             "lr": self.round_lr(server_round),
             "fit_sampled": len(clients),
             "fit_partitions": ",".join(str(pid) for _, pid in clients),
@@ -524,6 +572,7 @@ class FedLoRA(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.offset  # Flower counts from 1 again after a resume
         rec = self._record
+        rec["fit_done_at"] = time.time()
         up = [parameters_nbytes(res.parameters) for _, res in results]
         rec["bytes_up"] = sum(up)
         rec["bytes_up_max"] = max(up, default=0)
@@ -629,6 +678,16 @@ class FedLoRA(Strategy):
                         proxy.cid,
                         sent.partition,
                         problem,
+                    )
+                reported = clean.get(PARTITION_ID)
+                if isinstance(reported, int) and reported != sent.partition:
+                    # Trained on other data than the server counts it for: ask
+                    # the node again next round instead of trusting the map.
+                    self.partition_of.pop(proxy.cid, None)
+                    self._ask_only.add(proxy.cid)
+                    raise ValueError(
+                        f"it reports partition {reported} but was sampled as "
+                        f"partition {sent.partition}"
                     )
                 version = clean.get(BASE_VERSION)
                 self.versions[sent.partition] = (

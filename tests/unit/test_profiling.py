@@ -36,7 +36,15 @@ CHILD = (
     "import json; from lora_flwr import profiling as p; print(json.dumps(p._startup))"
 )
 # History keys that hold wall-clock seconds: they differ between any two runs.
-TIMES = ("round_seconds", "eval_seconds", "client_seconds_")
+# Clock readings, which differ between any two runs.
+TIMES = (
+    "round_seconds",
+    "eval_seconds",
+    "client_seconds_",
+    "started_at",
+    "handshake_seconds",
+    "fit_done_at",
+)
 
 
 def _call(stage: str, worker: str, **seconds: float) -> ClientCall:
