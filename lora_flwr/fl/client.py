@@ -35,6 +35,7 @@ from lora_flwr.fl.runner import (
     layout_of,
     prepare,
 )
+from lora_flwr.heap import trim_heap
 from lora_flwr.profiling import CallProfile, maybe_phase, take_startup
 from lora_flwr.protocol import (
     ACCURACY,
@@ -295,6 +296,7 @@ class LoRAClient(NumPyClient):
         if prof is not None:
             prof.add_train(metrics)
             out.update(prof.metrics())
+        trim_heap()  # an actor serves many clients: give freed pages back
         return sent, len(self.train_data), out
 
     def evaluate(
