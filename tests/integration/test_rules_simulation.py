@@ -34,6 +34,9 @@ TIMING = {
     "client_seconds_critical",
     "workers",
     "model_loads_max",
+    "started_at",
+    "handshake_seconds",
+    "fit_done_at",
 }
 
 
