@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+
+from lora_flwr import experiment
 
 # Nothing in the test suite may reach the network (no hub ids, only local dirs).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -159,3 +162,13 @@ def token_ids() -> torch.Tensor:
 # One intra-op thread per test process: on a shared 2-core machine torch's default
 # thread pool oversubscribes the cores and slows the suite ~10x; results are the same.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private cache directory; every in-process cache cleared before and after."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LORA_FLWR_CACHE", str(root))
+    experiment.clear_caches()
+    yield root
+    experiment.clear_caches()

@@ -19,16 +19,6 @@ from lora_flwr.data import node_cache
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache directory; every in-process cache cleared before and after."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("LORA_FLWR_CACHE", str(root))
-    experiment.clear_caches()
-    yield root
-    experiment.clear_caches()
-
-
 def _cfg(**data: Any) -> ExperimentConfig:
     cfg = ExperimentConfig.from_toml(ROOT / "configs" / "smoke.toml")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))

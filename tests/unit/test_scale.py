@@ -18,16 +18,6 @@ from lora_flwr.fl.directory import PartitionDirectory, simulation_partitions
 from lora_flwr.protocol import BASE_VERSION, PARTITION_ID
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private cache directory; every in-process cache cleared before and after."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("LORA_FLWR_CACHE", str(root))
-    experiment.clear_caches()
-    yield root
-    experiment.clear_caches()
-
-
 def _held(cfg: Any) -> list[int]:
     """Partition ids of this config held in memory, least recently used first."""
     return [key[4] for key in experiment._CLIENT_DATA if key[0] == cfg.data]
