@@ -17,6 +17,7 @@ imported on first use.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,10 @@ _LOCAL_SPLIT_STREAM = 11
 # Smallest Dirichlet partition asked of flwr_datasets (its default is 10), lowered
 # for small pools so that sampling does not give up.
 _DIRICHLET_MIN_SIZE = 10
+# flwr_datasets gives up after 10 draws with one seed; at alpha = 0.1 over two
+# labels that happens for most seeds. Further tries use seeds derived from the
+# experiment's (try 0 is the seed itself, so partitions found there never change).
+_DIRICHLET_SEED_TRIES = 50
 
 INDEX_COLUMN = "idx"
 LABEL_COLUMN = "label"
@@ -220,24 +225,40 @@ def _dirichlet(
             "labels (causal LM); use `data.partitioner` = 'iid' or 'natural'"
         )
     min_size = max(1, min(_DIRICHLET_MIN_SIZE, len(train) // (2 * num_partitions)))
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions,
-        partition_by=LABEL_COLUMN,
-        alpha=float(alpha),
-        min_partition_size=min_size,
-        self_balancing=False,
-        shuffle=True,
-        seed=seed,
+    dataset = _to_hf(train)
+    last: ValueError | None = None
+    for attempt in range(_DIRICHLET_SEED_TRIES):
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=LABEL_COLUMN,
+            alpha=float(alpha),
+            min_partition_size=min_size,
+            self_balancing=False,
+            shuffle=True,
+            seed=dirichlet_seed(seed, attempt),
+        )
+        partitioner.dataset = dataset
+        try:
+            with warnings.catch_warnings():
+                # One warning per failed draw; the final error says it all.
+                warnings.filterwarnings("ignore", message="The specified min_partition")
+                return _read_partitions(partitioner, num_partitions)
+        except ValueError as exc:
+            last = exc
+    raise ValueError(
+        f"Dirichlet partitioning with `data.dirichlet_alpha` = {alpha} could not "
+        f"give each of {num_partitions} partitions {min_size} examples in "
+        f"{_DIRICHLET_SEED_TRIES} seeds x 10 draws ({last}); use a larger "
+        "dirichlet_alpha, fewer clients or more data"
     )
-    partitioner.dataset = _to_hf(train)
-    try:
-        return _read_partitions(partitioner, num_partitions)
-    except ValueError as exc:
-        raise ValueError(
-            f"Dirichlet partitioning with `data.dirichlet_alpha` = {alpha} could not "
-            f"give each of {num_partitions} partitions {min_size} examples "
-            f"({exc}); use a larger dirichlet_alpha, fewer clients or more data"
-        ) from exc
+
+
+def dirichlet_seed(seed: int, attempt: int) -> int:
+    """Seed of the ``attempt``-th Dirichlet partitioning try (try 0: ``seed``)."""
+    if attempt == 0:
+        return seed
+    state = np.random.SeedSequence([seed, _PARTITION_STREAM, attempt]).generate_state(1)
+    return int(state[0])
 
 
 def _natural(train: TextDataset, num_partitions: int, seed: int) -> list[list[int]]:
