@@ -39,6 +39,10 @@ REGEX_PREFIX = "re:"
 # Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
 Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
 COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
+# How the saved modules (e.g. a new classifier head) are treated
+# (lora_flwr.aggregation.base.Rule.use_head; a test keeps the two equal).
+HeadMode = Literal["averaged", "frozen", "local", "reinit"]
+HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
 
 
 def _check(cond: bool, key: str, value: object, what: str) -> None:
@@ -418,6 +422,14 @@ class FedConfig:
     # downlink stays float32.
     compression: Compression = "none"
     topk_fraction: float = 0.1
+    # The saved modules (lora.modules_to_save, e.g. the new classifier head):
+    # averaged (trained, sent and averaged like the factors), frozen (trained and
+    # averaged for head_warmup_rounds rounds, then fixed), local (trained and kept
+    # on each client, never sent; federated evaluation uses each client's own),
+    # reinit (every round each client trains it from the seeded init; the server
+    # averages those).
+    head: HeadMode = "averaged"
+    head_warmup_rounds: int = 0
     # Secure aggregation (Flower's SecAgg+ workflow, Bell et al., CCS 2020): the
     # server learns only the weighted sum of what clients send. Each client
     # multiplies its reply by num_examples / secagg_max_weight, and every value of
@@ -567,6 +579,24 @@ class FedConfig:
             f"one of {', '.join(repr(c) for c in COMPRESSIONS)}",
         )
         _check(
+            self.head in HEAD_MODES,
+            "fed.head",
+            self.head,
+            f"one of {', '.join(repr(h) for h in HEAD_MODES)}",
+        )
+        _check(
+            isinstance(self.head_warmup_rounds, int) and self.head_warmup_rounds >= 0,
+            "fed.head_warmup_rounds",
+            self.head_warmup_rounds,
+            ">= 0 (rounds the head trains before it is frozen)",
+        )
+        _check(
+            self.head_warmup_rounds == 0 or self.head == "frozen",
+            "fed.head_warmup_rounds",
+            self.head_warmup_rounds,
+            "0 unless fed.head = 'frozen'",
+        )
+        _check(
             0 < self.topk_fraction <= 1,
             "fed.topk_fraction",
             self.topk_fraction,
@@ -684,6 +714,13 @@ class ExperimentConfig:
             "fed.rank_tiers",
             ",".join(map(str, tiers)),
             f"ranks whose largest equals lora.r={self.lora.r} (the allocated rank)",
+        )
+        _check(
+            self.fed.head == "averaged" or bool(self.lora.modules_to_save),
+            "fed.head",
+            self.fed.head,
+            "'averaged' when lora.modules_to_save is empty (there is no head to "
+            "treat; set lora.modules_to_save, e.g. 'classifier')",
         )
 
     # ----------------------------------------------------------------- builders

@@ -167,6 +167,10 @@ class GroupPlan:
 
 
 ALL: frozenset[Group] = frozenset(GROUPS)
+# How the saved modules ("M": e.g. a new classifier head) are treated, on top of
+# any rule (``fed.head``; config.HEAD_MODES lists the same names).
+HEAD_MODES: tuple[str, ...] = ("averaged", "frozen", "local", "reinit")
+_M: frozenset[Group] = frozenset({"M"})
 
 
 def groups(text: str) -> frozenset[Group]:
@@ -243,6 +247,9 @@ class Rule:
         self.dp_noise_multiplier = 0.0
         self.dp_clip_norm = 0.0
         self._dp_rng: np.random.Generator | None = None
+        # fed.head (:meth:`use_head`).
+        self.head = "averaged"
+        self.head_warmup_rounds = 0
 
     def use_dp(self, noise_multiplier: float, clip_norm: float) -> None:
         """Average with equal weights and add Gaussian noise to every mean.
@@ -275,6 +282,87 @@ class Rule:
         self.check_setup(rank_tiers=(), server_optimizer="none", robust=mode)
         self.robust = mode
         self.trim_fraction = trim_fraction
+
+    def use_head(self, mode: str, warmup_rounds: int = 0) -> None:
+        """Treat the saved modules (group ``M``, e.g. a new head) as ``mode`` says.
+
+        * ``averaged``: as the rule says (every rule trains, sends and averages M).
+        * ``frozen``: trained and averaged in rounds ``1..warmup_rounds``, then
+          received but neither trained nor sent; the global M stays as it was
+          (``warmup_rounds = 0``: fixed at the seeded init, as FedBABU fixes its
+          head: Oh et al., "FedBABU: Toward Enhanced Representation for Federated
+          Image Classification", ICLR 2022).
+        * ``local``: never received or sent; each client trains and keeps its own
+          (the personalised part, like FedSA-LoRA's B: Guo et al., ICLR 2025);
+          the global M stays at the seeded init.
+        * ``reinit``: not received; every round each client trains it from the
+          seeded init, and the server averages those, so head drift does not
+          accumulate across rounds.
+
+        Raises
+        ------
+        ValueError
+            For an unknown mode, a negative warm-up, a warm-up with another mode,
+            or an adapter without saved modules.
+        """
+        if mode not in HEAD_MODES:
+            raise ValueError(
+                f"`fed.head` should be one of {', '.join(map(repr, HEAD_MODES))} "
+                f"but is {mode!r}"
+            )
+        if warmup_rounds < 0 or (warmup_rounds and mode != "frozen"):
+            raise ValueError(
+                f"`fed.head_warmup_rounds` = {warmup_rounds} should be >= 0, and 0 "
+                "unless `fed.head` = 'frozen'"
+            )
+        if mode != "averaged" and not self.head_names:
+            raise ValueError(
+                f"`fed.head` = {mode!r} needs saved modules (`lora.modules_to_save`, "
+                "e.g. 'classifier') but the adapter has none"
+            )
+        self.head = mode
+        self.head_warmup_rounds = int(warmup_rounds)
+
+    @property
+    def head_names(self) -> list[str]:
+        """Weight names of the saved modules (group ``M``)."""
+        return [n for n in self.layout.names if group_of(n) == "M"]
+
+    @property
+    def local_head(self) -> bool:
+        """Whether each client keeps its own head (``fed.head = 'local'``)."""
+        return self.head == "local"
+
+    def head_groups(self, g: GroupPlan, server_round: int) -> GroupPlan:
+        """Apply :meth:`use_head`'s treatment of ``M`` to a rule's round plan."""
+        if self.head == "frozen" and server_round > self.head_warmup_rounds:
+            return GroupPlan(g.receive, g.train - _M, g.send - _M, g.keep)
+        if self.head == "local":
+            return GroupPlan(g.receive - _M, g.train, g.send - _M, g.keep | _M)
+        if self.head == "reinit":
+            return GroupPlan(g.receive - _M, g.train, g.send, g.keep)
+        return g
+
+    def update(
+        self, state: ServerState, replies: Sequence[ClientReply], server_round: int
+    ) -> ServerState:
+        """:meth:`aggregate`, with ``M`` held fixed when clients did not send it.
+
+        A frozen or local head is not in the replies: the rule sees the global
+        value in its place, and the new state keeps the old one exactly (no
+        robust, DP or rounding change).
+        """
+        fixed = [n for n in self.head_names if not any(n in r.arrays for r in replies)]
+        if not fixed:
+            return self.aggregate(state, replies, server_round)
+        filled = [
+            dataclasses.replace(
+                r, arrays={**r.arrays, **{n: state.arrays[n] for n in fixed}}
+            )
+            for r in replies
+        ]
+        new = self.aggregate(state, filled, server_round)
+        return new.replace(arrays={**new.arrays, **{n: state.arrays[n] for n in fixed}})
 
     def __repr__(self) -> str:
         """Name shown in logs."""
@@ -384,7 +472,7 @@ class Rule:
     # ------------------------------------------------------------------ plans
     def plan(self, state: ServerState, client: ClientInfo, server_round: int) -> Plan:
         """Return the fit plan of one client in ``server_round``."""
-        g = self.round_groups(server_round)
+        g = self.head_groups(self.round_groups(server_round), server_round)
         mode, start, end, ranks = self.catch_up(state, client.base_version)
         return Plan(
             rank=client.rank,

@@ -156,6 +156,7 @@ def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) ->
         rule.use_robust(cfg.fed.robust, cfg.fed.trim_fraction)
     if cfg.fed.dp_noise_multiplier > 0:
         rule.use_dp(cfg.fed.dp_noise_multiplier, cfg.fed.dp_clip_norm)
+    rule.use_head(cfg.fed.head, cfg.fed.head_warmup_rounds)
     return rule
 
 
@@ -791,7 +792,7 @@ class FedLoRA(Strategy):
     def _aggregate(
         self, state: ServerState, replies: Sequence[ClientReply], server_round: int
     ) -> ServerState:
-        new = self.rule.aggregate(state, replies, server_round)
+        new = self.rule.update(state, replies, server_round)
         # Under SecAgg+ the single reply is already the mean: no per-client error.
         if not self.fed.secagg:
             self._record["agg_error"] = self.rule.aggregation_error(state, new, replies)
@@ -843,6 +844,10 @@ class FedLoRA(Strategy):
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
 
+    def _personal(self) -> bool:
+        """Whether federated evaluation runs each client's own model (FedSA, head)."""
+        return self.rule.personalized or self.rule.local_head
+
     def _eval_round(self, server_round: int) -> bool:
         every = self.fed.eval_every
         last = server_round == self.fed.num_rounds
@@ -859,7 +864,7 @@ class FedLoRA(Strategy):
         self, server_round: int, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         server_round += self.offset  # Flower counts from 1 again after a resume
-        personal = self.rule.personalized and self._eval_round(server_round)
+        personal = self._personal() and self._eval_round(server_round)
         if self.fed.fraction_evaluate == 0 and not personal:
             self._finish_round()
             return []
@@ -931,7 +936,7 @@ class FedLoRA(Strategy):
                 )
             if loss_ok and n_ok:
                 valid.append((n, float(res.loss), clean))
-        prefix = "personal" if self.rule.personalized else "fed"
+        prefix = "personal" if self._personal() else "fed"
         out: dict[str, Scalar] = {}
         loss: float | None = None
         if valid:
@@ -947,6 +952,8 @@ class FedLoRA(Strategy):
                 out[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
         if self.rule.personalized:
             out["eval_kind"] = "personalized: each client's model on its local split"
+        elif self.rule.local_head:
+            out["eval_kind"] = "personalized: global adapter, each client's own head"
         self._record.update(out)
         self._record["eval_ok"] = len(valid)
         self._finish_round()

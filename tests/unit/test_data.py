@@ -19,7 +19,6 @@ from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from lora_flwr.config import DataConfig
-from lora_flwr.data.partition import dirichlet_seed
 from lora_flwr.data import (
     BUILTIN_DATASETS,
     IGNORE_INDEX,
@@ -35,6 +34,7 @@ from lora_flwr.data import (
     partition_indices,
     tokenize,
 )
+from lora_flwr.data.partition import dirichlet_seed
 
 PROPERTY_SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
