@@ -4,7 +4,9 @@
 
 Runs each registered rule for each seed (one ``lora_flwr.simulation`` process per
 run, so every run starts from a fresh Ray), then the rules that take
-heterogeneous ranks again with rank tiers (``--tiers 4,8,16``), and the
+heterogeneous ranks again with rank tiers (``--tiers 4,8,16``), every rule again
+on a Dirichlet label-skew split (``--skew 0.1``: most clients then hold one
+class, where plain FedAvg of LoRA collapses), and the
 centralised LoRA reference on the same training pool with the same number of
 optimiser steps as one round's clients together times the rounds. A seed fixes
 the adapter init, the data split and the client sample of every round, so all
@@ -45,6 +47,7 @@ BEGIN = "<!-- lora_flwr.compare: begin (generated; edit outside the markers) -->
 END = "<!-- lora_flwr.compare: end -->"
 HOMOGENEOUS = "homogeneous"
 TIERS = "tiers"
+SKEW = "alpha"  # + the Dirichlet concentration, e.g. "alpha0.1"
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,13 @@ def plan_runs(
     seeds: Sequence[int],
     tiers: Sequence[int],
     work: Path,
+    skews: Sequence[float] = (),
 ) -> list[RunSpec]:
-    """Every (setting, rule, seed) run, each with its own name and output dir."""
+    """Every (setting, rule, seed) run, each with its own name and output dir.
+
+    Settings: every rule as configured; the rank-tier rules with ``tiers``; and
+    every rule again on a Dirichlet(alpha) label split for each alpha in ``skews``.
+    """
     specs: list[RunSpec] = []
     settings: list[tuple[str, list[str], list[str]]] = [(HOMOGENEOUS, list(rules), [])]
     if tiers:
@@ -73,6 +81,9 @@ def plan_runs(
         over = [f"fed.rank_tiers={','.join(map(str, tiers))}", f"lora.r={max(tiers)}"]
         if tier_rules:
             settings.append((TIERS, tier_rules, over))
+    for alpha in skews:
+        split = ["data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha:g}"]
+        settings.append((f"{SKEW}{alpha:g}", list(rules), split))
     # Seed by seed, so that an interrupted comparison has every rule at seed 0.
     for seed in seeds:
         for setting, names, overrides in settings:
@@ -192,7 +203,9 @@ def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
     cfg = spec.cfg
     history = json.loads((run_dir / "history.json").read_text())
     accuracy: float | None
-    if get_rule(spec.rule).personalized:
+    # Clients hold a part the saved adapter lacks (FedSA's B, a local head): the
+    # run's own per-client evaluation is the only one there is.
+    if get_rule(cfg.fed.aggregation).personalized or cfg.fed.head == "local":
         last = [r["personal_accuracy"] for r in history if "personal_accuracy" in r]
         accuracy = float(last[-1]) if last else None
     else:
@@ -350,11 +363,13 @@ def _fmt_ms(pair: tuple[float, float], seeds: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if seeds > 1 else f"{mean:.3f}"
 
 
-def table(summaries: Sequence[Summary], target: float | None) -> str:
-    """Format one setting as a markdown table."""
+def table(
+    summaries: Sequence[Summary], target: float | None, *, label: str = "rule"
+) -> str:
+    """Format one setting as a markdown table (``label`` heads the first column)."""
     goal = f"{target:g}" if target is not None else "target"
     head = (
-        f"| rule | final | best | rounds to {goal} | s to {goal} | "
+        f"| {label} | final | best | rounds to {goal} | s to {goal} | "
         "MB up / round | MB down / round | agg. error | wall s | local splits |"
     )
     lines = [head, "|" + "---|" * 10]
@@ -421,14 +436,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def write_report(out: Path, body: str) -> None:
+def write_report(out: Path, body: str, *, begin: str = BEGIN, end: str = END) -> None:
     """Replace the generated block of ``out`` (or create it), keeping the rest."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
     if out.is_file():
         text = out.read_text(encoding="utf-8")
-        if BEGIN in text and END in text:
-            head, rest = text.split(BEGIN, 1)
-            tail = rest.split(END, 1)[1]
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            tail = rest.split(end, 1)[1]
             write_text_atomic(out, head + block + tail)
             return
         write_text_atomic(out, text.rstrip() + "\n\n" + block + "\n")
@@ -448,6 +463,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     parser.add_argument("--rules", default="", help="comma-separated (default: all)")
     parser.add_argument("--tiers", default="4,8,16", help="rank tiers ('' to skip)")
+    parser.add_argument(
+        "--skew",
+        default="0.1",
+        help="Dirichlet label-skew alphas, every rule again on each ('' to skip)",
+    )
     parser.add_argument("--target", type=float, default=0.75, help="accuracy goal")
     parser.add_argument(
         "--ref-steps",
@@ -471,6 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rule in rules:
             get_rule(rule)
         tiers = _parse_ints(args.tiers)
+        skews = [float(t) for t in args.skew.split(",") if t.strip()]
+        if not all(math.isfinite(a) and a > 0 for a in skews):
+            raise ValueError(f"`--skew` should hold alphas > 0 but is {args.skew!r}")
         if args.seeds < 1:
             raise ValueError(f"`--seeds` should be >= 1 but is {args.seeds}")
     except (ValueError, FileNotFoundError) as exc:
@@ -480,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     seeds = list(range(args.seeds))
     started = time.time()
-    specs = plan_runs(cfg, rules=rules, seeds=seeds, tiers=tiers, work=work)
+    specs = plan_runs(
+        cfg, rules=rules, seeds=seeds, tiers=tiers, work=work, skews=skews
+    )
     per_round = math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients)
     per_round = max(per_round, cfg.fed.min_fit_clients)
     ref_steps = (
@@ -519,6 +544,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _setting_order(setting: str) -> tuple[int, float]:
+    if setting == HOMOGENEOUS:
+        return 0, 0.0
+    if setting == TIERS:
+        return 1, 0.0
+    return 2, -float(setting[len(SKEW) :])
+
+
 def report_body(
     cfg: ExperimentConfig,
     specs: Sequence[RunSpec],
@@ -554,7 +587,7 @@ def report_body(
         "(example-weighted; for fedsa each client's personalised model, its "
         "headline value), so fedsa can be set beside the others.",
     ]
-    settings = sorted({s.setting for s in specs}, key=[HOMOGENEOUS, TIERS].index)
+    settings = sorted({s.setting for s in specs}, key=_setting_order)
     figures = out.parent / "results"
     for setting in settings:
         group = [s for s in specs if s.setting == setting]
@@ -575,11 +608,15 @@ def report_body(
             summaries.append(
                 summarize(rule, histories, walls, target=target, local=local)
             )
-        title = (
-            f"all rules, every client at r={cfg.lora.r}"
-            if setting == HOMOGENEOUS
-            else "rank tiers " + ",".join(map(str, group[0].cfg.fed.rank_tiers))
-        )
+        if setting == HOMOGENEOUS:
+            title = f"all rules, every client at r={cfg.lora.r}"
+        elif setting == TIERS:
+            title = "rank tiers " + ",".join(map(str, group[0].cfg.fed.rank_tiers))
+        else:
+            title = (
+                f"label skew, Dirichlet alpha={group[0].cfg.data.dirichlet_alpha:g} "
+                f"over labels, every client at r={cfg.lora.r}"
+            )
         lines += ["", f"### {setting}: {title}", "", table(summaries, target)]
         png_round = figures / f"{setting}-round.png"
         png_bytes = figures / f"{setting}-bytes.png"

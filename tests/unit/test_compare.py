@@ -155,3 +155,36 @@ def test_bad_arguments_exit_2_before_anything_runs(
         assert code == 2
         assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_runs_adds_every_rule_on_each_label_skew_split() -> None:
+    # Prepare
+    cfg = ExperimentConfig.from_toml(REPO / "configs" / "smoke.toml")
+
+    # Execute
+    specs = plan_runs(
+        cfg,
+        rules=["fedit", "fedsa"],
+        seeds=[0],
+        tiers=[],
+        work=Path("/w"),
+        skews=[0.1, 0.5],
+    )
+
+    # Assert: the homogeneous setting as configured, then each alpha, every rule.
+    settings = [(s.setting, s.rule) for s in specs]
+    assert settings == [
+        (HOMOGENEOUS, "fedit"),
+        (HOMOGENEOUS, "fedsa"),
+        ("alpha0.1", "fedit"),
+        ("alpha0.1", "fedsa"),
+        ("alpha0.5", "fedit"),
+        ("alpha0.5", "fedsa"),
+    ]
+    for spec in specs:
+        if spec.setting == HOMOGENEOUS:
+            assert spec.cfg.data.partitioner == cfg.data.partitioner
+            continue
+        assert spec.cfg.data.partitioner == "dirichlet"
+        assert f"alpha{spec.cfg.data.dirichlet_alpha:g}" == spec.setting
+        assert spec.cfg.output_dir == f"/w/{spec.setting}"
