@@ -256,6 +256,10 @@ class TrainConfig:
     local_steps: int = 10  # optimiser steps per fit call (per round)
     local_epochs: float = 0.0  # if > 0: epochs over the local data instead of steps
     warmup_steps: int = 0  # linear warm-up inside one fit call
+    # Local optimiser, fresh every fit call: adamw, or sgd (a step proportional to
+    # the gradient, as FedLC/FedRS assume) with momentum.
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.0  # sgd only
     lr_schedule: Literal["constant", "cosine"] = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
@@ -297,6 +301,18 @@ class TrainConfig:
             "> 0 (or set train.local_epochs > 0)",
         )
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, ">= 0")
+        _check(
+            self.optimizer in ("adamw", "sgd"),
+            "train.optimizer",
+            self.optimizer,
+            "one of 'adamw', 'sgd'",
+        )
+        _check(
+            0 <= self.momentum < 1 and (self.momentum == 0 or self.optimizer == "sgd"),
+            "train.momentum",
+            self.momentum,
+            "in [0, 1), and 0 unless train.optimizer = 'sgd'",
+        )
         _check(
             self.lr_schedule in ("constant", "cosine"),
             "train.lr_schedule",

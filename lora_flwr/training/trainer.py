@@ -39,7 +39,7 @@ from lora_flwr.protocol import (  # noqa: E402
     TOKENS_PER_S,
     TRAIN_LOSS,
 )
-from lora_flwr.training.adamw import AdamW
+from lora_flwr.training.adamw import SGD, AdamW
 from lora_flwr.training.losses import class_counts, skew_loss
 from lora_flwr.training.precision import resolve_precision
 
@@ -178,7 +178,7 @@ class LoRATrainer:
         on_step: Callable[[int, float], None] | None = None,
         prox_mu: float = 0.0,
     ) -> dict[str, float]:
-        """Run ``steps`` AdamW steps on the adapter parameters that train.
+        """Run ``steps`` optimiser steps (``train.optimizer``) on the trained adapter.
 
         Only parameters with ``requires_grad`` train
         (:meth:`~lora_flwr.lora.LoRAAdapter.set_trainable`).
@@ -230,13 +230,7 @@ class LoRATrainer:
                 "with at least one group"
             )
         anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
-        optimizer: torch.optim.Optimizer | AdamW
-        if self.device.type == "cpu":  # same arithmetic, no torch._dynamo import
-            optimizer = AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(
-                params, lr=peak, weight_decay=cfg.weight_decay
-            )
+        optimizer = self._optimizer(params, peak)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype is torch.float16
         )
@@ -299,7 +293,7 @@ class LoRATrainer:
                 optimizer.zero_grad(set_to_none=True)
                 if clock is not None:
                     clock.lap("optimizer")
-                if isinstance(optimizer, AdamW):  # CPU: no fp16, so no loss scaling
+                if isinstance(optimizer, AdamW | SGD):  # CPU: no fp16, no loss scaling
                     objective.backward()
                     if clock is not None:
                         clock.lap("backward")
@@ -336,6 +330,24 @@ class LoRATrainer:
             metrics.update({key(p): v for p, v in clock.seconds.items()})
         self._log("train", metrics)
         return metrics
+
+    def _optimizer(
+        self, params: list[torch.nn.Parameter], lr: float
+    ) -> torch.optim.Optimizer | AdamW | SGD:
+        """Build ``train.optimizer`` (the CPU ones without a torch._dynamo import)."""
+        cfg = self.config
+        cpu = self.device.type == "cpu"  # same arithmetic as torch.optim's
+        if cfg.optimizer == "sgd":
+            if cpu:
+                return SGD(
+                    params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+                )
+            return torch.optim.SGD(
+                params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
+        if cpu:
+            return AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
     def _phase_timer(self) -> PhaseTimer:
         # Profile mode only: CUDA runs asynchronously, so each reading of the

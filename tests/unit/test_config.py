@@ -328,6 +328,9 @@ BAD_VALUES = [
     ("train.device", "tpu"),
     ("train.precision", "fp8"),
     ("train.num_threads", -1),
+    ("train.optimizer", "adam"),
+    ("train.momentum", 0.9),  # with adamw: momentum is sgd's
+    ("train.momentum", 1.0),
     ("fed.num_rounds", 0),
     ("fed.num_clients", 0),
     ("fed.fraction_fit", 0.0),
@@ -342,6 +345,9 @@ BAD_VALUES = [
     ("fed.eval_every", -1),
     ("fed.max_update_norm", -1.0),
     ("fed.compression", "int4"),
+    ("fed.head", "shared"),
+    ("fed.head_warmup_rounds", 2),  # with head = averaged
+    ("fed.head_warmup_rounds", -1),
     ("fed.compression", "FP16"),
     ("fed.topk_fraction", 0.0),
     ("fed.topk_fraction", 1.5),

@@ -30,7 +30,7 @@ from lora_flwr.training import (
     lr_factor,
     resolve_device,
 )
-from lora_flwr.training.adamw import AdamW
+from lora_flwr.training.adamw import SGD, AdamW
 
 MAX_LENGTH = 32
 
@@ -500,6 +500,63 @@ def test_cpu_adamw_is_bit_identical_to_torch_adamw(weight_decay: float) -> None:
     for mine, theirs in zip(ours_params, torch_params, strict=True):
         assert torch.equal(mine, theirs)
     assert not torch.equal(ours_params[0], start[0])
+
+
+@pytest.mark.parametrize(("momentum", "weight_decay"), [(0.0, 0.0), (0.9, 0.05)])
+def test_cpu_sgd_is_bit_identical_to_torch_sgd(
+    momentum: float, weight_decay: float
+) -> None:
+    # Prepare: as for AdamW, with a schedule and a step without a gradient
+    generator = torch.Generator().manual_seed(1)
+    start = [
+        torch.randn(4, 6, generator=generator),
+        torch.randn(3, generator=generator),
+    ]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in start]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in start]
+    ours = SGD(ours_params, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    reference = torch.optim.SGD(
+        torch_params, lr=0.1, momentum=momentum, weight_decay=weight_decay
+    )
+
+    # Execute
+    for step in range(6):
+        grads = [torch.randn(t.shape, generator=generator) for t in start]
+        for opt, params in ((ours, ours_params), (reference, torch_params)):
+            opt.param_groups[0]["lr"] = 0.1 / (step + 1)
+            opt.zero_grad(set_to_none=True)
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                if not (step == 2 and i == 1):
+                    p.grad = g.clone()
+            opt.step()
+
+    # Assert
+    for mine, theirs in zip(ours_params, torch_params, strict=True):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(ours_params[0], start[0])
+
+
+def test_sgd_training_steps_against_the_gradient() -> None:
+    # Prepare: one plain SGD step without clipping is p - lr * grad.
+    s = _setup(optimizer="sgd", lr=0.5, max_grad_norm=0.0)
+    before = [p.detach().clone() for p in s.adapter.trainable_parameters()]
+    grads: list[torch.Tensor] = []
+
+    def keep_grads(step: int, loss: float) -> None:
+        grads.extend(
+            p.grad.detach().clone()
+            for p in s.adapter.trainable_parameters()
+            if p.grad is not None
+        )
+
+    # Execute
+    s.trainer.train(s.train, steps=1, seed=0, on_step=keep_grads)
+
+    # Assert
+    after = list(s.adapter.trainable_parameters())
+    assert len(grads) == len(after)
+    for b, a, g in zip(before, after, grads, strict=True):
+        torch.testing.assert_close(a.detach(), b - 0.5 * g)
 
 
 def test_cpu_training_imports_no_torch_dynamo() -> None:
