@@ -269,9 +269,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     num_threads: int = 0  # torch intra-op threads per process (0: torch's default)
     # Local classification loss under label skew (lora_flwr/training/losses.py):
-    # ce | fedlc (logit calibration) | fedrs (restricted softmax) | balanced.
-    loss: Literal["ce", "fedlc", "fedrs", "balanced"] = "ce"
-    loss_tau: float = 1.0  # fedlc: calibration strength
+    # ce | fedlc (logit calibration) | fedrs (restricted softmax) | logit_adjust
+    # (the client's label prior added to the logits) | balanced (class weights).
+    loss: Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"] = "ce"
+    loss_tau: float = 1.0  # fedlc, logit_adjust: calibration strength
     fedrs_alpha: float = 0.5  # fedrs: scale of absent classes' logits
     balanced_beta: float = 0.999  # balanced: effective-number beta
     # Training batches drawn from length-sorted chunks of this many batches: less
@@ -339,10 +340,10 @@ class TrainConfig:
         )
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
         _check(
-            self.loss in ("ce", "fedlc", "fedrs", "balanced"),
+            self.loss in ("ce", "fedlc", "fedrs", "logit_adjust", "balanced"),
             "train.loss",
             self.loss,
-            "one of 'ce', 'fedlc', 'fedrs', 'balanced'",
+            "one of 'ce', 'fedlc', 'fedrs', 'logit_adjust', 'balanced'",
         )
         _check(self.loss_tau >= 0, "train.loss_tau", self.loss_tau, ">= 0")
         _check(

@@ -17,6 +17,14 @@ unchanged: only the local objective differs, and evaluation uses the plain logit
   Restricted Softmax for Label Distribution Non-IID Data", KDD 2021): the logits of
   classes absent from the client are scaled by :math:`\alpha \in [0, 1]` before
   the softmax, so the client does not push their (shared) weights down.
+* ``logit_adjust``: logit adjustment by the client's label prior (Menon et al.,
+  "Long-tail learning via logit adjustment", ICLR 2021, applied per client):
+  :math:`-\log \mathrm{softmax}(z + \tau \log \pi)_y` with
+  :math:`\pi_c = n_c / \sum_j n_j`. The client's own prior is added during
+  training, so its logits need not learn it: what they learn is the
+  class-conditional part the clients share. A class absent from the client has
+  :math:`\pi_c = 0` and drops out of the softmax; a client holding one class then
+  has a zero loss and a zero gradient, and leaves the adapter as it came.
 * ``balanced``: class-balanced cross-entropy (Cui et al., "Class-Balanced Loss
   Based on Effective Number of Samples", CVPR 2019): example weight
   :math:`(1-\beta)/(1-\beta^{n_y})`, normalised so that the weights of the
@@ -25,13 +33,14 @@ unchanged: only the local objective differs, and evaluation uses the plain logit
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-LossName = Literal["ce", "fedlc", "fedrs", "balanced"]
-LOSSES: tuple[str, ...] = ("ce", "fedlc", "fedrs", "balanced")
+LossName = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
+LOSSES: tuple[str, ...] = ("ce", "fedlc", "fedrs", "logit_adjust", "balanced")
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -65,7 +74,7 @@ def skew_loss(
     Parameters
     ----------
     name
-        ``"ce"``, ``"fedlc"``, ``"fedrs"`` or ``"balanced"``.
+        ``"ce"``, ``"fedlc"``, ``"fedrs"``, ``"logit_adjust"`` or ``"balanced"``.
     logits
         Float tensor ``(batch, classes)``.
     labels
@@ -73,7 +82,7 @@ def skew_loss(
     counts
         Examples per class in the client's local training data, ``(classes,)``.
     tau
-        FedLC's calibration strength :math:`\tau` (>= 0).
+        FedLC's calibration strength, or logit adjustment's :math:`\tau` (>= 0).
     alpha
         FedRS's scale of absent classes' logits, in [0, 1].
     beta
@@ -114,6 +123,14 @@ def skew_loss(
             raise ValueError(f"`train.fedrs_alpha` should be in [0, 1], not {alpha}")
         scale = torch.where(counts > 0, 1.0, alpha).to(logits.dtype)
         return nn.functional.cross_entropy(logits * scale, labels)
+    if name == "logit_adjust":
+        if not tau >= 0:
+            raise ValueError(f"`train.loss_tau` should be >= 0, not {tau}")
+        present = counts > 0
+        log_prior = torch.log(counts.clamp(min=1).float() / counts.sum().float())
+        # Absent classes out of the softmax (exp(-inf) = 0), whatever tau is.
+        shift = torch.where(present, tau * log_prior, -math.inf)
+        return nn.functional.cross_entropy(logits + shift, labels)
     if name == "balanced":
         if not 0 <= beta < 1:
             raise ValueError(f"`train.balanced_beta` should be in [0, 1), not {beta}")

@@ -57,6 +57,32 @@ def test_fedrs_scales_only_the_absent_classes_logits() -> None:
     assert full == pytest.approx(skew_loss("ce", LOGITS, LABELS, COUNTS).item())
 
 
+def test_logit_adjust_adds_tau_log_prior_and_drops_absent_classes() -> None:
+    tau = 0.5
+    # counts 16, 1, 0: prior 16/17, 1/17; class 2 is out of the softmax.
+    shift = [tau * math.log(16 / 17), tau * math.log(1 / 17)]
+    rows = [[v + s for v, s in zip(r[:2], shift, strict=True)] for r in LOGITS.tolist()]
+    labels = torch.tensor([0, 1])
+    want = (_ce(rows[0], 0) + _ce(rows[1], 1)) / 2
+    got = skew_loss("logit_adjust", LOGITS, labels, COUNTS, tau=tau).item()
+    assert got == pytest.approx(want)
+    # tau = 0 with every class present is plain cross-entropy.
+    full = torch.tensor([3, 4, 5])
+    assert skew_loss("logit_adjust", LOGITS, LABELS, full, tau=0.0).item() == (
+        pytest.approx(skew_loss("ce", LOGITS, LABELS, full).item())
+    )
+
+
+def test_logit_adjust_leaves_a_one_class_client_without_a_gradient() -> None:
+    logits = LOGITS.clone().requires_grad_(True)
+    loss = skew_loss(
+        "logit_adjust", logits, torch.tensor([0, 0]), torch.tensor([9, 0, 0])
+    )
+    loss.backward()
+    assert loss.item() == 0.0
+    assert logits.grad is not None and not logits.grad.any()
+
+
 def test_balanced_weights_by_the_effective_number_of_examples() -> None:
     beta = 0.9
     w = [(1 - beta) / (1 - beta**16), 1.0, 1.0]  # absent class counted as 1
@@ -80,7 +106,9 @@ def test_every_loss_is_finite_and_positive(
 ) -> None:
     logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
-    for name in ("ce", "fedlc", "fedrs", "balanced"):
+    for name in ("ce", "fedlc", "fedrs", "logit_adjust", "balanced"):
+        if name == "logit_adjust" and 0 in counts:
+            continue  # exactly 0 when a label's class is absent (tested above)
         value = skew_loss(
             name, logits, labels, torch.tensor(counts), tau=tau, alpha=alpha, beta=beta
         )
@@ -92,6 +120,7 @@ def test_every_loss_is_finite_and_positive(
     [
         ({"name": "focal"}, "`train.loss` is 'focal'"),
         ({"name": "fedlc", "tau": -1.0}, "loss_tau"),
+        ({"name": "logit_adjust", "tau": -1.0}, "loss_tau"),
         ({"name": "fedrs", "alpha": 1.5}, "fedrs_alpha"),
         ({"name": "balanced", "beta": 1.0}, "balanced_beta"),
     ],
@@ -132,7 +161,8 @@ def _skewed(data: TokenizedDataset, minority: int) -> TokenizedDataset:
 
 
 @pytest.mark.parametrize(
-    ("loss", "minority"), [("fedlc", 2), ("fedrs", 0), ("balanced", 2)]
+    ("loss", "minority"),
+    [("fedlc", 2), ("fedrs", 0), ("logit_adjust", 2), ("balanced", 2)],
 )
 def test_the_trainer_trains_with_each_skew_loss(loss: str, minority: int) -> None:
     # On a skewed client a different objective gives a different training run.
