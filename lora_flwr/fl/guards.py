@@ -115,8 +115,10 @@ def guard_replies(
         count of the replies kept (0: off).
     norm_guard
         ``fed.norm_guard``: an update ``reply - start`` whose norm exceeds
-        ``norm_factor`` times the lower median update norm is scaled back to that
-        bound (``"clip"``) or removed (``"reject"``).
+        ``norm_factor`` times the lower median norm of the non-zero updates is
+        scaled back to that bound (``"clip"``) or removed (``"reject"``). With
+        fewer than two non-zero updates there is no honest scale to compare with,
+        and nothing is clipped.
     norm_factor
         ``fed.norm_guard_factor``.
 
@@ -127,9 +129,14 @@ def guard_replies(
     """
     report = GuardReport()
     kept = list(replies)
-    if norm_guard != "off" and len(kept) >= 2:
-        norms = [update_norm(r.arrays, r.start) for r in kept]
-        bound = norm_bound(norms, norm_factor)
+    norms = [update_norm(r.arrays, r.start) for r in kept] if kept else []
+    # Only clients that moved set the scale: a client that sent its start back
+    # unchanged (one class under train.loss=logit_adjust, nothing to train) says
+    # nothing about how far an honest update goes, and a median of zeros would
+    # clip every real update to nothing.
+    moved = [n for n in norms if n > 0]
+    if norm_guard != "off" and len(moved) >= 2:
+        bound = norm_bound(moved, norm_factor)
         report.norm_bound = bound
         guarded: list[ClientReply] = []
         for reply, norm in zip(kept, norms, strict=True):

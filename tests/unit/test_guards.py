@@ -93,6 +93,38 @@ def test_guards_clip_a_scaled_update_and_cap_a_lying_count() -> None:
         np.testing.assert_array_equal(before.arrays["b"], after.arrays["b"])
 
 
+def test_unchanged_replies_do_not_set_the_norm_bound() -> None:
+    # Two clients sent their start back (one class under logit_adjust): the scale
+    # comes from the two that moved, so their updates pass whole.
+    replies = [_reply(0, 0.0), _reply(1, 0.0), _reply(2, 1.0), _reply(3, 1.5)]
+    kept, report = guard_replies(
+        replies, weight_cap=0.0, norm_guard="clip", norm_factor=2.0
+    )
+    moved = update_norm(replies[2].arrays, replies[2].start)
+    assert report.norm_bound == pytest.approx(2.0 * moved)
+    assert report.norm_clipped == 0
+    for before, after in zip(replies, kept, strict=True):
+        np.testing.assert_array_equal(before.arrays["b"], after.arrays["b"])
+    # An outlier among the movers is still clipped to 2 x their lower median.
+    hostile = [*replies, _reply(4, 1e6)]
+    kept, report = guard_replies(
+        hostile, weight_cap=0.0, norm_guard="clip", norm_factor=2.0
+    )
+    assert report.norm_clipped == 1
+    assert update_norm(kept[4].arrays, kept[4].start) == pytest.approx(
+        2.0 * update_norm(replies[3].arrays, replies[3].start), rel=1e-6
+    )
+
+
+def test_one_moving_reply_has_no_scale_to_compare_with() -> None:
+    replies = [_reply(0, 0.0), _reply(1, 0.0), _reply(2, 5.0)]
+    kept, report = guard_replies(
+        replies, weight_cap=0.0, norm_guard="clip", norm_factor=2.0
+    )
+    assert report.norm_bound is None and report.norm_clipped == 0
+    np.testing.assert_array_equal(kept[2].arrays["b"], replies[2].arrays["b"])
+
+
 def test_reject_mode_drops_the_outlier() -> None:
     replies = [_reply(0, 1.0), _reply(1, 1.5), _reply(2, 1e6)]
     kept, report = guard_replies(
