@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +200,18 @@ def test_main_refuses_an_unknown_variant_name(
     code = main(["--config", str(SMOKE), "--variants", str(path), "--only", "nope"])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_shipped_label_skew_config_is_default_plus_split_plus_its_variant() -> None:
+    # configs/label_skew.toml says which variant it ships; the sweep measures that
+    # variant on configs/default.toml, so the three files must agree.
+    default = ExperimentConfig.from_toml(REPO / "configs" / "default.toml")
+    shipped = ExperimentConfig.from_toml(REPO / "configs" / "label_skew.toml")
+    variants = read_variants(REPO / "configs" / "variants" / "label_skew.toml", default)
+    text = (REPO / "configs" / "label_skew.toml").read_text()
+    chosen = [v for v in variants if f"variant `{v.name}`" in text]
+    assert len(chosen) == 1, "label_skew.toml should name exactly one variant"
+    alpha = shipped.data.dirichlet_alpha
+    want = default.with_overrides([*split_overrides(f"{alpha}"), *chosen[0].overrides])
+    assert shipped.data.partitioner == "dirichlet"
+    assert shipped == replace(want, name=shipped.name)
