@@ -188,6 +188,50 @@ def run_reference(cfg: ExperimentConfig, seed: int, steps: int, work: Path) -> P
     return out
 
 
+def gather_runs(
+    cfg: ExperimentConfig,
+    specs: Sequence[RunSpec],
+    seeds: Sequence[int],
+    work: Path,
+    *,
+    ref_steps: int | None,
+    report_only: bool,
+    fresh: bool,
+) -> tuple[list[RunSpec], dict[RunSpec, Path], list[Path]] | None:
+    """Run (or, with ``report_only``, find) every run and the centralised references.
+
+    ``ref_steps`` None means one round's clients' steps times the rounds; 0 skips
+    the reference. Returns the runs to report, their directories and the
+    reference directories; None when ``report_only`` finds no finished run.
+    """
+    if report_only:
+        dirs = {
+            spec: Path(spec.cfg.output_dir) / spec.cfg.name
+            for spec in specs
+            if _complete(Path(spec.cfg.output_dir) / spec.cfg.name, spec.cfg)
+        }
+        refs = [
+            p
+            for p in (work / "centralized" / f"centralized-s{s}" for s in seeds)
+            if (p / "history.json").is_file()
+        ]
+        done = [spec for spec in specs if spec in dirs]
+        return (done, dirs, refs) if done else None
+    if ref_steps is None:
+        per_round = max(
+            math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients),
+            cfg.fed.min_fit_clients,
+        )
+        ref_steps = cfg.fed.num_rounds * per_round * cfg.train.local_steps
+    dirs = {spec: run_one(spec, fresh=fresh) for spec in specs}
+    refs = (
+        [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
+        if ref_steps > 0
+        else []
+    )
+    return list(specs), dirs, refs
+
+
 def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
     """Accuracy of a run's final model on every client's local test split.
 
@@ -506,35 +550,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = plan_runs(
         cfg, rules=rules, seeds=seeds, tiers=tiers, work=work, skews=skews
     )
-    per_round = math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients)
-    per_round = max(per_round, cfg.fed.min_fit_clients)
-    ref_steps = (
-        args.ref_steps
-        if args.ref_steps is not None
-        else cfg.fed.num_rounds * per_round * cfg.train.local_steps
+    found = gather_runs(
+        cfg,
+        specs,
+        seeds,
+        work,
+        ref_steps=args.ref_steps,
+        report_only=args.report_only,
+        fresh=args.fresh,
     )
-    if args.report_only:
-        dirs = {
-            spec: Path(spec.cfg.output_dir) / spec.cfg.name
-            for spec in specs
-            if _complete(Path(spec.cfg.output_dir) / spec.cfg.name, spec.cfg)
-        }
-        specs = [spec for spec in specs if spec in dirs]
-        refs = [
-            p
-            for p in (work / "centralized" / f"centralized-s{s}" for s in seeds)
-            if (p / "history.json").is_file()
-        ]
-        if not specs:
-            print(f"error: no finished run under {work}", file=sys.stderr)
-            return 2
-    else:
-        dirs = {spec: run_one(spec, fresh=args.fresh) for spec in specs}
-        refs = (
-            [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
-            if ref_steps > 0
-            else []
-        )
+    if found is None:
+        print(f"error: no finished run under {work}", file=sys.stderr)
+        return 2
+    specs, dirs, refs = found
     command = "python -m lora_flwr.compare " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

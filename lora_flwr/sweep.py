@@ -38,13 +38,11 @@ from pathlib import Path
 from lora_flwr.compare import (
     RunSpec,
     Summary,
-    _complete,
     _fmt_ms,
     _mean_std,
+    gather_runs,
     local_accuracy,
     machine,
-    run_one,
-    run_reference,
     summarize,
     table,
     write_report,
@@ -324,36 +322,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     started = time.time()
     specs = plan_sweep(cfg, variants, splits, seeds, work)
-    per_round = max(
-        math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients), cfg.fed.min_fit_clients
+    found = gather_runs(
+        cfg,
+        specs,
+        seeds,
+        work,
+        ref_steps=args.ref_steps,
+        report_only=args.report_only,
+        fresh=args.fresh,
     )
-    ref_steps = (
-        args.ref_steps
-        if args.ref_steps is not None
-        else cfg.fed.num_rounds * per_round * cfg.train.local_steps
-    )
-    if args.report_only:
-        dirs = {
-            s: Path(s.cfg.output_dir) / s.cfg.name
-            for s in specs
-            if _complete(Path(s.cfg.output_dir) / s.cfg.name, s.cfg)
-        }
-        specs = [s for s in specs if s in dirs]
-        refs = [
-            p
-            for p in (work / "centralized" / f"centralized-s{s}" for s in seeds)
-            if (p / "history.json").is_file()
-        ]
-        if not specs:
-            print(f"error: no finished run under {work}", file=sys.stderr)
-            return 2
-    else:
-        dirs = {s: run_one(s, fresh=args.fresh) for s in specs}
-        refs = (
-            [run_reference(cfg, s, ref_steps, work / "centralized") for s in seeds]
-            if ref_steps > 0
-            else []
-        )
+    if found is None:
+        print(f"error: no finished run under {work}", file=sys.stderr)
+        return 2
+    specs, dirs, refs = found
     command = "python -m lora_flwr.sweep " + " ".join(
         sys.argv[1:] if argv is None else argv
     )

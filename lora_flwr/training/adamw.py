@@ -18,7 +18,24 @@ from typing import Any
 import torch
 
 
-class AdamW:
+class _Optimizer:
+    """What the trainer uses of ``torch.optim.Optimizer``: groups and zero_grad."""
+
+    param_groups: list[dict[str, Any]]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget the gradients (set them to None, or to zero)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+
+class AdamW(_Optimizer):
     """Decoupled-weight-decay Adam over one parameter group.
 
     Parameters
@@ -49,17 +66,6 @@ class AdamW:
             }
         ]
         self.state: dict[torch.nn.Parameter, dict[str, Any]] = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the gradients (set them to None, or to zero)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -94,7 +100,7 @@ class AdamW:
                 p.addcdiv_(exp_avg, denom, value=-step_size)
 
 
-class SGD:
+class SGD(_Optimizer):
     """Stochastic gradient descent with momentum over one parameter group.
 
     As ``torch.optim.SGD`` (no dampening, no Nesterov): ``g = grad + wd * p``,
@@ -127,17 +133,6 @@ class SGD:
             }
         ]
         self.state: dict[torch.nn.Parameter, dict[str, Any]] = {}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forget the gradients (set them to None, or to zero)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
 
     @torch.no_grad()
     def step(self) -> None:
