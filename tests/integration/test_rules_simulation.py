@@ -172,3 +172,41 @@ def test_two_runs_of_one_seed_give_the_same_history(tmp_path: Path) -> None:
     ]
     assert adapters[0] == adapters[1]
     assert np.isfinite([r["train_loss"] for r in first[1:]]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["frozen", "local", "reinit"])
+def test_head_treatments_run_end_to_end(head: str, tmp_path: Path) -> None:
+    # Prepare: with label-skew remedies on, as configs/label_skew.toml runs them.
+    cfg = _config(
+        tmp_path,
+        f"head-{head}",
+        f"fed.head={head}",
+        "train.loss=logit_adjust",
+        "data.partitioner=dirichlet",
+        "data.dirichlet_alpha=0.5",
+    )
+
+    # Execute
+    run_dir, history = _run(cfg)
+
+    # Assert: every round aggregated; the saved head is what the mode says.
+    rounds = history[1:]
+    assert [r["fit_ok"] for r in rounds] == [2, 2, 2]
+    ws = get_workspace(cfg)
+    seeded = {n: a.copy() for n, a in ws.initial.items() if n.startswith("classifier")}
+    assert seeded
+    ws.adapter.load(run_dir / "adapter")
+    saved = ws.adapter.get_named_weights()
+    for name, value in seeded.items():
+        if head == "reinit":
+            assert not np.array_equal(saved[name], value), name
+        else:  # frozen at its init, or local (the global head is never trained)
+            np.testing.assert_array_equal(saved[name], value)
+    ws.reset_adapter()
+    # A local head: each client's own model on its local split, every round, and
+    # the global adapter (with the seeded head) on the held-out split.
+    if head == "local":
+        assert all(r["eval_ok"] == 3 for r in rounds)
+        assert all("personal_accuracy" in r and "test_accuracy" in r for r in rounds)
+        assert rounds[-1]["eval_kind"].startswith("personalized")
