@@ -252,10 +252,12 @@ def report_body(
             rel = os.path.relpath(png, out.parent)
             lines += ["", f"![{split}: held-out accuracy vs round]({rel})"]
     if refs:
-        finals = [
-            float(json.loads((r / "history.json").read_text())["final"]["accuracy"])
-            for r in refs
-        ]
+        finals = []
+        for ref in refs:
+            final = json.loads((ref / "history.json").read_text())["final"]
+            finals.append(
+                float(final.get("accuracy", final.get("perplexity", math.nan)))
+            )
         steps = json.loads((refs[0] / "history.json").read_text())["final"]["step"]
         lines += [
             "",

@@ -154,6 +154,11 @@ def test_report_only_writes_a_table_per_split_beside_the_compare_block(
     for spec in specs:
         accs = [0.5, 0.6, 0.8] if spec.rule == "lc" else [0.5, 0.44, 0.56]
         _fake_run(spec, accs[: cfg.fed.num_rounds + 1])
+    for seed, acc in ((0, 0.78), (1, 0.8)):
+        ref = work / "centralized" / f"centralized-s{seed}"
+        ref.mkdir(parents=True)
+        final = {"accuracy": acc, "step": 480}
+        (ref / "history.json").write_text(json.dumps({"final": final}))
     out = tmp_path / "RESULTS.md"
     out.write_text(f"# R\n\n{COMPARE_BEGIN}\nrules\n{COMPARE_END}\n")
 
@@ -191,6 +196,8 @@ def test_report_only_writes_a_table_per_split_beside_the_compare_block(
         assert f"{final[name] + 0.1:.3f} ± 0.000 |" in row
     assert "**lc**: `train.loss=fedlc`" in block
     assert (tmp_path / "results" / "sweep-alpha0.1-round.png").is_file()
+    assert "(the same training pool, 480 steps" in block
+    assert "seeds [0, 1]): 0.790 ± 0.014." in block
 
 
 def test_main_refuses_an_unknown_variant_name(
