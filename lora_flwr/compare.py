@@ -663,20 +663,22 @@ def report_body(
                 "not the global held-out split.",
             ]
     if refs:
-        finals = []
-        for ref in refs:
-            final = json.loads((ref / "history.json").read_text())["final"]
-            finals.append(
-                float(final.get("accuracy", final.get("perplexity", math.nan)))
-            )
-        steps = json.loads((refs[0] / "history.json").read_text())["final"]["step"]
-        lines += [
-            "",
-            f"Centralised LoRA reference (same training pool, {int(steps)} steps of "
-            f"batch {train.batch_size}, seeds {list(range(len(refs)))}): "
-            f"{_fmt_ms(_mean_std(finals), len(finals))}.",
-        ]
+        lines += ["", reference_line(refs, train.batch_size)]
     return "\n".join(lines) + "\n"
+
+
+def reference_line(refs: Sequence[Path], batch_size: int) -> str:
+    """One report line: the centralised references' final value, mean ± std."""
+    finals = []
+    for ref in refs:
+        final = json.loads((ref / "history.json").read_text())["final"]
+        finals.append(float(final.get("accuracy", final.get("perplexity", math.nan))))
+    steps = json.loads((refs[0] / "history.json").read_text())["final"]["step"]
+    return (
+        f"Centralised LoRA reference (same training pool, {int(steps)} steps of "
+        f"batch {batch_size}, seeds {list(range(len(refs)))}): "
+        f"{_fmt_ms(_mean_std(finals), len(finals))}."
+    )
 
 
 if __name__ == "__main__":

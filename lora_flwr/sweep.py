@@ -38,11 +38,10 @@ from pathlib import Path
 from lora_flwr.compare import (
     RunSpec,
     Summary,
-    _fmt_ms,
-    _mean_std,
     gather_runs,
     local_accuracy,
     machine,
+    reference_line,
     summarize,
     table,
     write_report,
@@ -252,19 +251,7 @@ def report_body(
             rel = os.path.relpath(png, out.parent)
             lines += ["", f"![{split}: held-out accuracy vs round]({rel})"]
     if refs:
-        finals = []
-        for ref in refs:
-            final = json.loads((ref / "history.json").read_text())["final"]
-            finals.append(
-                float(final.get("accuracy", final.get("perplexity", math.nan)))
-            )
-        steps = json.loads((refs[0] / "history.json").read_text())["final"]["step"]
-        lines += [
-            "",
-            f"Centralised LoRA reference (the same training pool, {int(steps)} steps "
-            f"of batch {train.batch_size}, seeds {list(range(len(refs)))}): "
-            f"{_fmt_ms(_mean_std(finals), len(finals))}.",
-        ]
+        lines += ["", reference_line(refs, train.batch_size)]
     return "\n".join(lines) + "\n"
 
 

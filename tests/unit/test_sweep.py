@@ -196,7 +196,7 @@ def test_report_only_writes_a_table_per_split_beside_the_compare_block(
         assert f"{final[name] + 0.1:.3f} ± 0.000 |" in row
     assert "**lc**: `train.loss=fedlc`" in block
     assert (tmp_path / "results" / "sweep-alpha0.1-round.png").is_file()
-    assert "(the same training pool, 480 steps" in block
+    assert "(same training pool, 480 steps" in block
     assert "seeds [0, 1]): 0.790 ± 0.014." in block
 
 
