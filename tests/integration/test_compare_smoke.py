@@ -32,6 +32,8 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(
         "fedit,flora",
         "--tiers",
         "2,4",
+        "--skew",
+        "0.5",
         "--ref-steps",
         "10",
         "--work",
@@ -47,19 +49,29 @@ def test_compare_writes_tables_and_plots_and_reuses_finished_runs(
     # Assert
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("[compare] reuse") == 4  # 3 runs + 1 reference
+    # 2 rules + 1 tier rule + 2 rules on the label-skew split + 1 reference
+    assert second.stdout.count("[compare] reuse") == 6
     text = out.read_text()
     assert text.startswith("# Results\n\nHand-written intro.\n")
     assert "### homogeneous: all rules, every client at r=4" in text
     assert "### tiers: rank tiers 2,4" in text
+    assert "### alpha0.5: label skew, Dirichlet alpha=0.5 over labels" in text
     rows = [line for line in text.splitlines() if line.startswith("| f")]
-    assert [r.split(" | ")[0] for r in rows] == ["| fedit", "| flora", "| flora"]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| fedit",
+        "| flora",
+        "| flora",
+        "| fedit",
+        "| flora",
+    ]
     assert "Centralised LoRA reference (same training pool, 10 steps" in text
     for name in (
         "homogeneous-round",
         "homogeneous-bytes",
         "tiers-round",
         "tiers-bytes",
+        "alpha0.5-round",
+        "alpha0.5-bytes",
     ):
         png = out.parent / "results" / f"{name}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC
