@@ -82,8 +82,7 @@ def plan_runs(
         if tier_rules:
             settings.append((TIERS, tier_rules, over))
     for alpha in skews:
-        split = ["data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha:g}"]
-        settings.append((f"{SKEW}{alpha:g}", list(rules), split))
+        settings.append((skew_label(alpha), list(rules), skew_overrides(alpha)))
     # Seed by seed, so that an interrupted comparison has every rule at seed 0.
     for seed in seeds:
         for setting, names, overrides in settings:
@@ -96,6 +95,16 @@ def plan_runs(
                 )
                 specs.append(RunSpec(setting, rule, seed, run_cfg))
     return specs
+
+
+def skew_overrides(alpha: float) -> list[str]:
+    """Return the overrides that split the labels by Dirichlet(``alpha``)."""
+    return ["data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha:g}"]
+
+
+def skew_label(alpha: float) -> str:
+    """Return the setting name of a Dirichlet label split (``alpha0.1``)."""
+    return f"{SKEW}{alpha:g}"
 
 
 def _complete(run_dir: Path, cfg: ExperimentConfig) -> bool:

@@ -43,6 +43,10 @@ COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
 # (lora_flwr.aggregation.base.Rule.use_head; a test keeps the two equal).
 HeadMode = Literal["averaged", "frozen", "local", "reinit"]
 HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
+# Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
+# two equal).
+Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
 
 
 def _check(cond: bool, key: str, value: object, what: str) -> None:
@@ -271,7 +275,7 @@ class TrainConfig:
     # Local classification loss under label skew (lora_flwr/training/losses.py):
     # ce | fedlc (logit calibration) | fedrs (restricted softmax) | logit_adjust
     # (the client's label prior added to the logits) | balanced (class weights).
-    loss: Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"] = "ce"
+    loss: Loss = "ce"
     loss_tau: float = 1.0  # fedlc, logit_adjust: calibration strength
     fedrs_alpha: float = 0.5  # fedrs: scale of absent classes' logits
     balanced_beta: float = 0.999  # balanced: effective-number beta
@@ -340,10 +344,10 @@ class TrainConfig:
         )
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, ">= 0")
         _check(
-            self.loss in ("ce", "fedlc", "fedrs", "logit_adjust", "balanced"),
+            self.loss in LOSSES,
             "train.loss",
             self.loss,
-            "one of 'ce', 'fedlc', 'fedrs', 'logit_adjust', 'balanced'",
+            f"one of {', '.join(repr(n) for n in LOSSES)}",
         )
         _check(self.loss_tau >= 0, "train.loss_tau", self.loss_tau, ">= 0")
         _check(

@@ -36,12 +36,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lora_flwr.compare import (
+    SKEW,
     RunSpec,
     Summary,
     gather_runs,
     local_accuracy,
     machine,
     reference_line,
+    skew_label,
+    skew_overrides,
     summarize,
     table,
     write_report,
@@ -127,12 +130,12 @@ def split_overrides(split: str) -> list[str]:
             f"split {split!r} should be 'natural', 'iid' or a Dirichlet alpha > 0 "
             "such as '0.1'"
         )
-    return ["data.partitioner=dirichlet", f"data.dirichlet_alpha={alpha:g}"]
+    return skew_overrides(alpha)
 
 
 def split_label(split: str) -> str:
     """Folder and heading name of a split (``alpha0.1``, ``natural``)."""
-    return split if split in ("natural", "iid") else f"alpha{float(split):g}"
+    return split if split in ("natural", "iid") else skew_label(float(split))
 
 
 def plan_sweep(
@@ -256,8 +259,8 @@ def report_body(
 
 
 def _split_order(label: str) -> tuple[int, float]:
-    if label.startswith("alpha"):
-        return 0, float(label[len("alpha") :])
+    if label.startswith(SKEW):
+        return 0, float(label[len(SKEW) :])
     return 1, 0.0
 
 

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_trainer import _setup
 
+from lora_flwr.config import LOSSES as CONFIG_LOSSES
 from lora_flwr.config import TrainConfig
 from lora_flwr.data import TokenizedDataset
-from lora_flwr.training.losses import class_counts, skew_loss
+from lora_flwr.training.losses import LOSSES, class_counts, skew_loss
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
 LABELS = torch.tensor([0, 2])
@@ -27,6 +28,10 @@ def test_class_counts_count_every_class_and_refuse_out_of_range() -> None:
     assert class_counts(torch.tensor([0, 2, 2, 0, 0]), 3).tolist() == [3, 0, 2]
     with pytest.raises(ValueError, match=r"\[0, 2\).*0 to 2.*num_labels"):
         class_counts(torch.tensor([0, 2]), 2)
+
+
+def test_the_config_and_the_trainer_list_the_same_losses() -> None:
+    assert CONFIG_LOSSES == LOSSES
 
 
 def test_ce_is_plain_cross_entropy() -> None:
