@@ -43,6 +43,9 @@ COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
 # (lora_flwr.aggregation.base.Rule.use_head; a test keeps the two equal).
 HeadMode = Literal["averaged", "frozen", "local", "reinit"]
 HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
+# How the server refits the head between rounds (fed.head_calibration).
+HeadCalibration = Literal["none", "lda"]
+HEAD_CALIBRATIONS: tuple[str, ...] = typing.get_args(HeadCalibration)
 # Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
 # two equal).
 Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
@@ -451,6 +454,19 @@ class FedConfig:
     # averages those).
     head: HeadMode = "averaged"
     head_warmup_rounds: int = 0
+    # Server-side head refit (lora_flwr/aggregation/lda.py): none, or lda: after
+    # every round (and before the first) every client sends the class counts,
+    # per-class sums and second moments of the head's inputs on its training
+    # split; the server sets the head to the linear discriminant of their exact
+    # sums (shared covariance shrunk by lda_shrinkage * tr/d * I, the pooled label
+    # prior). Classification only; the head must be received (averaged or
+    # frozen), and SecAgg / DP do not cover the statistics.
+    head_calibration: HeadCalibration = "none"
+    lda_shrinkage: float = 1e-3
+    # Examples per client the statistics are computed on (0: all, exact). Above
+    # 0, a stratified sample of about that many, scaled back to the exact class
+    # counts: unbiased, and the forward pass costs at most that many examples.
+    lda_max_examples: int = 0
     # Secure aggregation (Flower's SecAgg+ workflow, Bell et al., CCS 2020): the
     # server learns only the weighted sum of what clients send. Each client
     # multiplies its reply by num_examples / secagg_max_weight, and every value of
@@ -612,6 +628,39 @@ class FedConfig:
             ">= 0 (rounds the head trains before it is frozen)",
         )
         _check(
+            self.head_calibration in HEAD_CALIBRATIONS,
+            "fed.head_calibration",
+            self.head_calibration,
+            f"one of {', '.join(repr(h) for h in HEAD_CALIBRATIONS)}",
+        )
+        _check(
+            _finite(self.lda_shrinkage) and self.lda_shrinkage >= 0,
+            "fed.lda_shrinkage",
+            self.lda_shrinkage,
+            "a finite number >= 0",
+        )
+        _check(
+            isinstance(self.lda_max_examples, int) and self.lda_max_examples >= 0,
+            "fed.lda_max_examples",
+            self.lda_max_examples,
+            ">= 0 (0: every training example)",
+        )
+        _check(
+            self.head_calibration == "none" or self.head in ("averaged", "frozen"),
+            "fed.head",
+            self.head,
+            "'averaged' or 'frozen' with fed.head_calibration = 'lda' (the server's "
+            "head must reach the clients)",
+        )
+        _check(
+            self.head_calibration == "none"
+            or (not self.secagg and self.dp_noise_multiplier == 0),
+            "fed.head_calibration",
+            self.head_calibration,
+            "'none' with fed.secagg or differential privacy (they do not cover the "
+            "class statistics the clients would send)",
+        )
+        _check(
             self.head_warmup_rounds == 0 or self.head == "frozen",
             "fed.head_warmup_rounds",
             self.head_warmup_rounds,
@@ -735,6 +784,13 @@ class ExperimentConfig:
             "fed.rank_tiers",
             ",".join(map(str, tiers)),
             f"ranks whose largest equals lora.r={self.lora.r} (the allocated rank)",
+        )
+        _check(
+            self.fed.head_calibration == "none" or bool(self.lora.modules_to_save),
+            "fed.head_calibration",
+            self.fed.head_calibration,
+            "'none' when lora.modules_to_save is empty (there is no head to refit; "
+            "set lora.modules_to_save, e.g. 'classifier')",
         )
         _check(
             self.fed.head == "averaged" or bool(self.lora.modules_to_save),

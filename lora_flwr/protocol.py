@@ -56,6 +56,10 @@ PROX_MU = "prox_mu"
 # top-k's share of entries. The server decodes with the same two values.
 COMPRESSION = "compression"
 TOPK_FRACTION = "topk_fraction"
+# Evaluate instruction (fed.head_calibration): instead of testing, return the
+# class statistics of the head's inputs on the local training split, encoded by
+# lora_flwr.aggregation.lda.encode_stats under the same key.
+HEAD_STATS = "head_stats"
 # The plan, flattened (see Plan.to_config).
 PLAN_RANK = "plan.rank"
 PLAN_RECEIVE = "plan.receive"

@@ -50,6 +50,14 @@ class TokenizedDataset:
         """Total number of (unpadded) tokens."""
         return sum(int(ids.numel()) for ids in self.input_ids)
 
+    def subset(self, indices: Sequence[int]) -> TokenizedDataset:
+        """Return the examples at ``indices``, in that order."""
+        idx = [int(i) for i in indices]
+        labels = None if self.labels is None else self.labels[idx]
+        return TokenizedDataset(
+            tuple(self.input_ids[i] for i in idx), labels, self.task, self.pad_token_id
+        )
+
 
 def tokenize(
     ds: TextDataset, tokenizer: Any, task: Task, max_length: int

@@ -42,6 +42,7 @@ from lora_flwr.protocol import (
     BASE_VERSION,
     COMPRESSION,
     FIT_CALLS,
+    HEAD_STATS,
     LOCAL_STEPS,
     LR,
     MODEL_LOADS,
@@ -311,6 +312,13 @@ class LoRAClient(NumPyClient):
             BASE_VERSION: self.store.base_version(),
         }
         loss = 0.0
+        if config.get(HEAD_STATS):
+            with maybe_phase(prof, "evaluation"):
+                out[HEAD_STATS] = self.head_stats(int(config.get(ROUND, 0)))
+            if prof is not None:
+                out[WORKER_PID] = os.getpid()
+                out.update(prof.metrics())
+            return loss, len(self.train_data), out
         if len(self.test_data) > 0:
             with maybe_phase(prof, "evaluation"):
                 metrics = self.ws.trainer.evaluate(self.test_data, progress=False)
@@ -323,6 +331,28 @@ class LoRAClient(NumPyClient):
             out[WORKER_PID] = os.getpid()
             out.update(prof.metrics())
         return loss, len(self.test_data), out
+
+    def head_stats(self, server_round: int = 0) -> bytes:
+        """Class statistics of the head's inputs on the local training split.
+
+        What the server's LDA head is fitted to (``fed.head_calibration``):
+        counts, per-class sums and second moments, encoded for the wire; with
+        ``fed.lda_max_examples`` set, estimated from a stratified sample of the
+        split (seeded per round and partition), the counts exact.
+        """
+        from lora_flwr.aggregation.lda import class_stats, encode_stats, stats_sample
+
+        num_labels = self.cfg.model.num_labels
+        layer = self.ws.adapter.head_layer(num_labels)[1]
+        data = self.train_data
+        labels = np.zeros(0, np.int64) if data.labels is None else data.labels.numpy()
+        counts = np.bincount(labels, minlength=num_labels)
+        seed = client_train_seed(self.cfg.seed, server_round, self.partition_id)
+        keep = stats_sample(labels, self.cfg.fed.lda_max_examples, seed)
+        x, y = self.ws.trainer.head_inputs(data.subset(keep.tolist()), layer)
+        if len(y) == 0:
+            x = np.zeros((0, layer.in_features), np.float32)
+        return encode_stats(class_stats(x, y, num_labels, counts=counts))
 
     def save_adapter(self, path: str | Path) -> Path:
         """Save the adapter currently held by this client (PEFT directory)."""

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from flwr.common import (
+    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -60,6 +61,13 @@ from lora_flwr.aggregation import (
     ServerOptimizer,
     ServerState,
     get_rule,
+)
+from lora_flwr.aggregation.lda import (
+    ClassStats,
+    decode_stats,
+    head_weight_names,
+    lda_head,
+    merge_stats,
 )
 from lora_flwr.aggregation.robust import clip_update
 from lora_flwr.compression import decode_reply
@@ -94,6 +102,7 @@ from lora_flwr.protocol import (
     BASE_VERSION,
     COMPRESSION,
     FIT_CALLS,
+    HEAD_STATS,
     LOCAL_STEPS,
     LR,
     MODEL_LOADS,
@@ -242,6 +251,20 @@ class FedLoRA(Strategy):
         self.dp_rounds = 0  # rounds that released a noisy aggregate
         # Key fingerprint -> partition (deployment under node authentication).
         self.owners = parse_owners(cfg.fed.partition_owners, cfg.fed.num_clients)
+        # fed.head_calibration: the head's (weight, bias) names, and the client
+        # manager the refit asks every node through (kept from Flower's calls).
+        self._client_manager: ClientManager | None = None
+        self._lda_names: tuple[str, str] | None = None
+        if self.fed.head_calibration == "lda":
+            if self.rule.personalized:
+                raise ValueError(
+                    f"fed.head_calibration = 'lda' needs a global model; "
+                    f"fed.aggregation = {self.fed.aggregation!r} keeps part of it "
+                    "on the clients"
+                )
+            names = list(layout.names)
+            shapes = [dict(layout.items())[n] for n in names]
+            self._lda_names = head_weight_names(names, shapes, cfg.model.num_labels)
         if resume is not None:
             self._restore(resume, history)
 
@@ -315,6 +338,7 @@ class FedLoRA(Strategy):
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start from the seeded initial adapter (the rule's state at round 0)."""
+        self._client_manager = client_manager
         return self._as_parameters()
 
     def _learn_partitions(
@@ -488,6 +512,7 @@ class FedLoRA(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Send each sampled client its own plan and payload."""
         server_round += self.offset  # Flower counts from 1 again after a resume
+        self._client_manager = client_manager
         self._round_start = time.perf_counter()
         started_at = time.time()
         self._prof = PhaseTimer() if self.cfg.train.profile else None
@@ -823,12 +848,18 @@ class FedLoRA(Strategy):
         if self.offset and server_round == 0:
             return None
         server_round += self.offset
+        # The head is refitted first (before round 1 too), so that the evaluation,
+        # the saved adapter and the next round's clients all get it.
+        calib = self._calibrate_head(server_round) if self._lda_names else {}
         if self.evaluate_fn is None or self.rule.personalized:
             if server_round == 0:
-                self.history.append({"round": 0})
+                self.history.append({"round": 0, **calib})
                 self._emit(self.history[-1])
+            else:
+                self._record.update(calib)
             return None
         if not self._eval_round(server_round):
+            self._record.update(calib)
             return None
         start = time.perf_counter()
         with self._phase("server_evaluation"):
@@ -837,12 +868,114 @@ class FedLoRA(Strategy):
             )
         entry: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
         entry["eval_seconds"] = time.perf_counter() - start
+        entry.update(calib)
         if server_round == 0:
             self.history.append({"round": 0, **entry})
             self._emit(self.history[-1])
         else:
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
+
+    def _calibrate_head(self, server_round: int) -> dict[str, Any]:
+        """Refit the global head to every client's class statistics (LDA).
+
+        Every node gets the global adapter with a ``head_stats`` evaluate
+        instruction and answers with the class statistics of the head's inputs
+        on its training split (:mod:`lora_flwr.aggregation.lda`). A reply that is
+        malformed, inconsistent or missing is left out with a warning; if no
+        reply is usable or the fit fails, the head stays as it was.
+
+        Returns
+        -------
+        dict
+            History fields: ``calib_clients``, ``calib_examples``,
+            ``calib_seconds``, ``bytes_up_calib``, ``bytes_down_calib`` and, if
+            the head was kept, ``calib_error``.
+        """
+        assert self._lda_names is not None
+        if self._client_manager is None:
+            raise RuntimeError("the head refit needs Flower's client manager")
+        start = time.perf_counter()
+        weight_name, bias_name = self._lda_names
+        num_labels, dim = dict(self.layout.items())[weight_name]
+        clients = self._sample(
+            self._client_manager,
+            server_round,
+            1.0,
+            self.fed.min_available_clients,
+            EVALUATE_STREAM,
+        )
+        instructions = self._instructions(clients, server_round, evaluate=True)
+        down = sum(s.nbytes for s in self._sent.values())
+
+        def ask(
+            item: tuple[ClientProxy, Parameters, dict[str, Scalar]],
+        ) -> tuple[ClientProxy, EvaluateRes | BaseException]:
+            proxy, parameters, config = item
+            ins = EvaluateIns(parameters, {**config, HEAD_STATS: True})
+            try:
+                return proxy, proxy.evaluate(ins, timeout=None, group_id=server_round)
+            except Exception as exc:  # a node that cannot answer is left out
+                return proxy, exc
+
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(instructions)))) as ex:
+            answers = list(ex.map(ask, instructions))
+        parts: list[ClassStats] = []
+        up = 0
+        for proxy, res in answers:
+            sent = self._sent.get(proxy.cid)
+            try:
+                if isinstance(res, BaseException):
+                    raise ValueError(f"no reply: {res!r}")
+                if res.status.code != Code.OK:
+                    raise ValueError(f"status {res.status.code}: {res.status.message}")
+                raw = res.metrics.get(HEAD_STATS)
+                up += len(raw) if isinstance(raw, bytes) else 0
+                stats = decode_stats(raw, num_labels, dim)
+                if stats.total != res.num_examples:
+                    raise ValueError(
+                        f"counts add up to {stats.total} but the reply says "
+                        f"num_examples={res.num_examples}"
+                    )
+                version = res.metrics.get(BASE_VERSION)
+                if sent is not None:
+                    self.versions[sent.partition] = (
+                        version if isinstance(version, int) else None
+                    )
+                parts.append(stats)
+            except ValueError as exc:
+                if sent is not None:
+                    self.versions[sent.partition] = None
+                log(
+                    WARNING,
+                    "round %d: head statistics of client %s: %s; left out",
+                    server_round,
+                    proxy.cid,
+                    exc,
+                )
+        out: dict[str, Any] = {
+            "calib_clients": len(parts),
+            "bytes_down_calib": down,
+            "bytes_up_calib": up,
+        }
+        try:
+            if not parts:
+                raise ValueError("no client sent usable statistics")
+            total = merge_stats(parts)
+            out["calib_examples"] = total.total
+            weight, bias = lda_head(total, self.fed.lda_shrinkage)
+        except ValueError as exc:
+            log(WARNING, "round %d: head kept as it was: %s", server_round, exc)
+            out["calib_error"] = str(exc)
+        else:
+            dtype = self.rule.dtype
+            arrays = dict(self.state.arrays)
+            arrays[weight_name] = weight.astype(dtype)
+            arrays[bias_name] = bias.astype(dtype)
+            check_arrays(arrays, self.layout.items(), what="refitted head")
+            self.state = self.state.replace(arrays=arrays)
+        out["calib_seconds"] = time.perf_counter() - start
+        return out
 
     def _personal(self) -> bool:
         """Whether federated evaluation runs each client's own model (FedSA, head)."""

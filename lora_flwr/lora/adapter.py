@@ -198,6 +198,35 @@ class LoRAAdapter:
         """Count the values that travel: ``r * (in + out)`` per module + saved ones."""
         return sum(t.numel() for _, t in self.named_tensors())
 
+    def head_layer(self, num_labels: int) -> tuple[str, nn.Linear]:
+        """Return the output layer of the saved head: ``(name, module)``.
+
+        The one ``nn.Linear`` inside ``modules_to_save`` with ``num_labels``
+        outputs and a bias (``classifier``; a RoBERTa-style head's
+        ``classifier.out_proj``).
+
+        Raises
+        ------
+        ValueError
+            If there is not exactly one such layer.
+        """
+        model = self.model
+        prefixes = sorted({n.rsplit(".", 1)[0] for n in self._saved})
+        found = [
+            (name, module)
+            for name, module in model.named_modules()
+            if any(name == p or name.startswith(p + ".") for p in prefixes)
+            and isinstance(module, nn.Linear)
+            and module.out_features == num_labels
+            and module.bias is not None
+        ]
+        if len(found) != 1:
+            raise ValueError(
+                f"expected one linear layer with {num_labels} outputs and a bias "
+                f"inside modules_to_save {prefixes}, found {[n for n, _ in found]}"
+            )
+        return found[0]
+
     def parameters(self) -> list[nn.Parameter]:
         """Return the trainable parameters (LoRA factors and ``modules_to_save``)."""
         params = []

@@ -422,6 +422,51 @@ class LoRATrainer:
         self._log("evaluate", metrics)
         return metrics
 
+    @torch.no_grad()
+    def head_inputs(
+        self, data: TokenizedDataset, layer: nn.Module
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Return what ``layer`` (the head's output layer) receives per example.
+
+        The model runs in eval mode (no dropout) over ``data``; returns the inputs
+        ``(n, d)`` in float32 and the labels ``(n,)`` (seq_cls only): the
+        features the server's LDA head is fitted to (``fed.head_calibration``).
+        """
+        if self.task != "seq_cls":
+            raise ValueError("head features exist for classification (seq_cls) only")
+        if len(data) == 0:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        was_training = self.model.training
+        self.model.eval()
+        seen: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+
+        def grab(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            seen.append(args[0].detach().float().cpu())
+
+        handle = layer.register_forward_pre_hook(grab)
+        try:
+            for batch in iter_batches(
+                data, self.config.eval_batch_size, shuffle=False, sort_by_length=True
+            ):
+                batch = self._to_device(batch)
+                with self._autocast():
+                    self.model(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                    )
+                labels.append(batch["labels"].cpu())
+        finally:
+            handle.remove()
+            self.model.train(was_training)
+        if len(seen) != len(labels):
+            raise RuntimeError(
+                f"the head layer ran {len(seen)} times for {len(labels)} batches"
+            )
+        x = torch.cat(seen).numpy().astype(np.float32, copy=False)
+        y = torch.cat(labels).numpy().astype(np.int64, copy=False)
+        return x, y
+
     def _log(self, kind: str, metrics: dict[str, float]) -> None:
         if self.work_dir is None:
             return
