@@ -467,6 +467,9 @@ class FedConfig:
     # 0, a stratified sample of about that many, scaled back to the exact class
     # counts: unbiased, and the forward pass costs at most that many examples.
     lda_max_examples: int = 0
+    # Refit before round 1, after every lda_every-th round and after the last:
+    # each refit costs a forward pass over every client's training split.
+    lda_every: int = 1
     # Secure aggregation (Flower's SecAgg+ workflow, Bell et al., CCS 2020): the
     # server learns only the weighted sum of what clients send. Each client
     # multiplies its reply by num_examples / secagg_max_weight, and every value of
@@ -638,6 +641,12 @@ class FedConfig:
             "fed.lda_shrinkage",
             self.lda_shrinkage,
             "a finite number >= 0",
+        )
+        _check(
+            isinstance(self.lda_every, int) and self.lda_every >= 1,
+            "fed.lda_every",
+            self.lda_every,
+            ">= 1 (refit the head after every lda_every-th round)",
         )
         _check(
             isinstance(self.lda_max_examples, int) and self.lda_max_examples >= 0,

@@ -850,7 +850,7 @@ class FedLoRA(Strategy):
         server_round += self.offset
         # The head is refitted first (before round 1 too), so that the evaluation,
         # the saved adapter and the next round's clients all get it.
-        calib = self._calibrate_head(server_round) if self._lda_names else {}
+        calib = self._calibrate_head(server_round) if self._refit(server_round) else {}
         if self.evaluate_fn is None or self.rule.personalized:
             if server_round == 0:
                 self.history.append({"round": 0, **calib})
@@ -875,6 +875,13 @@ class FedLoRA(Strategy):
         else:
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
+
+    def _refit(self, server_round: int) -> bool:
+        """Whether the head is refitted after ``server_round`` (0: before round 1)."""
+        if self._lda_names is None:
+            return False
+        every = self.fed.lda_every
+        return server_round % every == 0 or server_round == self.fed.num_rounds
 
     def _calibrate_head(self, server_round: int) -> dict[str, Any]:
         """Refit the global head to every client's class statistics (LDA).

@@ -265,6 +265,8 @@ def test_the_config_lists_the_calibrations() -> None:
         ({"head_calibration": "lda", "secagg": True}, "secagg"),
         ({"head_calibration": "lda", "dp_noise_multiplier": 1.0}, "privacy"),
         ({"lda_shrinkage": -0.1}, "fed.lda_shrinkage"),
+        ({"lda_every": 0}, "fed.lda_every"),
+        ({"lda_max_examples": -1}, "fed.lda_max_examples"),
     ],
 )
 def test_config_refuses_a_calibration_that_cannot_work(
@@ -418,6 +420,28 @@ def test_without_usable_statistics_the_head_stays_as_it_was() -> None:
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value)
     assert "have no examples" in strategy.history[0]["calib_error"]
+
+
+def test_lda_every_sets_which_rounds_refit() -> None:
+    # Prepare: 5 rounds, a refit every 2nd.
+    x, y = _data(40)
+    nodes = [
+        _stats_node(f"n{k}", k, _stats_res(class_stats(x[k::2], y[k::2], 2)))
+        for k in range(2)
+    ]
+    strategy = _lda_strategy(num_rounds=5, lda_every=2)
+    manager = _manager(*nodes)
+    strategy.initialize_parameters(manager)
+
+    # Execute: Flower's evaluate after each round (0: before the first).
+    asked = []
+    for server_round in range(6):
+        before = nodes[0].evaluate.call_count
+        strategy.evaluate(server_round, strategy.initialize_parameters(manager))
+        asked.append(nodes[0].evaluate.call_count - before)
+
+    # Assert: before round 1, after rounds 2 and 4, and after the last.
+    assert asked == [1, 0, 1, 0, 1, 1]
 
 
 def test_a_personalised_rule_cannot_take_the_lda_head() -> None:
