@@ -12,10 +12,15 @@ and Friedman, *The Elements of Statistical Learning*, 2nd ed., section 4.3)::
     mu_c  = s_c / n_c,   pi_c = n_c / N,   N = sum_c n_c
     Sigma = (S - sum_c n_c mu_c mu_c^T) / (N - C)          pooled within-class
     Sigma_l = Sigma + l * (tr(Sigma) / d) * I                shrinkage (Friedman 1989)
-    w_c = Sigma_l^{-1} mu_c,   b_c = -1/2 mu_c^T Sigma_l^{-1} mu_c + log pi_c
+    m = sum_c pi_c mu_c
+    w_c = Sigma_l^{-1} (mu_c - m),   b_c = -(m + (mu_c - m) / 2)^T w_c + log pi_c
 
 so ``softmax(W x + b)`` is the model's posterior and its argmax the Bayes rule
-under the federation's own label prior. The pooled statistics, hence the head,
+under the federation's own label prior. (The textbook ``w_c = Sigma_l^{-1} mu_c``,
+``b_c = -1/2 mu_c^T w_c + log pi_c`` gives the same posterior: the two differ by
+a term common to every class. But the features' common mean can lie along a
+direction of tiny variance, and then those terms reach 1e5 and cancel in the
+logits: centring keeps the head's values on the scale of the class differences.) The pooled statistics, hence the head,
 are identical to those of one party holding all the data: no client's skew
 leaks into it. The idea of recalibrating the classifier on the server from
 per-class feature statistics is CCVR (Luo et al., "No Fear of Heterogeneity:
@@ -216,14 +221,16 @@ def lda_head(stats: ClassStats, shrinkage: float = 1e-3) -> tuple[F64, F64]:
     sigma = (within + within.T) / 2 / (n - stats.num_labels)
     ridge = shrinkage * np.trace(sigma) / stats.dim
     sigma[np.diag_indices_from(sigma)] += ridge
+    mean = (counts / n) @ mu
     try:
-        weight = np.asarray(np.linalg.solve(sigma, mu.T).T, dtype=np.float64)
+        weight = np.asarray(np.linalg.solve(sigma, (mu - mean).T).T, dtype=np.float64)
     except np.linalg.LinAlgError as exc:
         raise ValueError(
             f"the pooled feature covariance is singular ({exc}); raise "
             "`fed.lda_shrinkage` above 0"
         ) from exc
-    bias: F64 = -0.5 * np.einsum("cd,cd->c", weight, mu) + np.log(counts / n)
+    bias: F64 = -np.einsum("cd,cd->c", weight, mean + (mu - mean) / 2)
+    bias = bias + np.log(counts / n)
     if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         raise ValueError(
             "the LDA head is not finite (ill-conditioned covariance); raise "

@@ -95,8 +95,40 @@ def test_the_head_is_the_textbook_discriminant() -> None:
     want_w = np.linalg.solve(sigma, mu.T).T
     prior = np.bincount(y) / len(y)
     want_b = -0.5 * np.einsum("cd,cd->c", want_w, mu) + np.log(prior)
-    np.testing.assert_allclose(weight, want_w, rtol=1e-8)
-    np.testing.assert_allclose(bias, want_b, rtol=1e-8)
+    # The same logits up to a term common to both classes: same posterior.
+    np.testing.assert_allclose(weight[1] - weight[0], want_w[1] - want_w[0], rtol=1e-8)
+    np.testing.assert_allclose(bias[1] - bias[0], want_b[1] - want_b[0], rtol=1e-8)
+    logits, want = x @ weight.T + bias, x @ want_w.T + want_b
+    np.testing.assert_allclose(
+        logits[:, 1] - logits[:, 0], want[:, 1] - want[:, 0], rtol=1e-6, atol=1e-9
+    )
+
+
+def test_a_common_offset_in_a_quiet_direction_does_not_blow_up_the_head() -> None:
+    # Prepare: features far from zero along directions of tiny variance (as the
+    # saturated tanh units of a pooler are): there the textbook head's common
+    # terms m^T Sigma^-1 m are huge, and cancel in float32 logits.
+    x, y = _data(400)
+    rng = np.random.default_rng(2)
+    quiet = 0.99 + 1e-5 * rng.normal(size=(len(x), 40))
+    feats = np.concatenate([x, quiet], axis=1)
+    stats = class_stats(feats, y, 2)
+
+    # Execute
+    weight, bias = lda_head(stats, shrinkage=1e-6)
+
+    # Assert: the head stays on the scale of the class differences and predicts
+    # what the textbook head predicts.
+    assert np.abs(weight).max() < 1e3 and np.abs(bias).max() < 1e3
+    mu = stats.sums / stats.counts[:, None]
+    textbook = np.linalg.solve(
+        np.cov((feats - mu[y]).T)
+        + 1e-6 * np.trace(np.cov((feats - mu[y]).T)) / 44 * np.eye(44),
+        mu.T,
+    ).T
+    assert np.abs(textbook).max() > 1e4
+    logits = feats @ weight.T + bias
+    assert ((logits.argmax(1) == y).mean()) > 0.8
 
 
 def test_the_head_approaches_the_bayes_classifier() -> None:
