@@ -670,6 +670,13 @@ class FedConfig:
             "class statistics the clients would send)",
         )
         _check(
+            self.head_calibration == "none" or self.robust == "none",
+            "fed.head_calibration",
+            self.head_calibration,
+            "'none' with fed.robust (a median or trimmed mean of class statistics "
+            "is not implemented; the statistics are checked for consistency only)",
+        )
+        _check(
             self.head_warmup_rounds == 0 or self.head == "frozen",
             "fed.head_warmup_rounds",
             self.head_warmup_rounds,

@@ -20,13 +20,14 @@ under the federation's own label prior. (The textbook ``w_c = Sigma_l^{-1} mu_c`
 ``b_c = -1/2 mu_c^T w_c + log pi_c`` gives the same posterior: the two differ by
 a term common to every class. But the features' common mean can lie along a
 direction of tiny variance, and then those terms reach 1e5 and cancel in the
-logits: centring keeps the head's values on the scale of the class differences.) The pooled statistics, hence the head,
-are identical to those of one party holding all the data: no client's skew
-leaks into it. The idea of recalibrating the classifier on the server from
-per-class feature statistics is CCVR (Luo et al., "No Fear of Heterogeneity:
-Classifier Calibration for Federated Learning with Non-IID Data", NeurIPS 2021),
-which samples virtual features from per-class Gaussians and retrains the head;
-here the Gaussian model's classifier is computed in closed form instead.
+logits: centring keeps the head's values on the scale of the class differences.)
+The pooled statistics, hence the head, are identical to those of one party
+holding all the data: no client's skew leaks into it. Recalibrating the
+classifier on the server from per-class feature statistics is the idea of CCVR
+(Luo et al., "No Fear of Heterogeneity: Classifier Calibration for Federated
+Learning with Non-IID Data", NeurIPS 2021), which samples virtual features from
+per-class Gaussians and retrains the head on them; here the Gaussian model's own
+classifier is computed in closed form instead.
 
 What a client reveals: its class counts, per-class feature sums and feature
 second moments (not single examples). Pure numpy: no torch, no flwr.
@@ -320,4 +321,19 @@ def decode_stats(data: object, num_labels: int, dim: int) -> ClassStats:
     scatter = scatter + np.triu(scatter, 1).T
     if (np.diag(scatter) < 0).any():
         raise ValueError("class statistics: the scatter has a negative diagonal")
-    return ClassStats(counts, arrays["sums"], scatter)
+    sums = arrays["sums"]
+    if (sums[counts == 0] != 0).any():
+        raise ValueError("class statistics: a class with no examples has non-zero sums")
+    # Real features give a positive semi-definite within-class scatter
+    # (S - sum_c n_c mu_c mu_c^T); anything else is made up, and would bend the
+    # pooled covariance however its sender liked.
+    held = counts > 0
+    mu = sums[held] / counts[held, None]
+    within = scatter - (mu.T * counts[held]) @ mu
+    lowest = float(np.linalg.eigvalsh((within + within.T) / 2)[0])
+    if lowest < -1e-6 * max(1.0, float(np.trace(scatter))):
+        raise ValueError(
+            "class statistics are inconsistent: the within-class scatter has a "
+            f"negative eigenvalue ({lowest:.3g}); no set of features gives that"
+        )
+    return ClassStats(counts, sums, scatter)

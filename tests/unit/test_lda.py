@@ -264,6 +264,8 @@ def _encoded(**change: Any) -> bytes:
         (_encoded(counts=np.array([-1.0, 31.0])), "non-negative integers"),
         (_encoded(counts=np.array([0.5, 29.5])), "non-negative integers"),
         (_encoded(scatter=-np.eye(D)), "negative diagonal"),
+        (_encoded(scatter=np.zeros((D, D))), "negative eigenvalue"),
+        (_encoded(counts=np.array([0.0, 30.0])), "no examples has non-zero sums"),
     ],
 )
 def test_malformed_statistics_are_refused(payload: object, match: str) -> None:
@@ -296,6 +298,7 @@ def test_the_config_lists_the_calibrations() -> None:
         ({"head_calibration": "lda", "head": "reinit"}, "fed.head"),
         ({"head_calibration": "lda", "secagg": True}, "secagg"),
         ({"head_calibration": "lda", "dp_noise_multiplier": 1.0}, "privacy"),
+        ({"head_calibration": "lda", "robust": "median"}, "fed.robust"),
         ({"lda_shrinkage": -0.1}, "fed.lda_shrinkage"),
         ({"lda_every": 0}, "fed.lda_every"),
         ({"lda_max_examples": -1}, "fed.lda_max_examples"),
