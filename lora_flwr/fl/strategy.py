@@ -140,6 +140,30 @@ def parameters_nbytes(parameters: Parameters) -> int:
     return sum(len(t) for t in parameters.tensors)
 
 
+def stats_reply(
+    res: EvaluateRes | BaseException, num_labels: int, dim: int
+) -> ClassStats:
+    """Read one node's answer to a ``head_stats`` instruction, checking it.
+
+    Raises
+    ------
+    ValueError
+        If the call failed, its status is not OK, or the statistics are malformed
+        or inconsistent (their counts must add up to the reply's ``num_examples``).
+    """
+    if isinstance(res, BaseException):
+        raise ValueError(f"no reply: {res!r}")
+    if res.status.code != Code.OK:
+        raise ValueError(f"status {res.status.code}: {res.status.message}")
+    stats = decode_stats(res.metrics.get(HEAD_STATS), num_labels, dim)
+    if stats.total != res.num_examples:
+        raise ValueError(
+            f"counts add up to {stats.total} but the reply says "
+            f"num_examples={res.num_examples}"
+        )
+    return stats
+
+
 @dataclass(frozen=True)
 class _Sent:
     """What the server sent one client this round (to check its reply against)."""
@@ -931,19 +955,12 @@ class FedLoRA(Strategy):
         up = 0
         for proxy, res in answers:
             sent = self._sent.get(proxy.cid)
-            try:
-                if isinstance(res, BaseException):
-                    raise ValueError(f"no reply: {res!r}")
-                if res.status.code != Code.OK:
-                    raise ValueError(f"status {res.status.code}: {res.status.message}")
+            if isinstance(res, EvaluateRes):
                 raw = res.metrics.get(HEAD_STATS)
                 up += len(raw) if isinstance(raw, bytes) else 0
-                stats = decode_stats(raw, num_labels, dim)
-                if stats.total != res.num_examples:
-                    raise ValueError(
-                        f"counts add up to {stats.total} but the reply says "
-                        f"num_examples={res.num_examples}"
-                    )
+            try:
+                stats = stats_reply(res, num_labels, dim)
+                assert isinstance(res, EvaluateRes)
                 version = res.metrics.get(BASE_VERSION)
                 if sent is not None:
                     self.versions[sent.partition] = (
