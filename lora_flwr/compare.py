@@ -331,6 +331,24 @@ class Summary:
     cum_bytes: list[float]  # mean cumulative bytes up + down after each round
 
 
+def _up(record: Mapping[str, Any]) -> float:
+    """Bytes clients sent in a round: replies, and class statistics for a refit."""
+    return float(record.get("bytes_up", 0)) + float(record.get("bytes_up_calib", 0))
+
+
+def _down(record: Mapping[str, Any]) -> float:
+    """Training bytes sent to clients in a round, a head refit's payloads included.
+
+    Evaluation payloads (FedSA evaluates every client) are not part of a method's
+    communication cost; the payloads of a head refit (fed.head_calibration) are.
+    """
+    return (
+        float(record.get("bytes_down", 0))
+        - float(record.get("bytes_down_eval", 0))
+        + float(record.get("bytes_down_calib", 0))
+    )
+
+
 def summarize(
     rule: str,
     histories: Sequence[Sequence[Mapping[str, Any]]],
@@ -354,18 +372,18 @@ def summarize(
         finals.append(values[-1])
         bests.append(max(values) if higher else min(values))
         rounds = [r for r in history if r.get("round", 0) > 0]
-        ups += [float(r.get("bytes_up", 0)) for r in rounds]
-        # Training traffic only: evaluation payloads (FedSA evaluates every client)
-        # are not part of a method's communication cost.
-        downs += [
-            float(r.get("bytes_down", 0)) - float(r.get("bytes_down_eval", 0))
-            for r in rounds
-        ]
+        ups += [_up(r) for r in rounds]
+        downs += [_down(r) for r in rounds]
         errors += [
             float(r["agg_error"]) for r in rounds if r.get("agg_error") is not None
         ]
         if target is not None:
-            elapsed = 0.0
+            # A head refit before round 1 (fed.head_calibration) is part of the way.
+            elapsed = sum(
+                float(r.get("calib_seconds", 0.0))
+                for r in history
+                if r.get("round", 0) == 0
+            )
             for r in rounds:
                 elapsed += float(r.get("round_seconds", 0.0))
                 value = r.get(key)
@@ -379,11 +397,7 @@ def summarize(
         total = 0.0
         cum = [0.0]
         for r in rounds:
-            total += (
-                float(r.get("bytes_up", 0))
-                + float(r.get("bytes_down", 0))
-                - float(r.get("bytes_down_eval", 0))
-            )
+            total += _up(r) + _down(r)
             cum.append(total)
         cums.append(cum)
     common = sorted(set.intersection(*(set(c) for c in curves)))

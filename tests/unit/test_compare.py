@@ -94,6 +94,23 @@ def test_summarize_means_stds_and_time_to_target() -> None:
     assert s.cum_bytes == [0.0, 400.0, 800.0, 1200.0]
 
 
+def test_a_head_refit_counts_in_the_bytes_and_the_time_to_target() -> None:
+    # Prepare: a refit before round 1 (30 s) and after every round.
+    history = _history([0.5, 0.7, 0.8], seconds=10.0)
+    history[0]["calib_seconds"] = 30.0
+    for r in history[1:]:
+        r.update(bytes_up_calib=1000, bytes_down_calib=2000, calib_seconds=5.0)
+
+    # Execute
+    s = summarize("lda", [history], [100.0], target=0.75)
+
+    # Assert: the statistics' uplink and payloads are communication; the round-0
+    # refit is part of the time to the target (round seconds hold the later ones).
+    assert s.bytes_up == 1100 and s.bytes_down == 2300
+    assert s.cum_bytes == [0.0, 3400.0, 6800.0]
+    assert (s.rounds_to_target, s.seconds_to_target) == (2.0, 50.0)
+
+
 def test_summarize_uses_the_personal_accuracy_of_a_personalised_rule() -> None:
     # Prepare
     history = [{"round": 0}] + [
