@@ -94,15 +94,6 @@ class ClassStats:
             self.scatter + other.scatter,
         )
 
-    @classmethod
-    def zeros(cls, num_labels: int, dim: int) -> ClassStats:
-        """Statistics of no examples."""
-        return cls(
-            np.zeros(num_labels),
-            np.zeros((num_labels, dim)),
-            np.zeros((dim, dim)),
-        )
-
 
 def stats_sample(labels: npt.ArrayLike, cap: int, seed: int) -> npt.NDArray[np.int64]:
     """Pick at most about ``cap`` examples, stratified by class.

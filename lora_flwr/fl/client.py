@@ -312,14 +312,13 @@ class LoRAClient(NumPyClient):
             BASE_VERSION: self.store.base_version(),
         }
         loss = 0.0
+        num_examples = len(self.test_data)
         if config.get(HEAD_STATS):
+            # Not a test: the statistics the server's LDA head is fitted to.
             with maybe_phase(prof, "evaluation"):
                 out[HEAD_STATS] = self.head_stats(int(config.get(ROUND, 0)))
-            if prof is not None:
-                out[WORKER_PID] = os.getpid()
-                out.update(prof.metrics())
-            return loss, len(self.train_data), out
-        if len(self.test_data) > 0:
+            num_examples = len(self.train_data)
+        elif num_examples > 0:
             with maybe_phase(prof, "evaluation"):
                 metrics = self.ws.trainer.evaluate(self.test_data, progress=False)
             for key in (ACCURACY, PERPLEXITY):
@@ -330,7 +329,7 @@ class LoRAClient(NumPyClient):
             # The server finds the critical path of the stage by worker process.
             out[WORKER_PID] = os.getpid()
             out.update(prof.metrics())
-        return loss, len(self.test_data), out
+        return loss, num_examples, out
 
     def head_stats(self, server_round: int = 0) -> bytes:
         """Class statistics of the head's inputs on the local training split.

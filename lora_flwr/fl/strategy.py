@@ -286,9 +286,9 @@ class FedLoRA(Strategy):
                     f"fed.aggregation = {self.fed.aggregation!r} keeps part of it "
                     "on the clients"
                 )
-            names = list(layout.names)
-            shapes = [dict(layout.items())[n] for n in names]
-            self._lda_names = head_weight_names(names, shapes, cfg.model.num_labels)
+            self._lda_names = head_weight_names(
+                layout.names, layout.shapes, cfg.model.num_labels
+            )
         if resume is not None:
             self._restore(resume, history)
 
@@ -628,10 +628,8 @@ class FedLoRA(Strategy):
         rec["bytes_up_max"] = max(up, default=0)
         for failure in failures:
             who = failure[0].cid if isinstance(failure, tuple) else "?"
-            sent = self._sent.get(who)
-            if sent is not None:
-                # It may have folded before failing: send it the whole delta next.
-                self.versions[sent.partition] = None
+            # It may have folded before failing: send it the whole delta next.
+            self._note_version(self._sent.get(who), None)
             # One line (the innermost error): the full Ray traceback is Flower's.
             self._last_failure = _failure_text(failure)
             log(
@@ -739,10 +737,7 @@ class FedLoRA(Strategy):
                         f"it reports partition {reported} but was sampled as "
                         f"partition {sent.partition}"
                     )
-                version = clean.get(BASE_VERSION)
-                self.versions[sent.partition] = (
-                    version if isinstance(version, int) else None
-                )
+                self._note_version(sent, clean.get(BASE_VERSION))
                 reply = self._check_reply(sent, res)
             except Exception as exc:  # any malformed reply is dropped, never fatal
                 dropped += 1
@@ -900,6 +895,13 @@ class FedLoRA(Strategy):
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
 
+    def _note_version(self, sent: _Sent | None, version: object) -> None:
+        """Record the base version a node reports (None: unknown, send it all)."""
+        if sent is not None:
+            self.versions[sent.partition] = (
+                version if isinstance(version, int) else None
+            )
+
     def _refit(self, server_round: int) -> bool:
         """Whether the head is refitted after ``server_round`` (0: before round 1)."""
         if self._lda_names is None:
@@ -961,15 +963,11 @@ class FedLoRA(Strategy):
             try:
                 stats = stats_reply(res, num_labels, dim)
                 assert isinstance(res, EvaluateRes)
-                version = res.metrics.get(BASE_VERSION)
-                if sent is not None:
-                    self.versions[sent.partition] = (
-                        version if isinstance(version, int) else None
-                    )
+                clean, _ = clean_metrics(res.metrics)
+                self._note_version(sent, clean.get(BASE_VERSION))
                 parts.append(stats)
             except ValueError as exc:
-                if sent is not None:
-                    self.versions[sent.partition] = None
+                self._note_version(sent, None)
                 log(
                     WARNING,
                     "round %d: head statistics of client %s: %s; left out",
@@ -1063,9 +1061,7 @@ class FedLoRA(Strategy):
         server_round += self.offset  # Flower counts from 1 again after a resume
         for failure in failures:
             who = failure[0].cid if isinstance(failure, tuple) else "?"
-            sent = self._sent.get(who)
-            if sent is not None:
-                self.versions[sent.partition] = None
+            self._note_version(self._sent.get(who), None)
             log(WARNING, "round %d: evaluation failed: %r", server_round, failure)
         valid = []
         for proxy, res in results:
@@ -1086,11 +1082,7 @@ class FedLoRA(Strategy):
                     proxy.cid,
                     problem,
                 )
-            version = clean.get(BASE_VERSION)
-            if sent is not None:
-                self.versions[sent.partition] = (
-                    version if isinstance(version, int) else None
-                )
+            self._note_version(sent, clean.get(BASE_VERSION))
             if loss_ok and n_ok:
                 valid.append((n, float(res.loss), clean))
         prefix = "personal" if self._personal() else "fed"
