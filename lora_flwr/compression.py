@@ -44,9 +44,9 @@ Codecs and their error bounds, per element ``x`` of the update:
           normals. (Kalamkar et al., "A Study of BFLOAT16 for Deep Learning
           Training", 2019.)
 ``int8``  symmetric linear quantisation with one float32 scale per slice:
-          ``s = max|slice| / 127``, ``q = round(x / s)`` in ``[-127, 127]``,
-          ``x' = q s``, so ``|x' - x| <= s / 2`` (up to float32 rounding of the
-          product). A 2-D tensor gets one scale per slice along its longer axis
+          ``s = max|slice| / 127`` (rounded up to float32, so no value clips),
+          ``q = round(x / s)`` in ``[-127, 127]``, ``x' = q s``, so
+          ``|x' - x| <= s / 2`` (up to float32 rounding of the product). A 2-D tensor gets one scale per slice along its longer axis
           (``min(rows, cols)`` scales): per row of ``lora_A (r, in)`` and per
           column of ``lora_B (out, r)``, i.e. per rank-1 component. Per row of
           ``lora_B`` would be one 4-byte scale per ``r`` int8 values (+50 % at
@@ -192,13 +192,21 @@ def _scale_axis(shape: Shape) -> int | None:
 
 
 def quantize_int8(x: NDArray) -> tuple[NDArray, npt.NDArray[np.int8]]:
-    """Symmetric absmax int8 of one tensor: ``(scales, values)`` (flat)."""
+    """Symmetric absmax int8 of one tensor: ``(scales, values)`` (flat).
+
+    Each scale is the smallest float32 at or above ``max|slice| / 127``, so no
+    value needs clipping and every value decodes within half a step of itself,
+    down to subnormal slices (where rounding to nearest could halve the scale).
+    """
     if x.size == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int8)
     axis = _scale_axis(x.shape)
     x64 = x.astype(np.float64)
     peak = np.abs(x64).max(axis=axis, keepdims=True)
-    scale = (peak / INT8_MAX).astype(np.float32)
+    exact = peak / INT8_MAX
+    scale = exact.astype(np.float32)
+    low = scale.astype(np.float64) < exact
+    scale[low] = np.nextafter(scale[low], np.float32(np.inf))
     s64 = scale.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s64 > 0, np.rint(x64 / s64), 0.0)
