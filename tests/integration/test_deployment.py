@@ -7,6 +7,8 @@ node-<i>.key --node-config "partition-id=i num-partitions=2"`` processes (own
 FLWR_HOME and port each), writes a ``[superlink.local-deployment]`` CLI connection
 with ``root-certificates``, runs ``flwr run . local-deployment --run-config <smoke>
 --stream``, polls ``flwr ls --format json`` and stops every process it started.
+It runs FedIT, FedSA (B kept in each node's Context.state) and FedIT with the
+server's LDA head refit (class statistics asked of every SuperNode).
 
 The second half starts one secure SuperLink (credentials made here with
 ``cryptography``) and checks who may join: a registered node that trusts the CA
@@ -70,14 +72,25 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
         time.sleep(0.5)
 
 
+# What each deployment run sets on top of the smoke config.
+VARIANTS = {
+    "fedit": ["fed.aggregation=fedit"],
+    "fedsa": ["fed.aggregation=fedsa"],
+    # The server's head refit asks every SuperNode for its class statistics.
+    "lda": ["fed.aggregation=fedit", "fed.head_calibration=lda"],
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("rule", "tls"), [("fedit", "throwaway"), ("fedsa", "tls-dir")]
+    ("rule", "tls"),
+    [("fedit", "throwaway"), ("fedsa", "tls-dir"), ("lda", "throwaway")],
 )
 def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) -> None:
-    # Prepare: fedit runs with the script's own throwaway credentials, fedsa with
-    # credentials made here and passed in with --tls-dir.
+    # Prepare: fedit and lda run with the script's own throwaway credentials, fedsa
+    # with credentials made here and passed in with --tls-dir.
     name = f"deploy-{rule}"
+    overrides = VARIANTS[rule]
     security: list[str] = []
     creds = None
     if tls == "tls-dir":
@@ -98,8 +111,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) 
             str(tmp_path),
             "--set",
             f"name={name}",
-            "--set",
-            f"fed.aggregation={rule}",
+            *[arg for o in overrides for arg in ("--set", o)],
             "--timeout",
             str(TIMEOUT - 100),
             *security,
@@ -133,7 +145,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) 
     print(f"deployment smoke: {seconds:.1f} s, run elapsed {run['elapsed']:.1f} s")
 
     cfg = ExperimentConfig.from_toml(SMOKE).with_overrides(
-        [f"name={name}", f"output_dir={tmp_path.resolve()}", f"fed.aggregation={rule}"]
+        [f"name={name}", f"output_dir={tmp_path.resolve()}", *overrides]
     )
     assert ExperimentConfig.from_toml(run_dir / "config.toml") == cfg
 
@@ -172,6 +184,36 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) 
     assert changed, "the global adapter did not change from its seeded initial value"
     b_names = [n for n in names if "lora_B" in n]
     assert b_names and all(n in changed for n in b_names)  # B starts at 0, is trained
+    if rule == "lda":
+        _check_lda(cfg, history, run_dir)
+
+
+def _check_lda(cfg: ExperimentConfig, history: list[Any], run_dir: Path) -> None:
+    """The head refit went through the SuperLink to both SuperNodes and back.
+
+    Each node's statistics come from a ``head_stats`` evaluate message, answered by
+    a fresh flwr-clientapp process; the saved head must be the discriminant of what
+    the two nodes compute under the saved adapter.
+    """
+    from lora_flwr.aggregation.lda import decode_stats, lda_head, merge_stats
+    from lora_flwr.experiment import get_workspace
+    from lora_flwr.fl.client import LoRAClient
+
+    assert [r["calib_clients"] for r in history] == [2] * (cfg.fed.num_rounds + 1)
+    assert all("calib_error" not in r for r in history), history
+    assert all(r["bytes_up_calib"] > 0 for r in history)
+    ws = get_workspace(cfg)
+    ws.adapter.load(run_dir / "adapter")
+    saved = ws.adapter.get_named_weights()
+    parts = []
+    for pid in range(2):
+        client = LoRAClient(cfg, pid, 2)
+        dim = client.ws.adapter.head_layer(2)[1].in_features
+        parts.append(decode_stats(client.head_stats(), 2, dim))
+    weight, bias = lda_head(merge_stats(parts), cfg.fed.lda_shrinkage)
+    np.testing.assert_allclose(saved["classifier.weight"], weight, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(saved["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
+    ws.reset_adapter()
 
 
 def _check_fedsa(
