@@ -45,6 +45,7 @@ ONLINE_TIMEOUT = 300
 sys.path.insert(0, str(REPO / "scripts"))
 import deploy_local  # noqa: E402
 import deploy_tls  # noqa: E402
+from lda_check import assert_head_is_lda  # noqa: E402
 
 
 def _tagged(var: str, tag: str) -> list[int]:
@@ -195,25 +196,10 @@ def _check_lda(cfg: ExperimentConfig, history: list[Any], run_dir: Path) -> None
     a fresh flwr-clientapp process; the saved head must be the discriminant of what
     the two nodes compute under the saved adapter.
     """
-    from lora_flwr.aggregation.lda import decode_stats, lda_head, merge_stats
-    from lora_flwr.experiment import get_workspace
-    from lora_flwr.fl.client import LoRAClient
-
     assert [r["calib_clients"] for r in history] == [2] * (cfg.fed.num_rounds + 1)
     assert all("calib_error" not in r for r in history), history
     assert all(r["bytes_up_calib"] > 0 for r in history)
-    ws = get_workspace(cfg)
-    ws.adapter.load(run_dir / "adapter")
-    saved = ws.adapter.get_named_weights()
-    parts = []
-    for pid in range(2):
-        client = LoRAClient(cfg, pid, 2)
-        dim = client.ws.adapter.head_layer(2)[1].in_features
-        parts.append(decode_stats(client.head_stats(), 2, dim))
-    weight, bias = lda_head(merge_stats(parts), cfg.fed.lda_shrinkage)
-    np.testing.assert_allclose(saved["classifier.weight"], weight, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(saved["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
-    ws.reset_adapter()
+    assert_head_is_lda(cfg, run_dir, 2)
 
 
 def _check_fedsa(

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lda_check import assert_head_is_lda
 
 from lora_flwr.aggregation import available_rules, get_rule
 from lora_flwr.config import ExperimentConfig
@@ -217,9 +218,6 @@ def test_the_saved_lda_head_is_the_discriminant_of_the_final_features(
     tmp_path: Path,
 ) -> None:
     # Prepare: the server refits the head every round, under label skew.
-    from lora_flwr.aggregation.lda import decode_stats, lda_head, merge_stats
-    from lora_flwr.fl.client import LoRAClient
-
     cfg = _config(
         tmp_path,
         "lda",
@@ -237,15 +235,4 @@ def test_the_saved_lda_head_is_the_discriminant_of_the_final_features(
     assert all("calib_error" not in r for r in history)
     # ... and the saved head is the LDA of the statistics each client computes
     # under the saved adapter's LoRA factors (the head does not change them).
-    ws = get_workspace(cfg)
-    ws.adapter.load(run_dir / "adapter")
-    saved = ws.adapter.get_named_weights()
-    parts = []
-    for pid in range(3):
-        client = LoRAClient(cfg, pid, 3)
-        dim = client.ws.adapter.head_layer(2)[1].in_features
-        parts.append(decode_stats(client.head_stats(), 2, dim))
-    weight, bias = lda_head(merge_stats(parts), cfg.fed.lda_shrinkage)
-    np.testing.assert_allclose(saved["classifier.weight"], weight, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(saved["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
-    ws.reset_adapter()
+    assert_head_is_lda(cfg, run_dir, 3)
