@@ -46,7 +46,8 @@ Codecs and their error bounds, per element ``x`` of the update:
 ``int8``  symmetric linear quantisation with one float32 scale per slice:
           ``s = max|slice| / 127`` (rounded up to float32, so no value clips),
           ``q = round(x / s)`` in ``[-127, 127]``, ``x' = q s``, so
-          ``|x' - x| <= s / 2`` (up to float32 rounding of the product). A 2-D tensor gets one scale per slice along its longer axis
+          ``|x' - x| <= s / 2`` (up to float32 rounding of the product). A 2-D
+          tensor gets one scale per slice along its longer axis
           (``min(rows, cols)`` scales): per row of ``lora_A (r, in)`` and per
           column of ``lora_B (out, r)``, i.e. per rank-1 component. Per row of
           ``lora_B`` would be one 4-byte scale per ``r`` int8 values (+50 % at
