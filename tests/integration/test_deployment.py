@@ -84,14 +84,16 @@ VARIANTS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("rule", "tls"),
+    ("variant", "tls"),
     [("fedit", "throwaway"), ("fedsa", "tls-dir"), ("lda", "throwaway")],
 )
-def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) -> None:
+def test_deploy_local_two_supernodes_smoke(
+    variant: str, tls: str, tmp_path: Path
+) -> None:
     # Prepare: fedit and lda run with the script's own throwaway credentials, fedsa
     # with credentials made here and passed in with --tls-dir.
-    name = f"deploy-{rule}"
-    overrides = VARIANTS[rule]
+    name = f"deploy-{variant}"
+    overrides = VARIANTS[variant]
     security: list[str] = []
     creds = None
     if tls == "tls-dir":
@@ -154,7 +156,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) 
     assert [r["round"] for r in history] == list(range(cfg.fed.num_rounds + 1))
     # A SuperNode's Context.state outlives the per-message flwr-clientapp process.
     assert [r["client_fit_calls_max"] for r in history[1:]] == [1, 2]
-    if rule == "fedsa":
+    if variant == "fedsa":
         _check_fedsa(cfg, history, run_dir, tmp_path)
         return
     for rec in history[1:]:
@@ -185,7 +187,7 @@ def test_deploy_local_two_supernodes_smoke(rule: str, tls: str, tmp_path: Path) 
     assert changed, "the global adapter did not change from its seeded initial value"
     b_names = [n for n in names if "lora_B" in n]
     assert b_names and all(n in changed for n in b_names)  # B starts at 0, is trained
-    if rule == "lda":
+    if variant == "lda":
         _check_lda(cfg, history, run_dir)
 
 
