@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from lora_flwr.dropout import Dropout
+
 # transformers' GPT-2 style Conv1D (weight stored as (in, out)). Imported lazily so the
 # module works without transformers; matched by class name to avoid a hard import.
 _CONV1D_NAMES = ("Conv1D",)
@@ -86,7 +88,7 @@ class LoRALinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = scaling
         self.lora_dropout: nn.Module = (
-            nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+            Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         )
         # LoRA factors stay float32 even over a half-precision base: the optimiser
         # state and the aggregated arrays keep full precision.

@@ -177,6 +177,96 @@ def test_tiny_llama_matches_transformers_on_a_padded_batch(causal: bool) -> None
     torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=ATOL)
 
 
+def _tiny_bert_pair_without_dropout(
+    attention_dropout: float = 0.0,
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """HF BERT without dropout; the native twin with attention dropout ``p``."""
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=40,
+        pad_token_id=0,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(1)
+    hf = HFBert(config).train()
+    values = config.to_dict() | {"attention_probs_dropout_prob": attention_dropout}
+    native = BertForSequenceClassification(NativeConfig(values, num_labels=3)).train()
+    native.load_state_dict(hf.state_dict())
+    return hf, native
+
+
+def _param_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = model.named_parameters()
+    return {n: p.grad.clone() for n, p in named if p.grad is not None}
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_tiny_bert_gradients_match_transformers_packed_and_not(padded: bool) -> None:
+    # Prepare: the packed layout (padded batch) and the plain one (no padding) both
+    # skip the last block's non-first positions; the gradients must not notice.
+    hf, native = _tiny_bert_pair_without_dropout()
+    ids, mask = _padded_ids()
+    if not padded:
+        mask = torch.ones_like(ids)
+    labels = torch.tensor([0, 2, 1])
+
+    # Execute
+    want = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    want.loss.backward()
+    got = native(input_ids=ids, attention_mask=mask, labels=labels)
+    got.loss.backward()
+
+    # Assert: every parameter that reaches the logits gets the same gradient;
+    # the last block's query of non-first positions reaches nothing in either.
+    hf_grads, native_grads = _param_grads(hf), _param_grads(native)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=ATOL)
+    assert set(native_grads) == set(hf_grads)
+    for name, grad in hf_grads.items():
+        torch.testing.assert_close(native_grads[name], grad, rtol=1e-4, atol=ATOL)
+
+
+def test_the_spelled_out_cpu_attention_matches_transformers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: attention dropout on, so the CPU path spells attention out; its
+    # masks made identity, so the result must equal attention without dropout.
+    hf, native = _tiny_bert_pair_without_dropout(attention_dropout=0.3)
+    import lora_flwr.models.native.bert as native_bert
+
+    calls: list[float] = []
+
+    def no_drop(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+        calls.append(p)
+        return x
+
+    monkeypatch.setattr(native_bert, "dropout", no_drop)
+    ids, mask = _padded_ids()
+
+    # Execute
+    want = hf(input_ids=ids, attention_mask=mask).logits
+    got = native(input_ids=ids, attention_mask=mask).logits
+
+    # Assert
+    assert calls == [0.3, 0.3, 0.3]  # one per block
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_tiny_bert_refuses_left_padding_with_the_fix() -> None:
+    # Prepare
+    _, native = _tiny_bert_pair()
+    ids, mask = _padded_ids()
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="right padding.*padding_side='right'"):
+        native(input_ids=ids, attention_mask=mask.flip(1))
+
+
 def test_tiny_bert_applies_the_configured_dropout_in_train_mode() -> None:
     # Prepare
     _, native = _tiny_bert_pair()
