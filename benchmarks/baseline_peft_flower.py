@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/baseline_peft_flower.py
         [--config configs/default.toml] [--out baseline.json] [--precision fp32|bf16]
+        [--seed N]
 
 Only public APIs: ``transformers`` loads the model, PEFT's ``get_peft_model`` adds
 LoRA (same rank, alpha, dropout, targets and trained head as the config), Flower's
@@ -153,10 +154,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/default.toml")
     parser.add_argument("--out", type=Path, default=Path("baseline.json"))
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
-    cfg = ExperimentConfig.from_toml(args.config).with_overrides(
-        [f"train.precision={args.precision}"]
-    )
+    overrides = [f"train.precision={args.precision}"]
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    cfg = ExperimentConfig.from_toml(args.config).with_overrides(overrides)
     if cfg.model.name != "minilm" or cfg.model.task not in ("auto", "seq_cls"):
         raise SystemExit(
             f"the comparison app builds MiniLM for classification; {args.config} asks "

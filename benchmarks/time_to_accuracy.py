@@ -2,13 +2,17 @@
 
     PYTHONPATH=. python benchmarks/time_to_accuracy.py [--pairs 2] [--target 0.75]
         [--config configs/default.toml] [--precision fp32|bf16] [--out DIR]
+        [--seeds 0 1 2]
 
 Runs the two apps one after the other, alternating (ours, theirs, ours, theirs,
 ...), so that both see the same machine load; then prints, per app, the process
 wall time, the median round wall time, the seconds until held-out accuracy first
 reaches ``--target`` (summed round times, round 0 excluded) and the final accuracy,
 and the ratios ours / theirs. Round times count from the end of one round's
-evaluation to the end of the next in both apps.
+evaluation to the end of the next in both apps. ``--seeds`` runs one pair per seed
+(``seed`` set in both apps: partitions, held-out subset, new head, adapter), so
+that the final accuracies compare over seeds, not over one seed's luck; without
+it every pair uses the config's seed.
 """
 
 from __future__ import annotations
@@ -52,11 +56,13 @@ def summary(
 
 
 def run_ours(
-    config: Path, out: Path, name: str, precision: str | None
+    config: Path, out: Path, name: str, precision: str | None, seed: int | None
 ) -> dict[str, Any]:
     """Run lora_flwr's main job; return its history and process wall time."""
     start = time.perf_counter()
     options = ["--set", f"train.precision={precision}"] if precision else []
+    if seed is not None:
+        options += ["--set", f"seed={seed}"]
     subprocess.run(
         [
             sys.executable,
@@ -79,10 +85,13 @@ def run_ours(
     return {"history": history, "wall": wall}
 
 
-def run_theirs(config: Path, out: Path, name: str, precision: str) -> dict[str, Any]:
+def run_theirs(
+    config: Path, out: Path, name: str, precision: str, seed: int | None
+) -> dict[str, Any]:
     """Run the comparison app; return its history and process wall time."""
     path = out / f"{name}.json"
     start = time.perf_counter()
+    options = [] if seed is None else ["--seed", str(seed)]
     subprocess.run(
         [
             sys.executable,
@@ -93,6 +102,7 @@ def run_theirs(config: Path, out: Path, name: str, precision: str) -> dict[str, 
             str(path),
             "--precision",
             precision,
+            *options,
         ],
         cwd=ROOT,
         check=True,
@@ -117,18 +127,25 @@ def main() -> None:
     # Theirs: fp32, what a PEFT + Flower user gets on a CPU, unless given.
     parser.add_argument("--theirs-precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
     args = parser.parse_args()
+    seeds: list[int | None] = list(args.seeds) if args.seeds else [None] * args.pairs
     out = (args.out or Path(tempfile.mkdtemp(prefix="tta-"))).resolve()
     theirs_precision = args.theirs_precision
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
-    for i in range(args.pairs):
-        ours = run_ours(args.config, out, f"ours-{i}", args.precision)
+    for i, seed in enumerate(seeds):
+        ours = run_ours(args.config, out, f"ours-{i}", args.precision, seed)
         rows["ours"].append(summary(ours["history"], ours["wall"], args.target))
-        theirs = run_theirs(args.config, out, f"theirs-{i}", theirs_precision)
+        theirs = run_theirs(args.config, out, f"theirs-{i}", theirs_precision, seed)
         rows["theirs"].append(summary(theirs["history"], theirs["wall"], args.target))
         print(
             json.dumps(
-                {"pair": i, "ours": rows["ours"][-1], "theirs": rows["theirs"][-1]}
+                {
+                    "pair": i,
+                    "seed": seed,
+                    "ours": rows["ours"][-1],
+                    "theirs": rows["theirs"][-1],
+                }
             ),
             flush=True,
         )
@@ -156,6 +173,11 @@ def main() -> None:
         print(f"| {label} | {each['ours']} | {each['theirs']} | {_fmt(ratio, 2)} |")
     finals = {a: ", ".join(f"{r['final']:.3f}" for r in rows[a]) for a in rows}
     print(f"| final accuracy | {finals['ours']} | {finals['theirs']} | |")
+    means = {a: statistics.fmean(r["final"] for r in rows[a]) for a in rows}
+    print(
+        f"| final accuracy, mean | {means['ours']:.3f} | {means['theirs']:.3f} | "
+        f"{means['ours'] - means['theirs']:+.3f} |"
+    )
 
 
 if __name__ == "__main__":
