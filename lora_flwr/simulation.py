@@ -27,6 +27,7 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.fl.guards import RunAborted
+from lora_flwr.heap import limit_arenas
 from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
 
 
@@ -55,6 +56,7 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
         FLOWER_LOGGER.setLevel(logging.WARNING)
     run_dir = run_dir_for(cfg)
     _ensure_watchdog()
+    limit_arenas(1)  # the server's evaluation: freed pages go back on trim
     backend_config = {
         "client_resources": {
             "num_cpus": cfg.fed.client_num_cpus,

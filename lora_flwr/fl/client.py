@@ -35,7 +35,7 @@ from lora_flwr.fl.runner import (
     layout_of,
     prepare,
 )
-from lora_flwr.heap import trim_heap
+from lora_flwr.heap import limit_arenas, trim_heap
 from lora_flwr.profiling import CallProfile, maybe_phase, take_startup
 from lora_flwr.protocol import (
     ACCURACY,
@@ -415,6 +415,9 @@ def make_client_fn(
     """
 
     def client_fn(context: Context) -> Client:
+        # One malloc arena: a client process's freed activations then go back to
+        # the system on trim instead of staying in per-thread arenas.
+        limit_arenas(1)
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
         threads = node_threads(context)

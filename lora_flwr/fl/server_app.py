@@ -28,6 +28,7 @@ from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoi
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import Arrays, FedLoRA
+from lora_flwr.heap import trim_heap
 from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
     save_base_delta,
@@ -86,6 +87,7 @@ def build_strategy(
     ) -> dict[str, float]:
         load(arrays, base_delta)
         metrics = ws.trainer.evaluate(test, progress=False)
+        trim_heap()  # the evaluation's activations: give the pages back
         return {
             k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
         }
