@@ -26,6 +26,7 @@ from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from lora_flwr.fl.directory import PartitionDirectory
+from lora_flwr.fl.grid import PromptGrid
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import Arrays, FedLoRA
 from lora_flwr.heap import trim_heap
@@ -223,6 +224,10 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if type(grid).__name__ != "InMemoryGrid":
+            # A deployment's gRPC grid pulls replies every 3 s; the simulation's
+            # in-memory grid already pulls every 0.1 s.
+            grid = PromptGrid(grid)
         components = server_fn(context)
         strategy = components.strategy
         assert isinstance(strategy, FedLoRA)
