@@ -43,10 +43,6 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     # Quiet Ray before it is imported; users asked for a table, not Ray's banner.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    # Ray's processes (the client actors among them) inherit this: one malloc
-    # arena per process, set before their threads start, so the pages a fit
-    # frees go back to the system on trim (lora_flwr.heap). A user's value wins.
-    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
     from flwr.common.logger import FLOWER_LOGGER
     from flwr.simulation import run_simulation
 
