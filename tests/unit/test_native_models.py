@@ -77,19 +77,23 @@ def _lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- tiny configs
-def _tiny_bert_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    config = BertConfig(
+def _tiny_bert_config(layers: int = 2, hidden: float = 0.2, attn: float = 0.3) -> Any:
+    return BertConfig(
         vocab_size=50,
         hidden_size=32,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=48,
         max_position_embeddings=40,
         pad_token_id=0,
         num_labels=3,
-        hidden_dropout_prob=0.2,
-        attention_probs_dropout_prob=0.3,
+        hidden_dropout_prob=hidden,
+        attention_probs_dropout_prob=attn,
     )
+
+
+def _tiny_bert_pair(seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    config = _tiny_bert_config()
     torch.manual_seed(seed)
     hf = HFBert(config).eval()
     native = BertForSequenceClassification(
@@ -181,18 +185,7 @@ def _tiny_bert_pair_without_dropout(
     attention_dropout: float = 0.0,
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """HF BERT without dropout; the native twin with attention dropout ``p``."""
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=40,
-        pad_token_id=0,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = _tiny_bert_config(layers=3, hidden=0.0, attn=0.0)
     torch.manual_seed(1)
     hf = HFBert(config).train()
     values = config.to_dict() | {"attention_probs_dropout_prob": attention_dropout}
