@@ -7,8 +7,9 @@ loop calls ``send_and_receive`` once per client. :class:`PromptGrid` wraps the
 grid it is given and polls instead at a fixed fraction of the time waited so far
 (``fraction * elapsed``, between ``first`` and ``longest`` seconds): a reply that
 lands after ``t`` seconds is collected within about ``fraction * t`` of it, and a
-call waiting ``T`` seconds makes about ``log(T / first) / log(1 + fraction)``
-requests (≈ 110 for 10 s with the defaults; one small gRPC call each). Every other
+call waiting ``T`` seconds makes about ``1 / fraction`` requests in its first
+``first / fraction`` seconds and ``log(T fraction / first) / log(1 + fraction)``
+after (≈ 70 for 10 s with the defaults; one small gRPC call each). Every other
 method is the wrapped grid's own.
 """
 
