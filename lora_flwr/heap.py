@@ -27,6 +27,10 @@ def _libc() -> Any:
         return None
     trim.argtypes = [ctypes.c_size_t]
     trim.restype = ctypes.c_int
+    mallopt = getattr(lib, "mallopt", None)
+    if mallopt is not None:
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
     return lib
 
 
@@ -66,12 +70,6 @@ def limit_arenas(count: int = 1) -> bool:
     if count < 1:
         raise ValueError(f"`count` should be >= 1 but the value passed is {count}")
     lib = _libc()
-    if lib is None:
+    if lib is None or getattr(lib, "mallopt", None) is None:
         return False
-    try:
-        mallopt = lib.mallopt
-    except AttributeError:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, count))
+    return bool(lib.mallopt(_M_ARENA_MAX, count))

@@ -155,11 +155,11 @@ class BertSelfAttention(nn.Module):
         k, v = self.key(x), self.value(x)
         mask = None
         if layout is not None:
-            k, v = layout.unpack(k), layout.unpack(v)
-            q = q[:, None] if first_only else layout.unpack(q)
-            mask = layout.key_mask
-        elif first_only:
-            q = q[:, None]
+            k, v, mask = layout.unpack(k), layout.unpack(v), layout.key_mask
+        if first_only:
+            q = q[:, None]  # one query per row
+        elif layout is not None:
+            q = layout.unpack(q)
         batch, seq, _ = k.shape
         q = q.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
