@@ -46,6 +46,9 @@ HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
 # How the server refits the head between rounds (fed.head_calibration).
 HeadCalibration = Literal["none", "lda"]
 HEAD_CALIBRATIONS: tuple[str, ...] = typing.get_args(HeadCalibration)
+# Whether the server evaluates round t while round t + 1 trains (fed.eval_overlap).
+EvalOverlap = Literal["auto", "on", "off"]
+EVAL_OVERLAPS: tuple[str, ...] = typing.get_args(EvalOverlap)
 # Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
 # two equal).
 Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
@@ -410,6 +413,12 @@ class FedConfig:
     prox_mu: float = 0.0  # FedProx proximal term mu on the client (0: off)
     lr_decay: float = 1.0  # client lr in round t = train.lr * lr_decay ** (t - 1)
     eval_every: int = 1  # centralised evaluation every N rounds (0: only at the end)
+    # on: the server's centralised evaluation of round t runs in a background
+    # thread while round t + 1's messages travel and its clients train; round t's
+    # history row and checkpoint are written when it is done. Same numbers as off.
+    # auto: on in a deployment (the server then waits on the network and remote
+    # clients), off in the simulation (its clients share the driver's cores).
+    eval_overlap: EvalOverlap = "auto"
     max_update_norm: float = (
         0.0  # reject replies whose update norm exceeds this (0: off)
     )
@@ -549,6 +558,12 @@ class FedConfig:
         )
         _check(0 < self.lr_decay <= 1.0, "fed.lr_decay", self.lr_decay, "in (0, 1]")
         _check(self.eval_every >= 0, "fed.eval_every", self.eval_every, ">= 0")
+        _check(
+            self.eval_overlap in EVAL_OVERLAPS,
+            "fed.eval_overlap",
+            self.eval_overlap,
+            f"one of {EVAL_OVERLAPS}",
+        )
         _check(
             self.max_update_norm >= 0,
             "fed.max_update_norm",

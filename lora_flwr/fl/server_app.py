@@ -28,7 +28,7 @@ from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoi
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.grid import PromptGrid
 from lora_flwr.fl.runner import layout_of
-from lora_flwr.fl.strategy import Arrays, FedLoRA
+from lora_flwr.fl.strategy import Arrays, FedLoRA, RoundView
 from lora_flwr.heap import trim_heap
 from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
@@ -93,7 +93,7 @@ def build_strategy(
             k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
         }
 
-    def save(path: Path, strategy: FedLoRA) -> None:
+    def save(path: Path, strategy: RoundView) -> None:
         base_delta = dict(strategy.state.base_delta)
         load(strategy.global_arrays(), base_delta)
         save_peft(
@@ -106,7 +106,7 @@ def build_strategy(
 
     shape = _table_shape(cfg, ws.task)
 
-    def on_round_end(record: dict[str, Any], strategy: FedLoRA) -> None:
+    def on_round_end(record: dict[str, Any], strategy: RoundView) -> None:
         history = strategy.history
         if len(history) == 1:
             print(format_header(shape), flush=True)
@@ -224,13 +224,18 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if type(grid).__name__ != "InMemoryGrid":
+        deployed = type(grid).__name__ != "InMemoryGrid"
+        if deployed:
             # A deployment's gRPC grid pulls replies every 3 s; the simulation's
             # in-memory grid already pulls every 0.1 s.
             grid = PromptGrid(grid)
         components = server_fn(context)
         strategy = components.strategy
         assert isinstance(strategy, FedLoRA)
+        # auto: a deployed server mostly waits on the network and remote clients,
+        # so evaluating meanwhile is free; simulated clients share its cores.
+        overlap = strategy.fed.eval_overlap
+        strategy.overlap_eval = overlap == "on" or (overlap == "auto" and deployed)
         if not strategy.fed.secagg:
             start_grid(grid=grid, config=components.config, strategy=strategy)
             return

@@ -12,7 +12,10 @@ One round, as Flower's server drives it::
                      started from); drop bad ones with a warning; run the rule on
                      the rest, then the server optimizer; keep the global state if
                      too few remain or the result is not finite
-    evaluate         centralised evaluation of the global adapter (+ base delta)
+    evaluate         centralised evaluation of the global adapter (+ base delta);
+                     with ``fed.eval_overlap`` it runs in a background thread
+                     during the next round, and the round's history row and
+                     checkpoint wait for it
     configure/aggregate_evaluate   federated evaluation on the clients' local
                      splits; for a personalised rule (FedSA) this is the
                      evaluation: each client's own model on its own split
@@ -30,10 +33,10 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -125,7 +128,7 @@ NDArray = npt.NDArray[np.float32]
 Arrays = dict[str, NDArray]
 # Centralised evaluation: (round, global adapter by name, base delta by module).
 EvaluateFn = Callable[[int, Arrays, Arrays], dict[str, float]]
-RoundCallback = Callable[[dict[str, Any], "FedLoRA"], None]
+RoundCallback = Callable[[dict[str, Any], "RoundView"], None]
 
 
 # Seconds a node may take to report its partition (a deployed node starts a fresh
@@ -162,6 +165,65 @@ def stats_reply(
             f"num_examples={res.num_examples}"
         )
     return stats
+
+
+class RoundView(Protocol):
+    """What ``on_round_end`` reads: the history so far and the round's state.
+
+    The strategy itself, or (under ``fed.eval_overlap``) the state a round ended
+    with, kept until its evaluation finished.
+    """
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every record up to and including the one being reported."""
+        ...
+
+    @property
+    def state(self) -> ServerState:
+        """The server state after the reported round."""
+        ...
+
+    def global_arrays(self) -> Arrays:
+        """Return the global adapter after the reported round."""
+        ...
+
+    def counters(self, server_round: int) -> dict[str, Any]:
+        """Return what a checkpoint after the reported round needs beyond the state."""
+        ...
+
+
+@dataclass(frozen=True)
+class _RoundSnapshot:
+    """A finished round as it stood, reported once its evaluation is done."""
+
+    history: list[dict[str, Any]]  # the strategy's list: complete when reported
+    state: ServerState
+    arrays: Arrays
+    saved_counters: dict[str, Any]
+
+    def global_arrays(self) -> Arrays:
+        """Return the global adapter the round ended with."""
+        return self.arrays
+
+    def counters(self, server_round: int) -> dict[str, Any]:
+        """Return the counters the round ended with."""
+        return dict(self.saved_counters)
+
+
+@dataclass
+class _PendingEval:
+    """A centralised evaluation running in the background (``fed.eval_overlap``)."""
+
+    server_round: int
+    future: Future[tuple[dict[str, float], float]]
+    target: dict[str, Any]  # the record its metrics go into
+    # Finished records waiting for the metrics, with the state each ended with.
+    held: list[tuple[dict[str, Any], _RoundSnapshot]] = field(default_factory=list)
+
+
+def _copied(arrays: Mapping[str, NDArray]) -> Arrays:
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
 @dataclass(frozen=True)
@@ -222,8 +284,9 @@ class FedLoRA(Strategy):
         Centralised evaluation ``evaluate_fn(round, arrays, base_delta)`` returning
         metrics with a ``loss`` key, or None.
     on_round_end
-        Called with the round record and the strategy after every round (save
-        checkpoints, write history, print the table row).
+        Called with each round's record and a :class:`RoundView` (the strategy,
+        or under ``fed.eval_overlap`` the state the round ended with) once the
+        record is complete (save checkpoints, write history, print the row).
     partitions
         The simulation engine's node -> partition map (in-process simulation), or
         None: nodes are then asked for their partition, once each.
@@ -257,6 +320,11 @@ class FedLoRA(Strategy):
         )
         self.evaluate_fn = evaluate_fn
         self.on_round_end = on_round_end
+        # fed.eval_overlap resolved ("auto" is decided by the ServerApp, which
+        # knows whether it runs in the simulation).
+        self.overlap_eval = cfg.fed.eval_overlap == "on"
+        self._pending: _PendingEval | None = None
+        self._eval_pool: ThreadPoolExecutor | None = None
         self.history: list[dict[str, Any]] = []
         self.partition_of: dict[str, int] = {}  # node (cid) -> partition id
         # Base version each partition holds; None: unknown (gets the whole delta).
@@ -863,10 +931,14 @@ class FedLoRA(Strategy):
 
         A personalised rule has no global model: its evaluation is federated.
         After a resume, Flower's round-0 evaluation is skipped (history has it).
+        With :attr:`overlap_eval`, every round but the last is evaluated in a
+        background thread: the previous round's evaluation is waited for first,
+        and Flower gets None (the metrics go to this strategy's history).
         """
         if self.offset and server_round == 0:
             return None
         server_round += self.offset
+        self._settle_eval()
         # The head is refitted first (before round 1 too), so that the evaluation,
         # the saved adapter and the next round's clients all get it.
         calib = self._calibrate_head(server_round) if self._refit(server_round) else {}
@@ -879,6 +951,9 @@ class FedLoRA(Strategy):
             return None
         if not self._eval_round(server_round):
             self._record.update(calib)
+            return None
+        if self.overlap_eval and server_round < self.fed.num_rounds:
+            self._start_eval(server_round, calib)
             return None
         start = time.perf_counter()
         with self._phase("server_evaluation"):
@@ -894,6 +969,65 @@ class FedLoRA(Strategy):
         else:
             self._record.update(entry)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
+
+    def _start_eval(self, server_round: int, calib: dict[str, Any]) -> None:
+        """Evaluate ``server_round``'s global adapter in the background."""
+        assert self.evaluate_fn is not None
+        evaluate_fn = self.evaluate_fn
+        arrays = _copied(self.global_arrays())
+        base_delta = _copied(self.state.base_delta)
+
+        def run() -> tuple[dict[str, float], float]:
+            start = time.perf_counter()
+            metrics = evaluate_fn(server_round, arrays, base_delta)
+            return metrics, time.perf_counter() - start
+
+        if self._eval_pool is None:
+            self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="lora-flwr-eval")
+        if server_round == 0:
+            target: dict[str, Any] = {"round": 0, **calib}
+        else:
+            target = self._record
+            target.update(calib)
+        pending = _PendingEval(server_round, self._eval_pool.submit(run), target)
+        if server_round == 0:  # nothing else goes into round 0's record
+            pending.held.append((target, self._snapshot(0)))
+        self._pending = pending
+
+    def _snapshot(self, server_round: int) -> _RoundSnapshot:
+        """Keep the state ``server_round`` ended with, to report after evaluation."""
+        state = dataclasses.replace(
+            self.state,
+            arrays=_copied(self.state.arrays),
+            base_delta=_copied(self.state.base_delta),
+            extra=_copied(self.state.extra),
+        )
+        return _RoundSnapshot(
+            history=self.history,
+            state=state,
+            arrays=_copied(self.global_arrays()),
+            saved_counters=self.counters(server_round),
+        )
+
+    def _settle_eval(self) -> None:
+        """Wait for the background evaluation, then report the rounds it held."""
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        with self._phase("server_evaluation"):  # the wait is the round's cost
+            try:
+                metrics, seconds = pending.future.result()
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the centralised evaluation of round {pending.server_round} "
+                    f"failed: {exc}"
+                ) from exc
+        pending.target.update({f"test_{k}": v for k, v in metrics.items()})
+        pending.target["eval_seconds"] = seconds
+        for rec, view in pending.held:
+            self.history.append(rec)
+            self._emit(rec, view)
 
     def _note_version(self, sent: _Sent | None, version: object) -> None:
         """Record the base version a node reports (None: unknown, send it all)."""
@@ -1124,11 +1258,18 @@ class FedLoRA(Strategy):
             self.aggregated_rounds += 1
         else:
             self.failed_rounds += 1
-        reason = self._abort_reason(int(rec.get("round", 0)))
+        rnd = int(rec.get("round", 0))
+        reason = self._abort_reason(rnd)
         if reason:
             rec["aborted"] = reason  # the run outputs skip the final adapter
-        self.history.append(rec)
         self._record = {}
+        pending = self._pending
+        if pending is not None and pending.target is rec and not reason:
+            # Reported when its evaluation is done, with the state it ended with.
+            pending.held.append((rec, self._snapshot(rnd)))
+            return
+        self._settle_eval()
+        self.history.append(rec)
         self._emit(rec)
         if reason:
             raise RunAborted(reason)
@@ -1165,10 +1306,10 @@ class FedLoRA(Strategy):
             )
         return ""
 
-    def _emit(self, rec: dict[str, Any]) -> None:
+    def _emit(self, rec: dict[str, Any], view: RoundView | None = None) -> None:
         log(INFO, "round %s: %s", rec.get("round"), _short(rec))
         if self.on_round_end is not None:
-            self.on_round_end(rec, self)
+            self.on_round_end(rec, self if view is None else view)
 
 
 def _failure_text(failure: object) -> str:

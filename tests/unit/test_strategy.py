@@ -1882,3 +1882,142 @@ def test_a_malformed_encoded_reply_is_dropped_and_the_rest_aggregated(
     assert len(warnings) == 1
     assert "dropped reply of client node-2 (partition 2)" in warnings[0]
     assert message in warnings[0]
+
+
+# ------------------------------------------------------------- eval overlap
+def _legacy_rounds(
+    strategy: FedLoRA, rounds: int, between: Callable[[int], None] = lambda r: None
+) -> list[object]:
+    """Drive ``strategy`` as Flower's legacy server loop does; return evaluate()s."""
+    manager = _manager()
+    returned = [strategy.evaluate(0, NO_PARAMS)]
+    for rnd in range(1, rounds + 1):
+        sent = _configure(strategy, manager, rnd)
+        between(rnd)
+        results = [
+            (sent[p][0], _res(_full(float(rnd + p)), 1 + p, pid=p)) for p in sent
+        ]
+        strategy.aggregate_fit(rnd, results, [])
+        returned.append(strategy.evaluate(rnd, NO_PARAMS))
+        assert strategy.configure_evaluate(rnd, NO_PARAMS, manager) == []
+    return returned
+
+
+def _reports(
+    strategy: FedLoRA,
+) -> list[tuple[dict[str, Any], int, Arrays, dict[str, Any]]]:
+    """Collect, per on_round_end, the record, history length, adapter, counters."""
+    out: list[tuple[dict[str, Any], int, Arrays, dict[str, Any]]] = []
+
+    def report(rec: dict[str, Any], view: Any) -> None:
+        arrays = {n: a.copy() for n, a in view.global_arrays().items()}
+        rnd = int(rec["round"])
+        out.append((dict(rec), len(view.history), arrays, view.counters(rnd)))
+
+    strategy.on_round_end = report
+    return out
+
+
+def test_overlapped_evaluation_reports_what_sequential_evaluation_does() -> None:
+    # Prepare: the same three rounds, evaluation after each, off and on.
+    plain, plain_calls = _evaluating(num_rounds=3)
+    overlapped, overlapped_calls = _evaluating(num_rounds=3, eval_overlap="on")
+    assert overlapped.overlap_eval and not plain.overlap_eval
+    want, got = _reports(plain), _reports(overlapped)
+
+    # Execute
+    plain_returns = _legacy_rounds(plain, 3)
+    overlapped_returns = _legacy_rounds(overlapped, 3)
+
+    # Assert: Flower gets metrics only for the last (synchronous) evaluation;
+    # every record, its history position, adapter and counters are as without.
+    assert all(r is not None for r in plain_returns)
+    assert overlapped_returns[:3] == [None, None, None]
+    assert overlapped_returns[3] == plain_returns[3]
+    assert [c[0] for c in overlapped_calls] == [c[0] for c in plain_calls]
+    assert len(got) == len(want) == 4
+    timing = {"round_seconds", "eval_seconds", "started_at", "fit_done_at"}
+    for (rec_w, len_w, arr_w, cnt_w), (rec_g, len_g, arr_g, cnt_g) in zip(
+        want, got, strict=True
+    ):
+        assert {
+            k: v for k, v in rec_g.items() if k not in timing and "seconds" not in k
+        } == {k: v for k, v in rec_w.items() if k not in timing and "seconds" not in k}
+        assert rec_g["test_loss"] == 0.5 + rec_g["round"]
+        assert len_g == len_w == rec_g["round"] + 1
+        assert cnt_g == cnt_w
+        for name in LAYOUT.names:
+            np.testing.assert_array_equal(arr_g[name], arr_w[name])
+    assert overlapped.history == [r for r, *_ in got]
+
+
+def test_overlapped_evaluation_runs_while_the_next_round_trains() -> None:
+    import threading
+
+    # Prepare: round 0's evaluation can only finish once round 1 was sent out.
+    sent_round_1 = threading.Event()
+    threads: dict[int, str] = {}
+
+    def evaluate_fn(rnd: int, arrays: Arrays, base_delta: Arrays) -> dict[str, float]:
+        threads[rnd] = threading.current_thread().name
+        if rnd == 0 and not sent_round_1.wait(timeout=30):
+            raise AssertionError("round 0's evaluation blocked round 1")
+        return {"loss": 1.0, "accuracy": 0.5}
+
+    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=2, eval_overlap="on")
+    reports = _reports(strategy)
+
+    def between(rnd: int) -> None:
+        if rnd == 1:
+            assert reports == []  # round 0 is reported after its evaluation
+            sent_round_1.set()
+
+    # Execute
+    _legacy_rounds(strategy, 2, between)
+
+    # Assert: rounds 0 and 1 in the background, the last in the caller's thread.
+    assert threads[0].startswith("lora-flwr-eval")
+    assert threads[1].startswith("lora-flwr-eval")
+    assert threads[2] == threading.current_thread().name
+    assert [r["round"] for r, *_ in reports] == [0, 1, 2]
+    assert all(r["test_accuracy"] == 0.5 for r, *_ in reports)
+
+
+def test_a_failed_background_evaluation_stops_the_next_round() -> None:
+    # Prepare: round 1's evaluation raises in the background thread.
+    def evaluate_fn(rnd: int, arrays: Arrays, base_delta: Arrays) -> dict[str, float]:
+        if rnd == 1:
+            raise ValueError("the held-out file vanished")
+        return {"loss": 1.0}
+
+    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=3, eval_overlap="on")
+    reports = _reports(strategy)
+
+    # Execute / Assert: named at the next evaluation; round 1 never reported.
+    with pytest.raises(
+        RuntimeError, match="evaluation of round 1 failed: the held-out file vanished"
+    ):
+        _legacy_rounds(strategy, 3)
+    assert [r["round"] for r, *_ in reports] == [0]
+
+
+def test_an_aborting_round_waits_for_its_evaluation() -> None:
+    # Prepare: every client fails; the second failed round stops the run.
+    strategy, _ = _evaluating(num_rounds=5, max_failed_rounds=1, eval_overlap="on")
+    reports = _reports(strategy)
+    manager = _manager()
+    strategy.evaluate(0, NO_PARAMS)
+
+    # Execute
+    for rnd in (1, 2):
+        _configure(strategy, manager, rnd)
+        strategy.aggregate_fit(rnd, [], [RuntimeError("out of memory")])
+        strategy.evaluate(rnd, NO_PARAMS)
+        if rnd == 1:
+            strategy.configure_evaluate(rnd, NO_PARAMS, manager)
+    with pytest.raises(RunAborted, match="2 consecutive rounds"):
+        strategy.configure_evaluate(2, NO_PARAMS, manager)
+
+    # Assert: the aborted round is reported with its evaluation.
+    assert [r["round"] for r, *_ in reports] == [0, 1, 2]
+    assert reports[2][0]["test_loss"] == 2.5 and reports[2][0]["aborted"]
