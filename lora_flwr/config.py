@@ -46,9 +46,6 @@ HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
 # How the server refits the head between rounds (fed.head_calibration).
 HeadCalibration = Literal["none", "lda"]
 HEAD_CALIBRATIONS: tuple[str, ...] = typing.get_args(HeadCalibration)
-# Whether the server evaluates round t while round t + 1 trains (fed.eval_overlap).
-EvalOverlap = Literal["auto", "on", "off"]
-EVAL_OVERLAPS: tuple[str, ...] = typing.get_args(EvalOverlap)
 # Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
 # two equal).
 Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
@@ -413,12 +410,13 @@ class FedConfig:
     prox_mu: float = 0.0  # FedProx proximal term mu on the client (0: off)
     lr_decay: float = 1.0  # client lr in round t = train.lr * lr_decay ** (t - 1)
     eval_every: int = 1  # centralised evaluation every N rounds (0: only at the end)
-    # on: the server's centralised evaluation of round t runs in a background
-    # thread while round t + 1's messages travel and its clients train; round t's
-    # history row and checkpoint are written when it is done. Same numbers as off.
-    # auto: on in a deployment (the server then waits on the network and remote
-    # clients), off in the simulation (its clients share the driver's cores).
-    eval_overlap: EvalOverlap = "auto"
+    # The server's centralised evaluation of round t runs in a background thread
+    # while round t + 1's messages travel and its clients train; round t's history
+    # row and checkpoint are written when it is done. Same numbers either way. Pays
+    # off when the ServerApp has cores of its own (a deployment's server machine);
+    # where it shares them with the clients (the simulation, a one-machine
+    # deployment) the two compete (docs/BENCHMARKS.md).
+    eval_overlap: bool = False
     max_update_norm: float = (
         0.0  # reject replies whose update norm exceeds this (0: off)
     )
@@ -558,12 +556,6 @@ class FedConfig:
         )
         _check(0 < self.lr_decay <= 1.0, "fed.lr_decay", self.lr_decay, "in (0, 1]")
         _check(self.eval_every >= 0, "fed.eval_every", self.eval_every, ">= 0")
-        _check(
-            self.eval_overlap in EVAL_OVERLAPS,
-            "fed.eval_overlap",
-            self.eval_overlap,
-            f"one of {EVAL_OVERLAPS}",
-        )
         _check(
             self.max_update_norm >= 0,
             "fed.max_update_norm",

@@ -224,18 +224,13 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        deployed = type(grid).__name__ != "InMemoryGrid"
-        if deployed:
+        if type(grid).__name__ != "InMemoryGrid":
             # A deployment's gRPC grid pulls replies every 3 s; the simulation's
             # in-memory grid already pulls every 0.1 s.
             grid = PromptGrid(grid)
         components = server_fn(context)
         strategy = components.strategy
         assert isinstance(strategy, FedLoRA)
-        # auto: a deployed server mostly waits on the network and remote clients,
-        # so evaluating meanwhile is free; simulated clients share its cores.
-        overlap = strategy.fed.eval_overlap
-        strategy.overlap_eval = overlap == "on" or (overlap == "auto" and deployed)
         if not strategy.fed.secagg:
             start_grid(grid=grid, config=components.config, strategy=strategy)
             return

@@ -320,9 +320,7 @@ class FedLoRA(Strategy):
         )
         self.evaluate_fn = evaluate_fn
         self.on_round_end = on_round_end
-        # fed.eval_overlap resolved ("auto" is decided by the ServerApp, which
-        # knows whether it runs in the simulation).
-        self.overlap_eval = cfg.fed.eval_overlap == "on"
+        self.overlap_eval = cfg.fed.eval_overlap
         self._pending: _PendingEval | None = None
         self._eval_pool: ThreadPoolExecutor | None = None
         self.history: list[dict[str, Any]] = []

@@ -75,7 +75,8 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
 
 # What each deployment run sets on top of the smoke config.
 VARIANTS = {
-    "fedit": ["fed.aggregation=fedit"],
+    # The server evaluates round t while round t + 1 travels and trains.
+    "fedit": ["fed.aggregation=fedit", "fed.eval_overlap=true"],
     "fedsa": ["fed.aggregation=fedsa"],
     # The server's head refit asks every SuperNode for its class statistics.
     "lda": ["fed.aggregation=fedit", "fed.head_calibration=lda"],
@@ -189,6 +190,15 @@ def test_deploy_local_two_supernodes_smoke(
     assert b_names and all(n in changed for n in b_names)  # B starts at 0, is trained
     if variant == "lda":
         _check_lda(cfg, history, run_dir)
+    if cfg.fed.eval_overlap:
+        # Round 1's checkpoint holds round 1's adapter, written after round 2 began.
+        ws.adapter.load(run_dir / "checkpoints" / "round-001")
+        first = ws.adapter.get_weights()
+        ws.adapter.load(run_dir / "checkpoints" / "round-002")
+        last = ws.adapter.get_weights()
+        ws.reset_adapter()
+        assert all(np.array_equal(a, b) for a, b in zip(last, final, strict=True))
+        assert not all(np.array_equal(a, b) for a, b in zip(first, last, strict=True))
 
 
 def _check_lda(cfg: ExperimentConfig, history: list[Any], run_dir: Path) -> None:

@@ -86,3 +86,43 @@ def test_smoke_simulation_learns_and_writes_outputs(tmp_path: Path) -> None:
         assert not np.array_equal(got, start), name
     loss = ws.trainer.evaluate(held_out_data(ws, cfg), progress=False)["loss"]
     assert loss == pytest.approx(history[-1]["test_loss"], rel=1e-5)
+
+
+def _without_timing(rec: dict[str, object]) -> dict[str, object]:
+    return {
+        k: v
+        for k, v in rec.items()
+        if "seconds" not in k and not k.endswith("_at") and k != "workers"
+    }
+
+
+@pytest.mark.slow
+def test_overlapped_evaluation_gives_the_same_run(tmp_path: Path) -> None:
+    # Prepare: three rounds of the smoke job, evaluation in turn and overlapped.
+    base = dataclasses.replace(
+        ExperimentConfig.from_toml(SMOKE), output_dir=str(tmp_path)
+    ).with_overrides(["fed.num_rounds=3"])
+    runs = {}
+
+    # Execute
+    for overlap in (False, True):
+        clear_caches()
+        cfg = base.with_overrides(
+            [f"name=overlap-{overlap}", f"fed.eval_overlap={overlap}"]
+        )
+        runs[overlap] = run(cfg)
+
+    # Assert: the same records (round 0 to 3, in order) and the same checkpoint
+    # for every round: each round's own state, though written a round later.
+    plain, overlapped = (read_history(runs[k]) for k in (False, True))
+    assert [r["round"] for r in overlapped] == [0, 1, 2, 3]
+    assert [_without_timing(r) for r in overlapped] == [
+        _without_timing(r) for r in plain
+    ]
+    for rnd in ("round-001", "round-002", "round-003"):
+        for path in sorted((runs[False] / "checkpoints" / rnd).iterdir()):
+            twin = runs[True] / "checkpoints" / rnd / path.name
+            assert twin.read_bytes() == path.read_bytes(), twin
+    first = runs[True] / "checkpoints" / "round-001" / "adapter_model.safetensors"
+    last = runs[True] / "adapter" / "adapter_model.safetensors"
+    assert first.read_bytes() != last.read_bytes()

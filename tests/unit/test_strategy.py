@@ -1921,7 +1921,7 @@ def _reports(
 def test_overlapped_evaluation_reports_what_sequential_evaluation_does() -> None:
     # Prepare: the same three rounds, evaluation after each, off and on.
     plain, plain_calls = _evaluating(num_rounds=3)
-    overlapped, overlapped_calls = _evaluating(num_rounds=3, eval_overlap="on")
+    overlapped, overlapped_calls = _evaluating(num_rounds=3, eval_overlap=True)
     assert overlapped.overlap_eval and not plain.overlap_eval
     want, got = _reports(plain), _reports(overlapped)
 
@@ -1964,7 +1964,7 @@ def test_overlapped_evaluation_runs_while_the_next_round_trains() -> None:
             raise AssertionError("round 0's evaluation blocked round 1")
         return {"loss": 1.0, "accuracy": 0.5}
 
-    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=2, eval_overlap="on")
+    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=2, eval_overlap=True)
     reports = _reports(strategy)
 
     def between(rnd: int) -> None:
@@ -1990,7 +1990,7 @@ def test_a_failed_background_evaluation_stops_the_next_round() -> None:
             raise ValueError("the held-out file vanished")
         return {"loss": 1.0}
 
-    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=3, eval_overlap="on")
+    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=3, eval_overlap=True)
     reports = _reports(strategy)
 
     # Execute / Assert: named at the next evaluation; round 1 never reported.
@@ -2003,7 +2003,7 @@ def test_a_failed_background_evaluation_stops_the_next_round() -> None:
 
 def test_an_aborting_round_waits_for_its_evaluation() -> None:
     # Prepare: every client fails; the second failed round stops the run.
-    strategy, _ = _evaluating(num_rounds=5, max_failed_rounds=1, eval_overlap="on")
+    strategy, _ = _evaluating(num_rounds=5, max_failed_rounds=1, eval_overlap=True)
     reports = _reports(strategy)
     manager = _manager()
     strategy.evaluate(0, NO_PARAMS)
