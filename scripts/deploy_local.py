@@ -3,6 +3,8 @@
     python scripts/deploy_local.py [--config configs/smoke.toml] [--num-supernodes 2]
                                    [--set fed.num_rounds=3 ...] [--output-dir DIR]
                                    [--tls-dir DIR [--generate-certs] | --insecure]
+                                   [--node-threads N] [--server-cpus LIST]
+                                   [--node-cpus LIST]
 
 Every component is a separate OS process talking HTTPS over loopback, exactly as
 on separate machines (see docs/DEPLOYMENT.md). Secure by default: TLS on every
@@ -32,6 +34,11 @@ a directory that holds them (``--generate-certs`` writes fresh ones there first)
 ``--insecure`` (explicit opt-in, with a warning) skips TLS and authentication:
 ``--insecure`` on both binaries, ``insecure = true`` in the connection, no keys,
 and any process on this machine can join as a SuperNode.
+
+``--server-cpus`` / ``--node-cpus`` pin the SuperLink side (SuperLink, its
+SuperExec, the ServerApp) and the SuperNodes (with their SuperExecs and ClientApp
+processes) to CPU sets, so that on one machine the server can have cores of its
+own, as it would on separate machines.
 
 Results go to ``<output_dir>/<name>/`` (history.json, adapter/, checkpoints/); the
 processes' logs, the run config sent, the final ``flwr ls`` answer (runs.json),
@@ -211,9 +218,19 @@ class Processes:
         return env
 
     def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str], cwd: Path = REPO
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: dict[str, str],
+        cwd: Path = REPO,
+        cpus: frozenset[int] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in a new session; stdout+stderr go to ``<name>.log``."""
+        """Start ``argv`` in a new session; stdout+stderr go to ``<name>.log``.
+
+        ``cpus`` pins the process to those CPUs as soon as it exists, before it
+        starts any helper (its SuperExec, ServerApp or ClientApp processes), which
+        inherit the pinning.
+        """
         log = (self.log_dir / f"{name}.log").open("wb")
         self._files.append(log)
         proc = subprocess.Popen(
@@ -226,7 +243,10 @@ class Processes:
             start_new_session=True,
         )
         self.procs[name] = proc
-        print(f"started {name:<14} pid={proc.pid}  log={log.name}", flush=True)
+        if cpus is not None:
+            os.sched_setaffinity(proc.pid, cpus)
+        pinned = f"  cpus={format_cpus(cpus)}" if cpus is not None else ""
+        print(f"started {name:<14} pid={proc.pid}  log={log.name}{pinned}", flush=True)
         self.write_pids()
         return proc
 
@@ -630,12 +650,52 @@ def cli_connection(address: str, creds: Credentials | None) -> dict[str, Any]:
     return {"address": address, "root-certificates": str(creds.ca_cert)}
 
 
+def parse_cpus(text: str) -> frozenset[int]:
+    """Parse a CPU list such as ``0``, ``0-3`` or ``0,2-3`` (as ``taskset -c``).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        If the list is malformed or names a CPU this process may not use.
+    """
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, dash, high = part.strip().partition("-")
+            first, last = int(low), int(high if dash else low)
+            if first < 0 or last < first:
+                raise ValueError(part)
+            cpus.update(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a CPU list such as 0, 0-3 or 0,2-3"
+        ) from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus <= allowed:
+        raise argparse.ArgumentTypeError(
+            f"CPUs {format_cpus(frozenset(cpus - allowed))} are not available here "
+            f"(this process may use {format_cpus(frozenset(allowed))})"
+        )
+    return frozenset(cpus)
+
+
+def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+    """``0,2,3`` for a set of CPUs."""
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def start_superlink(
-    procs: Processes, flwr_home: Path, creds: Credentials | None, timeout: float = 60
+    procs: Processes,
+    flwr_home: Path,
+    creds: Credentials | None,
+    timeout: float = 60,
+    cpus: frozenset[int] | None = None,
 ) -> str:
     """Start the SuperLink on a free port, wait until it listens; return host:port."""
     port = free_port()
-    procs.start("superlink", superlink_argv(port, creds), procs.env(flwr_home))
+    procs.start(
+        "superlink", superlink_argv(port, creds), procs.env(flwr_home), cpus=cpus
+    )
     _wait_listening(port, procs, timeout)
     return f"127.0.0.1:{port}"
 
@@ -728,6 +788,8 @@ def deploy(
     tls_dir: Path | None = None,
     generate_certs: bool = False,
     node_threads: int | None = None,
+    server_cpus: frozenset[int] | None = None,
+    node_cpus: frozenset[int] | None = None,
 ) -> Path:
     """Run ``cfg`` on a real local SuperLink + SuperNodes; return the run dir.
 
@@ -752,6 +814,11 @@ def deploy(
         machine's cores shared between the nodes, at least 1 (every node runs on
         this machine; with torch's default each would use every core, and two
         nodes on 2 cores trained 4x slower, see docs/BENCHMARKS.md). 0: not set.
+    server_cpus, node_cpus
+        CPUs the SuperLink side (SuperLink, its SuperExec, the ServerApp) and the
+        SuperNodes (with their SuperExecs and ClientApp processes) are pinned to;
+        None: not pinned. Disjoint sets give the server cores of its own, as on
+        separate machines.
 
     Returns
     -------
@@ -779,7 +846,9 @@ def deploy(
                 creds = prepare_credentials(
                     tls_dir, generate_certs, num_supernodes, homes / "tls"
                 )
-            address = start_superlink(procs, homes / "superlink", creds)
+            address = start_superlink(
+                procs, homes / "superlink", creds, cpus=server_cpus
+            )
             cli_home = homes / "cli"
             write_cli_config(cli_home, CONNECTION, cli_connection(address, creds))
             env = procs.env(cli_home)
@@ -803,6 +872,7 @@ def deploy(
                         insecure=creds is None,
                     ),
                     procs.env(homes / name),
+                    cpus=node_cpus,
                 )
             if creds is not None:
                 online = wait_for_supernodes(
@@ -926,6 +996,21 @@ def parse_deploy_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="torch threads per SuperNode (node config num-threads); default: the "
         "cores shared between the nodes; 0: torch's default (every core)",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=parse_cpus,
+        default=None,
+        metavar="LIST",
+        help="pin the SuperLink, its SuperExec and the ServerApp to these CPUs "
+        "(e.g. 0 or 0-1 or 0,2); default: not pinned",
+    )
+    parser.add_argument(
+        "--node-cpus",
+        type=parse_cpus,
+        default=None,
+        metavar="LIST",
+        help="pin the SuperNodes and their ClientApp processes to these CPUs",
+    )
     sec.add_argument(
         "--insecure",
         action="store_true",
@@ -963,6 +1048,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_dir=args.tls_dir,
             generate_certs=args.generate_certs,
             node_threads=args.node_threads,
+            server_cpus=args.server_cpus,
+            node_cpus=args.node_cpus,
         )
     except (DeployError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"\nERROR: {exc}", file=sys.stderr, flush=True)
