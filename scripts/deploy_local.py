@@ -766,14 +766,17 @@ def register_nodes(
     return table
 
 
-def node_config(pid: int, num_supernodes: int, node_threads: int | None) -> str:
+def node_config(
+    pid: int, num_supernodes: int, node_threads: int | None, cores: int | None = None
+) -> str:
     """The ``--node-config`` of SuperNode ``pid`` on this machine.
 
-    ``node_threads`` None shares the machine's cores between the nodes (at least
-    one each); 0 leaves ``num-threads`` out (torch's default: every core).
+    ``node_threads`` None shares ``cores`` (default: the machine's; the pinned
+    set under ``--node-cpus``) between the nodes, at least one each; 0 leaves
+    ``num-threads`` out (torch's default: every core).
     """
     if node_threads is None:
-        node_threads = max(1, (os.cpu_count() or 1) // num_supernodes)
+        node_threads = max(1, (cores or os.cpu_count() or 1) // num_supernodes)
     text = f"partition-id={pid} num-partitions={num_supernodes}"
     return text + (f" num-threads={node_threads}" if node_threads > 0 else "")
 
@@ -818,7 +821,8 @@ def deploy(
         CPUs the SuperLink side (SuperLink, its SuperExec, the ServerApp) and the
         SuperNodes (with their SuperExecs and ClientApp processes) are pinned to;
         None: not pinned. Disjoint sets give the server cores of its own, as on
-        separate machines.
+        separate machines. Pinned nodes share ``node_cpus`` when ``node_threads``
+        is None.
 
     Returns
     -------
@@ -866,7 +870,12 @@ def deploy(
                     supernode_argv(
                         address,
                         free_port(),
-                        node_config(pid, num_supernodes, node_threads),
+                        node_config(
+                            pid,
+                            num_supernodes,
+                            node_threads,
+                            cores=len(node_cpus) if node_cpus else None,
+                        ),
                         root_certificates=creds.ca_cert if creds else None,
                         auth_key=creds.node_keys[pid].private if creds else None,
                         insecure=creds is None,

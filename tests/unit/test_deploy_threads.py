@@ -22,6 +22,13 @@ def test_nodes_share_the_cores_by_default(monkeypatch: pytest.MonkeyPatch) -> No
     assert deploy_local.node_config(0, 16, None).endswith(" num-threads=1")
 
 
+def test_pinned_nodes_share_their_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert deploy_local.node_config(0, 2, None, cores=1).endswith(" num-threads=1")
+    assert deploy_local.node_config(0, 2, None, cores=4).endswith(" num-threads=2")
+    assert deploy_local.node_config(0, 2, 3, cores=4).endswith(" num-threads=3")
+
+
 def test_explicit_threads_and_torch_default() -> None:
     assert deploy_local.node_config(0, 2, 3).endswith(" num-threads=3")
     assert deploy_local.node_config(0, 2, 0) == "partition-id=0 num-partitions=2"
