@@ -226,6 +226,20 @@ def _copied(arrays: Mapping[str, NDArray]) -> Arrays:
     return {k: np.array(v, copy=True) for k, v in arrays.items()}
 
 
+def _timed_eval(
+    evaluate_fn: EvaluateFn, server_round: int, arrays: Arrays, base_delta: Arrays
+) -> tuple[dict[str, float], float]:
+    """Run ``evaluate_fn``; return its metrics and the seconds it took."""
+    start = time.perf_counter()
+    metrics = evaluate_fn(server_round, arrays, base_delta)
+    return metrics, time.perf_counter() - start
+
+
+def _eval_fields(metrics: Mapping[str, float], seconds: float) -> dict[str, Any]:
+    """Return the history fields of one centralised evaluation."""
+    return {**{f"test_{k}": v for k, v in metrics.items()}, "eval_seconds": seconds}
+
+
 @dataclass(frozen=True)
 class _Sent:
     """What the server sent one client this round (to check its reply against)."""
@@ -953,14 +967,14 @@ class FedLoRA(Strategy):
         if self.overlap_eval and server_round < self.fed.num_rounds:
             self._start_eval(server_round, calib)
             return None
-        start = time.perf_counter()
         with self._phase("server_evaluation"):
-            metrics = self.evaluate_fn(
-                server_round, self.global_arrays(), dict(self.state.base_delta)
+            metrics, seconds = _timed_eval(
+                self.evaluate_fn,
+                server_round,
+                self.global_arrays(),
+                dict(self.state.base_delta),
             )
-        entry: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
-        entry["eval_seconds"] = time.perf_counter() - start
-        entry.update(calib)
+        entry = {**_eval_fields(metrics, seconds), **calib}
         if server_round == 0:
             self.history.append({"round": 0, **entry})
             self._emit(self.history[-1])
@@ -971,25 +985,24 @@ class FedLoRA(Strategy):
     def _start_eval(self, server_round: int, calib: dict[str, Any]) -> None:
         """Evaluate ``server_round``'s global adapter in the background."""
         assert self.evaluate_fn is not None
-        evaluate_fn = self.evaluate_fn
-        arrays = _copied(self.global_arrays())
-        base_delta = _copied(self.state.base_delta)
-
-        def run() -> tuple[dict[str, float], float]:
-            start = time.perf_counter()
-            metrics = evaluate_fn(server_round, arrays, base_delta)
-            return metrics, time.perf_counter() - start
-
+        snap = self._snapshot(server_round)  # what the thread reads: a copy
         if self._eval_pool is None:
             self._eval_pool = ThreadPoolExecutor(1, thread_name_prefix="lora-flwr-eval")
+        future = self._eval_pool.submit(
+            _timed_eval,
+            self.evaluate_fn,
+            server_round,
+            snap.global_arrays(),
+            dict(snap.state.base_delta),
+        )
         if server_round == 0:
             target: dict[str, Any] = {"round": 0, **calib}
         else:
             target = self._record
             target.update(calib)
-        pending = _PendingEval(server_round, self._eval_pool.submit(run), target)
+        pending = _PendingEval(server_round, future, target)
         if server_round == 0:  # nothing else goes into round 0's record
-            pending.held.append((target, self._snapshot(0)))
+            pending.held.append((target, snap))
         self._pending = pending
 
     def _snapshot(self, server_round: int) -> _RoundSnapshot:
@@ -1003,7 +1016,7 @@ class FedLoRA(Strategy):
         return _RoundSnapshot(
             history=self.history,
             state=state,
-            arrays=_copied(self.global_arrays()),
+            arrays=self.rule.global_arrays(state),  # from the copy
             saved_counters=self.counters(server_round),
         )
 
@@ -1021,8 +1034,7 @@ class FedLoRA(Strategy):
                     f"the centralised evaluation of round {pending.server_round} "
                     f"failed: {exc}"
                 ) from exc
-        pending.target.update({f"test_{k}": v for k, v in metrics.items()})
-        pending.target["eval_seconds"] = seconds
+        pending.target.update(_eval_fields(metrics, seconds))
         for rec, view in pending.held:
             self.history.append(rec)
             self._emit(rec, view)
