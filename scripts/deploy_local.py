@@ -25,8 +25,9 @@ a directory that holds them (``--generate-certs`` writes fresh ones there first)
    "partition-id=i num-partitions=N"`` (own FLWR_HOME, own port); wait until
    ``flwr supernode list`` shows every registered node id ``online``;
 5. ``flwr run . <name> --run-config <flat toml> --stream``;
-6. poll ``flwr ls --format json`` until the run is ``finished:*`` (``flwr run``
-   exits 0 even when the run failed, so its exit code proves nothing);
+6. wait for ``flwr run --stream`` to exit (its log stream ends with the run),
+   then poll ``flwr ls --format json`` until the run is ``finished:*`` (``flwr
+   run`` exits 0 even when the run failed, so its exit code proves nothing);
 7. stop every process started here and every helper they spawned (found by the
    ``LORA_FLWR_DEPLOY_TAG`` environment tag they all inherit): SIGTERM, then
    SIGKILL; also on error, Ctrl-C or SIGTERM.
@@ -76,6 +77,13 @@ REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "local-deployment"
 POLL_SECONDS = 2.0
 LS_ATTEMPTS = 3  # consecutive failed `flwr ls` calls that end the wait
+# Each `flwr ls` is a fresh Python process that imports Flower: 1.2-2 CPU-seconds.
+# Polled every 2 s, it took a third of a core from the run it watched (27 calls,
+# 40 CPU-seconds in a 128 s run on a 2-core machine). While `flwr run --stream`
+# is alive (its stream ends when the run does), its exit is the signal, and
+# `flwr ls` runs only rarely.
+LS_WHILE_STREAMING_SECONDS = 60.0
+STREAM_CHECK_SECONDS = 0.5
 TAG_VAR = "LORA_FLWR_DEPLOY_TAG"
 # Seconds for every registered SuperNode to come online (≈6 s when idle; a loaded
 # 2-core machine needs far more because each node imports flwr from scratch).
@@ -486,12 +494,24 @@ def wait_for_run(
     procs: Processes,
     watch: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Poll ``flwr ls`` until the (only) run is finished; return its record."""
+    """Wait until the (only) run is finished; return its ``flwr ls`` record.
+
+    While ``flwr run --stream`` (``procs.procs["flwr-run"]``) is alive, only its
+    exit is watched, with one ``flwr ls`` every ``LS_WHILE_STREAMING_SECONDS``
+    in case the stream hangs; once it has exited, ``flwr ls`` is polled every
+    ``POLL_SECONDS`` until the run's status is ``finished:*``.
+    """
     deadline = time.monotonic() + timeout
+    stream = procs.procs["flwr-run"]
     last: dict[str, Any] = {}
     misses = 0
+    next_ls = time.monotonic() + LS_WHILE_STREAMING_SECONDS
     while time.monotonic() < deadline:
         procs.check_alive(watch)
+        streaming = stream.poll() is None
+        if streaming and time.monotonic() < next_ls:
+            time.sleep(STREAM_CHECK_SECONDS)
+            continue
         try:
             runs = list_runs(env, connection)
         except DeployError:
@@ -507,12 +527,15 @@ def wait_for_run(
             last = runs[-1]
             if str(last.get("status", "")).startswith("finished"):
                 return last
-        elif procs.procs["flwr-run"].poll() is not None:
+        elif not streaming:
             raise DeployError(
                 "`flwr run` exited without submitting a run:\n"
                 + tail(procs.log_dir / "flwr-run.log")
             )
-        time.sleep(POLL_SECONDS)
+        next_ls = time.monotonic() + (
+            LS_WHILE_STREAMING_SECONDS if streaming else POLL_SECONDS
+        )
+        time.sleep(STREAM_CHECK_SECONDS if streaming else POLL_SECONDS)
     status = last.get("status", "not submitted")
     raise DeployError(
         f"the run did not finish within {timeout:.0f} s (status: {status})"
