@@ -23,6 +23,22 @@ def _stream(procs: deploy_local.Processes, seconds: float) -> None:
     procs.start("flwr-run", [sys.executable, "-c", code], dict(os.environ))
 
 
+def _ended_stream(tmp_path: Path) -> deploy_local.Processes:
+    """Processes whose ``flwr-run`` stand-in has already exited."""
+    procs = deploy_local.Processes(tmp_path, tag="wait-test")
+    _stream(procs, 0.0)
+    procs.procs["flwr-run"].wait(timeout=30)
+    return procs
+
+
+def _wait(procs: deploy_local.Processes, timeout: float) -> dict[str, Any]:
+    """``wait_for_run`` on ``procs``; every process is stopped afterwards."""
+    try:
+        return deploy_local.wait_for_run({}, "c", timeout, procs)
+    finally:
+        procs.stop_all()
+
+
 def test_the_stream_exit_ends_the_wait_with_one_ls_call(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -40,10 +56,7 @@ def test_the_stream_exit_ends_the_wait_with_one_ls_call(
     monkeypatch.setattr(deploy_local, "STREAM_CHECK_SECONDS", 0.05)
 
     # Execute
-    try:
-        run = deploy_local.wait_for_run({}, "c", 60, procs)
-    finally:
-        procs.stop_all()
+    run = _wait(procs, 60)
 
     # Assert: no `flwr ls` while the stream ran, one after it ended.
     assert run == FINISHED[0]
@@ -68,10 +81,7 @@ def test_a_hanging_stream_is_checked_with_flwr_ls_now_and_then(
     monkeypatch.setattr(deploy_local, "LS_WHILE_STREAMING_SECONDS", 0.3)
 
     # Execute
-    try:
-        run = deploy_local.wait_for_run({}, "c", 30, procs)
-    finally:
-        procs.stop_all()
+    run = _wait(procs, 30)
 
     # Assert: three spaced calls, all while the stream was alive.
     assert run == FINISHED[0]
@@ -82,26 +92,19 @@ def test_a_stream_that_exits_without_a_run_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: the stream exits at once and the SuperLink lists no run.
-    procs = deploy_local.Processes(tmp_path, tag="wait-test")
-    _stream(procs, 0.0)
-    procs.procs["flwr-run"].wait(timeout=30)
+    procs = _ended_stream(tmp_path)
     monkeypatch.setattr(deploy_local, "list_runs", lambda env, connection: [])
 
     # Execute / Assert
-    try:
-        with pytest.raises(deploy_local.DeployError, match="without submitting a run"):
-            deploy_local.wait_for_run({}, "c", 30, procs)
-    finally:
-        procs.stop_all()
+    with pytest.raises(deploy_local.DeployError, match="without submitting a run"):
+        _wait(procs, 30)
 
 
 def test_repeated_ls_failures_after_the_stream_end_the_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: the stream has exited and every `flwr ls` fails.
-    procs = deploy_local.Processes(tmp_path, tag="wait-test")
-    _stream(procs, 0.0)
-    procs.procs["flwr-run"].wait(timeout=30)
+    procs = _ended_stream(tmp_path)
     calls: list[int] = []
 
     def failing_ls(env: dict[str, str], connection: str) -> list[dict[str, Any]]:
@@ -112,9 +115,6 @@ def test_repeated_ls_failures_after_the_stream_end_the_wait(
     monkeypatch.setattr(deploy_local, "POLL_SECONDS", 0.01)
 
     # Execute / Assert
-    try:
-        with pytest.raises(deploy_local.DeployError, match="health probe"):
-            deploy_local.wait_for_run({}, "c", 30, procs)
-    finally:
-        procs.stop_all()
+    with pytest.raises(deploy_local.DeployError, match="health probe"):
+        _wait(procs, 30)
     assert len(calls) == deploy_local.LS_ATTEMPTS
