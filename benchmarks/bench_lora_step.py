@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -43,6 +41,7 @@ from torch import nn
 from lora_flwr.config import DataConfig, LoraConfig, ModelConfig
 from lora_flwr.data import load_splits
 from lora_flwr.lora import LoRAAdapter
+from lora_flwr.machine import cpu_model_name
 from lora_flwr.models import load_model
 
 R = 8
@@ -372,14 +371,7 @@ def print_report(res: dict) -> None:
 
 def machine() -> dict[str, str]:
     """CPU model name and library versions."""
-    cpu = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True)
-        for line in out.stdout.splitlines():
-            if line.startswith("Model name:"):
-                cpu = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
+    cpu = cpu_model_name()
     import peft
     import transformers
 

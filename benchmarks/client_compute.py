@@ -50,6 +50,7 @@ from lora_flwr.experiment import (  # noqa: E402
     get_workspace,
     heldout_data,
 )
+from lora_flwr.machine import cpu_model_name  # noqa: E402
 
 VARIANTS = ("transformers", "native, torch dropout", "native")
 
@@ -76,13 +77,7 @@ def dropout_from_torch(on: bool) -> Iterator[None]:
 
 def cpu_model() -> str:
     """``lscpu``'s model name and the logical CPU count."""
-    name = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {torch.get_num_threads()} torch threads"
+    return f"{cpu_model_name()}, {torch.get_num_threads()} torch threads"
 
 
 def timed(fn: Callable[[], dict[str, float]]) -> tuple[float, dict[str, float]]:

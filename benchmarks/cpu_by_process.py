@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lora_flwr.machine import cpu_model_name  # noqa: E402
 
 Key = tuple[int, float]  # pid, create time: a recycled pid is another process
 
@@ -113,20 +116,8 @@ def measure(argv: list[str], interval: float) -> dict[str, Any]:
         "interval_s": interval,
         "groups": dict(groups),
         "timeline": {s: dict(v) for s, v in sorted(timeline.items())},
-        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
+        "machine": f"{cpu_model_name()}, {os.cpu_count()} logical CPUs",
     }
-
-
-def cpu_name() -> str:
-    """``lscpu``'s model name (what docs/BENCHMARKS.md records), else platform's."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    for line in text.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def report(doc: dict[str, Any], timeline: bool) -> str:

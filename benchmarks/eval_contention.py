@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lora_flwr.machine import cpu_model_name  # noqa: E402
 
 BUSY = """
 import sys, time, torch
@@ -55,10 +58,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "examples": len(data)}
 
 def cpu_model() -> str:
     """``lscpu``'s model name and the logical CPU count."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
-    return f"unknown CPU, {os.cpu_count()} logical CPUs"
+    return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
 
 
 def one_eval(config: Path, threads: int, busy: int, passive: bool) -> float:

@@ -25,10 +25,8 @@ running it again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lora_flwr.machine import cpu_model_name  # noqa: E402
 from lora_flwr.profiling import CLIENT_PHASES, ROUND_PHASES, key  # noqa: E402
 
 LABELS = {
@@ -62,13 +61,7 @@ LABELS = {
 
 def cpu_model() -> str:
     """The CPU's model name (as ``lscpu`` prints it) and the core count."""
-    name = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} logical CPUs"
+    return f"{cpu_model_name()}, {os.cpu_count()} logical CPUs"
 
 
 def finished(run_dir: Path, rounds: int) -> list[dict[str, Any]] | None:

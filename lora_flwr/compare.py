@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from lora_flwr.config import (
     add_config_arguments,
     config_from_arguments,
 )
+from lora_flwr.machine import cpu_model_name
 
 BEGIN = "<!-- lora_flwr.compare: begin (generated; edit outside the markers) -->"
 END = "<!-- lora_flwr.compare: end -->"
@@ -489,14 +489,7 @@ def plot(summaries: Sequence[Summary], path_round: Path, path_bytes: Path) -> No
 
 def machine() -> str:
     """CPU model, core count, torch version and accelerator, for the report."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model_name()
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"

@@ -13,26 +13,19 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
+
+from lora_flwr.machine import CPUINFO, cpuinfo_field
 
 # CPU flags (Linux /proc/cpuinfo names) with native bf16 matrix instructions.
 BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 @functools.cache
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
     """Return the CPU's feature flags (empty where ``/proc/cpuinfo`` is absent)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    return frozenset((cpuinfo_field(("flags", "Features"), path) or "").split())
 
 
 def resolve_precision(
