@@ -62,7 +62,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -696,13 +696,13 @@ def parse_cpus(text: str) -> frozenset[int]:
     allowed = os.sched_getaffinity(0)
     if not cpus <= allowed:
         raise argparse.ArgumentTypeError(
-            f"CPUs {format_cpus(frozenset(cpus - allowed))} are not available here "
-            f"(this process may use {format_cpus(frozenset(allowed))})"
+            f"CPUs {format_cpus(cpus - allowed)} are not available here "
+            f"(this process may use {format_cpus(allowed)})"
         )
     return frozenset(cpus)
 
 
-def format_cpus(cpus: frozenset[int] | set[int]) -> str:
+def format_cpus(cpus: Collection[int]) -> str:
     """``0,2,3`` for a set of CPUs."""
     return ",".join(str(c) for c in sorted(cpus))
 
