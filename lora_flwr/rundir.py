@@ -16,9 +16,9 @@ from typing import IO, Literal
 
 OnExisting = Literal["refuse", "overwrite", "resume"]
 LOCK_NAME = ".lock"
-# The launcher scripts' folder (scripts/deploy_local.py, scripts/flwr_run_sim.py):
+# The launchers' folder (lora_flwr/deploy/local.py and local_sim.py):
 # logs and PIDs of the attempt under way, written before the ServerApp claims the
-# directory; an overwrite keeps it (the scripts replace its files themselves).
+# directory; an overwrite keeps it (the launchers replace its files themselves).
 LAUNCH_DIR = "deploy"
 # Files whose presence means the directory holds a run's results.
 RESULT_FILES = ("config.toml", "history.json", "adapter", "checkpoints")

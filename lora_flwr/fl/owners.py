@@ -3,7 +3,7 @@
 Under SuperNode authentication each node id belongs to one registered public key,
 and the ServerApp's grid reports that key per node (``Grid.get_nodes()``). With
 ``fed.partition_owners`` = ``"SHA256:<fp>=0,SHA256:<fp>=1,..."`` (the OpenSSH
-fingerprints ``ssh-keygen -lf`` prints, as ``scripts/deploy_local.py`` records in
+fingerprints ``ssh-keygen -lf`` prints, as ``lora_flwr/deploy/local.py`` records in
 ``deploy/nodes.json``) a node gets the partition its key owns; a node whose key is
 not in the table, or whose own ``partition-id`` says otherwise, gets none. So an
 authenticated node cannot take another owner's partition, and everything the

@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lda_check import assert_head_is_lda
 
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.deploy import cli, commands, credentials, local, processes
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.toml"
@@ -41,11 +43,6 @@ TIMEOUT = 1500  # seconds; a deployment round costs ≈ 12-16 s of polling when 
 # on the loaded 2-core machine, mostly importing flwr. Bounded, with a wide margin.
 REFUSAL_TIMEOUT = 240
 ONLINE_TIMEOUT = 300
-
-sys.path.insert(0, str(REPO / "scripts"))
-import deploy_local  # noqa: E402
-import deploy_tls  # noqa: E402
-from lda_check import assert_head_is_lda  # noqa: E402
 
 
 def _tagged(var: str, tag: str) -> list[int]:
@@ -57,7 +54,7 @@ def _tagged(var: str, tag: str) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in environ and deploy_local.process_alive(int(entry.name)):
+        if needle in environ and processes.process_alive(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -66,7 +63,7 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
     doc = json.loads((deploy_dir / "pids.json").read_text())
     deadline = time.monotonic() + 10  # helpers notice their parent's death
     while True:
-        named = {n: p for n, p in doc["pids"].items() if deploy_local.process_alive(p)}
+        named = {n: p for n, p in doc["pids"].items() if processes.process_alive(p)}
         tagged = _tagged(doc["tag_var"], doc["tag"])
         if not (named or tagged) or time.monotonic() > deadline:
             return {"named": named, "tagged": tagged, "pids": doc["pids"]}
@@ -98,7 +95,7 @@ def test_deploy_local_two_supernodes_smoke(
     security: list[str] = []
     creds = None
     if tls == "tls-dir":
-        creds = deploy_tls.generate_credentials(tmp_path / "tls", 2)
+        creds = credentials.generate_credentials(tmp_path / "tls", 2)
         security = ["--tls-dir", str(creds.directory)]
 
     # Execute
@@ -251,7 +248,7 @@ def _check_fedsa(
 
 
 def _check_secure_run(
-    deploy_dir: Path, output: str, creds: deploy_tls.Credentials | None
+    deploy_dir: Path, output: str, creds: credentials.Credentials | None
 ) -> None:
     """TLS and node auth were on, and only the registered keys took part.
 
@@ -283,7 +280,7 @@ def _check_secure_run(
         return
     for row, key in zip(rows, creds.node_keys, strict=True):
         assert row["public-key"] == str(key.public)
-        assert row["fingerprint"] == deploy_tls.ssh_fingerprint(key.public)
+        assert row["fingerprint"] == credentials.ssh_fingerprint(key.public)
         assert row["fingerprint"].startswith("SHA256:")
         assert key.private.stat().st_mode & 0o777 == 0o600
 
@@ -293,11 +290,11 @@ def _check_secure_run(
 class SecureLink:
     """A running SuperLink with TLS + node auth, and what the tests need of it."""
 
-    procs: deploy_local.Processes
+    procs: processes.Processes
     address: str
     env: dict[str, str]  # the CLI's environment (its FLWR_HOME holds the connection)
-    creds: deploy_tls.Credentials  # node-0 and node-1 are registered
-    other: deploy_tls.Credentials  # another CA; its node-0 key is not registered
+    creds: credentials.Credentials  # node-0 and node-1 are registered
+    other: credentials.Credentials  # another CA; its node-0 key is not registered
     node_ids: list[int]  # ids the SuperLink assigned to node-0 and node-1
     homes: Path
     log_dir: Path
@@ -312,31 +309,29 @@ def secure_link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureLink
     what the refused node lacks.
     """
     root = tmp_path_factory.mktemp("secure-link")
-    creds = deploy_tls.generate_credentials(root / "tls", 2)
-    other = deploy_tls.generate_credentials(root / "other", 1, ca_name="other CA")
+    creds = credentials.generate_credentials(root / "tls", 2)
+    other = credentials.generate_credentials(root / "other", 1, ca_name="other CA")
     log_dir = root / "logs"
     log_dir.mkdir()
     homes = root / "homes"
-    procs = deploy_local.Processes(log_dir, tag=str(homes))
+    procs = processes.Processes(log_dir, tag=str(homes))
     try:
-        address = deploy_local.start_superlink(procs, homes / "superlink", creds)
-        deploy_local.write_cli_config(
+        address = local.start_superlink(procs, homes / "superlink", creds)
+        cli.write_cli_config(
             homes / "cli",
-            deploy_local.CONNECTION,
-            deploy_local.cli_connection(address, creds),
+            local.CONNECTION,
+            commands.cli_connection(address, creds),
         )
         env = procs.env(homes / "cli")
         node_ids = [
-            deploy_local.register_supernode(
-                env, deploy_local.CONNECTION, key.public, f"node-{i}"
-            )
+            cli.register_supernode(env, local.CONNECTION, key.public, f"node-{i}")
             for i, key in enumerate(creds.node_keys)
         ]
         procs.start(
             "good",
-            deploy_local.supernode_argv(
+            commands.supernode_argv(
                 address,
-                deploy_local.free_port(),
+                processes.free_port(),
                 "partition-id=0 num-partitions=2",
                 root_certificates=creds.ca_cert,
                 auth_key=creds.node_keys[0].private,
@@ -344,9 +339,9 @@ def secure_link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureLink
             procs.env(homes / "good"),
         )
         start = time.perf_counter()
-        deploy_local.wait_for_supernodes(
+        cli.wait_for_supernodes(
             env,
-            deploy_local.CONNECTION,
+            local.CONNECTION,
             node_ids[:1],
             ONLINE_TIMEOUT,
             procs,
@@ -360,7 +355,7 @@ def secure_link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureLink
 
 def _node_status(link: SecureLink) -> dict[str, str]:
     """node id -> status, as ``flwr supernode list`` reports them."""
-    nodes = deploy_local.list_supernodes(link.env, deploy_local.CONNECTION)
+    nodes = cli.list_supernodes(link.env, local.CONNECTION)
     return {str(n["node-id"]): str(n["status"]) for n in nodes}
 
 
@@ -373,7 +368,7 @@ def _run_refused_node(
     """
     proc = link.procs.start(
         name,
-        deploy_local.supernode_argv(link.address, deploy_local.free_port(), **tls),
+        commands.supernode_argv(link.address, processes.free_port(), **tls),
         link.procs.env(link.homes / name),
     )
     path = link.log_dir / f"{name}.log"
@@ -537,10 +532,10 @@ def test_serverapp_sees_each_nodes_registered_key(
     secure_link.procs.start(
         "flwr-run",
         [
-            deploy_local.binary("flwr"),
+            processes.binary("flwr"),
             "run",
             str(app_dir),
-            deploy_local.CONNECTION,
+            local.CONNECTION,
             "--run-config",
             str(run_config),
             "--stream",
@@ -548,8 +543,8 @@ def test_serverapp_sees_each_nodes_registered_key(
         secure_link.env,
         cwd=app_dir,
     )
-    run = deploy_local.wait_for_run(
-        secure_link.env, deploy_local.CONNECTION, 600, secure_link.procs, ["superlink"]
+    run = cli.wait_for_run(
+        secure_link.env, local.CONNECTION, 600, secure_link.procs, ["superlink"]
     )
     print(f"probe run: {time.perf_counter() - start:.1f} s")
 

@@ -27,10 +27,9 @@ import numpy as np
 import pytest
 
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.deploy.processes import process_alive
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-from deploy_local import process_alive  # noqa: E402
 
 SMOKE = REPO / "configs" / "smoke.toml"
 TIMEOUT = 1500  # seconds; ≈ 2 min on an idle 2-core machine

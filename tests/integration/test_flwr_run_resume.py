@@ -32,11 +32,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from lora_flwr.deploy.processes import process_alive
 from lora_flwr.fl.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))
-from deploy_local import process_alive  # noqa: E402
 
 SMOKE = REPO / "configs" / "smoke.toml"
 ROUNDS = 3

@@ -1,0 +1,63 @@
+"""The experiment as a launched run receives it: resolved, and as a flat TOML file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora_flwr.config import ExperimentConfig
+
+# What a Flower run config (and the CLI's config.toml here) holds.
+Scalar = bool | int | float | str
+
+
+def resolve_config(
+    config: str | Path, overrides: Sequence[str] = (), output_dir: str | None = None
+) -> ExperimentConfig:
+    """Load ``config`` + ``--set`` overrides, with an absolute output_dir.
+
+    The ServerApp runs in another process with another working directory, so a
+    relative ``output_dir`` would land somewhere unexpected.
+    """
+    cfg = ExperimentConfig.from_toml(config).with_overrides(list(overrides))
+    out = Path(output_dir if output_dir is not None else cfg.output_dir)
+    if not out.is_absolute():
+        out = Path.cwd() / out
+    return cfg.with_overrides([f"output_dir={out.resolve()}"])
+
+
+def with_supernodes(
+    cfg: ExperimentConfig, num_supernodes: int | None
+) -> tuple[ExperimentConfig, int]:
+    """``cfg`` with one client per SuperNode, and that number.
+
+    ``num_supernodes`` None (or 0) keeps ``fed.num_clients``.
+    """
+    num = num_supernodes or cfg.fed.num_clients
+    if num != cfg.fed.num_clients:
+        cfg = cfg.with_overrides([f"fed.num_clients={num}"])
+    return cfg, num
+
+
+def toml_value(value: Scalar) -> str:
+    """One TOML scalar (run-config values are bool/int/float/str only)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_run_config(cfg: ExperimentConfig, path: Path) -> Path:
+    """Write the FULL experiment as a flat run-config TOML (dotted keys).
+
+    ``flwr run --run-config FILE`` overrides ``[tool.flwr.app.config]`` (which is
+    configs/default.toml) key by key and rejects TOML lists, so the file carries
+    every key, with sequences as comma-separated strings: the run then uses
+    exactly the experiment ``ExperimentConfig.from_toml`` reads.
+    """
+    lines = [f"{key} = {toml_value(v)}" for key, v in cfg.to_flat().items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
