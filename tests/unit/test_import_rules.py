@@ -38,6 +38,7 @@ class Import:
     importer: str  # dotted name of the importing module
     target: str  # dotted name of the imported module, relative imports resolved
     typing_only: bool = False  # under ``if TYPE_CHECKING:``: never executed
+    in_function: bool = False  # runs only when the function is called
 
     def __str__(self) -> str:
         where = " (under TYPE_CHECKING)" if self.typing_only else ""
@@ -68,13 +69,27 @@ class _Collector(ast.NodeVisitor):
     ) -> None:
         self.file, self.module, self.known = file, module, known
         self.package = module if is_package else module.rpartition(".")[0]
-        self.typing_depth = 0
+        self.typing_depth = self.function_depth = 0
         self.found: list[Import] = []
 
     def _add(self, node: ast.stmt | ast.expr, target: str) -> None:
-        imp = Import(self.file, node.lineno, self.module, target, self.typing_depth > 0)
+        imp = Import(
+            self.file,
+            node.lineno,
+            self.module,
+            target,
+            typing_only=self.typing_depth > 0,
+            in_function=self.function_depth > 0,
+        )
         if imp not in self.found:  # ``from m import a, b``: m once
             self.found.append(imp)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.function_depth += 1
+        self.generic_visit(node)
+        self.function_depth -= 1
+
+    visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_If(self, node: ast.If) -> None:
         if not _is_type_checking(node.test):
@@ -126,14 +141,17 @@ def parse_imports(
     return collector.found
 
 
-def package_files(root: Path = ROOT) -> dict[str, Path]:
-    """Dotted module name -> file, for every ``.py`` file under ``lora_flwr/``."""
+def package_files(root: Path = ROOT) -> dict[Path, str]:
+    """File -> dotted module name, for every ``.py`` file under ``lora_flwr/``.
+
+    Keyed by file: ``x.py`` and ``x/__init__.py`` side by side are both read.
+    """
     files = {}
     for path in sorted((root / PACKAGE).rglob("*.py")):
         parts = path.relative_to(root).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        files[".".join(parts)] = path
+        files[path] = ".".join(parts)
     return files
 
 
@@ -142,13 +160,13 @@ def package_imports() -> tuple[Import, ...]:
     """Every import of every module of the package (parsed once per session)."""
     files = package_files()
     found: list[Import] = []
-    for module, path in files.items():
+    for path, module in files.items():
         found += parse_imports(
             path.read_text(encoding="utf-8"),
             file=path.relative_to(ROOT).as_posix(),
             module=module,
             is_package=path.name == "__init__.py",
-            known=files,
+            known=files.values(),
         )
     return tuple(found)
 
@@ -455,16 +473,16 @@ def test_parse_imports_sees_every_kind_of_import() -> None:
     )
 
     # Assert
-    assert [(i.line, i.target, i.typing_only) for i in found] == [
-        (1, "typing", False),
-        (2, "numpy", False),
-        (3, "lora_flwr.lora.layers", False),
-        (4, "lora_flwr.fl.strategy", False),
-        (5, "lora_flwr.protocol", False),
-        (7, "flwr.common", True),
-        (9, "importlib", False),
-        (10, "flwr.server", False),
-        (11, "transformers", False),
+    assert [(i.line, i.target, i.typing_only, i.in_function) for i in found] == [
+        (1, "typing", False, False),
+        (2, "numpy", False, False),
+        (3, "lora_flwr.lora.layers", False, False),
+        (4, "lora_flwr.fl.strategy", False, False),
+        (5, "lora_flwr.protocol", False, False),
+        (7, "flwr.common", True, False),
+        (9, "importlib", False, True),
+        (10, "flwr.server", False, True),
+        (11, "transformers", False, True),
     ]
 
 
@@ -553,7 +571,9 @@ def test_the_scan_sees_the_whole_package() -> None:
 
     # Assert: non-empty, the known modules, and every required scope has files
     assert len(files) > 50
-    assert {"lora_flwr.config", "lora_flwr.fl.strategy", "lora_flwr.lora"} <= set(files)
+    assert {"lora_flwr.config", "lora_flwr.fl.strategy", "lora_flwr.lora"} <= set(
+        files.values()
+    )
     for rule in RULES:
         if not rule.optional:
             assert any(rule.covers(m) for m in importers), rule.id
