@@ -12,12 +12,44 @@ Amplification by sampling assumes the sample is secret. Our sampler is seeded fr
 ``seed`` in the run config, so whoever knows the config knows the sample: the
 guarantee with sampling then holds only if the server keeps the seed secret, and
 :func:`epsilon` also reports the bound without amplification (every round counts).
+
+``dp-accounting`` (and the scipy it pulls) is the ``dp`` extra, needed only when
+``fed.dp_noise_multiplier > 0``: :func:`require_accountant` refuses such a run in
+one line before it starts when the extra is missing.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+
+INSTALL_DP = "pip install 'lora_flwr[dp]'"
+
+
+class AccountantMissingError(ImportError, ValueError):
+    """``dp-accounting`` cannot be imported (a ValueError too: a refused config)."""
+
+
+def require_accountant() -> None:
+    """Refuse differential privacy before a run starts if its accountant is missing.
+
+    Call it for a run with ``fed.dp_noise_multiplier > 0`` before any engine
+    starts; without it the missing package would show only after round 1 trained.
+
+    Raises
+    ------
+    AccountantMissingError
+        ``dp-accounting`` (the ``dp`` extra) cannot be imported: one line naming
+        the install command. It is a ValueError, like every refused config.
+    """
+    try:
+        import dp_accounting.rdp  # noqa: F401 (imports the package too)
+    except ImportError as exc:
+        raise AccountantMissingError(
+            "`fed.dp_noise_multiplier` > 0 needs the privacy accountant "
+            f"`dp-accounting`, which cannot be imported ({exc}); install it with: "
+            f"{INSTALL_DP}"
+        ) from None
 
 
 def epsilon(
@@ -49,6 +81,8 @@ def epsilon(
     ValueError
         On a non-positive noise multiplier, ``sampled`` outside ``[1, n]``, or
         ``delta`` outside (0, 1).
+    AccountantMissingError
+        ``dp-accounting`` (the ``dp`` extra) is not installed.
     """
     if not noise_multiplier > 0:
         raise ValueError(f"noise_multiplier should be > 0 but is {noise_multiplier}")
@@ -58,6 +92,7 @@ def epsilon(
         raise ValueError(f"delta should be in (0, 1) but is {delta}")
     if rounds <= 0:
         return 0.0
+    require_accountant()
     import dp_accounting
     from dp_accounting import rdp
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
 
 from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig, FedConfig
-from lora_flwr.privacy import epsilon
+from lora_flwr.privacy import (
+    INSTALL_DP,
+    AccountantMissingError,
+    epsilon,
+    require_accountant,
+)
 
 
 def _eps(**kw: object) -> float:
@@ -69,3 +76,46 @@ def test_dp_is_refused_for_rules_that_are_not_a_mean(rule: str) -> None:
 def test_dp_with_a_robust_mean_is_refused_by_the_schema() -> None:
     with pytest.raises(ValueError, match="`fed.robust` should be 'none' with"):
         ExperimentConfig(fed=FedConfig(dp_noise_multiplier=1.0, robust="median"))
+
+
+def _hide_accountant(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail, as without the `dp` extra.
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)
+    monkeypatch.setitem(sys.modules, "dp_accounting.rdp", None)
+
+
+def test_a_missing_accountant_is_refused_in_one_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    _hide_accountant(monkeypatch)
+
+    # Execute
+    with pytest.raises(AccountantMissingError) as info:
+        require_accountant()
+
+    # Assert: one line, the key, the install command; caught like a config error
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("`fed.dp_noise_multiplier` > 0 needs ")
+    assert message.endswith("install it with: pip install 'lora_flwr[dp]'")
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, ImportError)
+
+
+def test_epsilon_without_the_accountant_says_which_extra_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare
+    _hide_accountant(monkeypatch)
+
+    # Execute / Assert: round 0 needs no accountant; any later round does
+    assert _eps(rounds=0) == 0.0
+    with pytest.raises(AccountantMissingError, match=re.escape(INSTALL_DP)):
+        _eps()
+
+
+def test_the_accountant_is_accepted_when_installed() -> None:
+    # Execute / Assert
+    require_accountant()
+    assert "dp_accounting.rdp" in sys.modules
