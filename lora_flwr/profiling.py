@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 PREFIX = "prof_"
 SUFFIX = "_s"
@@ -165,12 +166,65 @@ class PhaseTimer:
         return out
 
 
+class Timer(Protocol):
+    """What a timed loop calls: a :class:`PhaseTimer`, or :data:`NULL_TIMER`."""
+
+    @property
+    def seconds(self) -> Mapping[str, float]:
+        """Seconds per phase so far."""
+        ...
+
+    def restart(self) -> None:
+        """Start the next lap now."""
+        ...
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase``."""
+        ...
+
+    def phase(self, phase: str) -> contextlib.AbstractContextManager[None]:
+        """Time the block as ``phase``."""
+        ...
+
+
+# One shared do-nothing context: nullcontext holds no state, so it can be reused
+# and nested freely.
+_NO_PHASE: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+class NullTimer:
+    """A :class:`Timer` that times nothing: profiling off.
+
+    Every method returns at once: no clock is read and no device is synchronised,
+    so a loop timed through it runs as it would with no timing code at all, and
+    :attr:`seconds` stays empty.
+    """
+
+    @property
+    def seconds(self) -> Mapping[str, float]:
+        """Always empty."""
+        return {}
+
+    def restart(self) -> None:
+        """Do nothing."""
+
+    def lap(self, phase: str) -> None:
+        """Do nothing."""
+
+    def phase(self, phase: str) -> contextlib.AbstractContextManager[None]:
+        """Return the shared no-op context."""
+        return _NO_PHASE
+
+
+NULL_TIMER = NullTimer()
+
+
 def maybe_phase(
     timer: PhaseTimer | CallProfile | None, phase: str
 ) -> contextlib.AbstractContextManager[None]:
     """``timer.phase(phase)``, or a no-op when profiling is off (``timer`` None)."""
     if timer is None:
-        return contextlib.nullcontext()
+        return _NO_PHASE
     return timer.phase(phase)
 
 

@@ -59,6 +59,22 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(labels.long(), minlength=num_classes)
 
 
+def _check_shapes(
+    logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor
+) -> None:
+    """Refuse logits, labels and class counts whose shapes do not agree."""
+    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits should be (batch, classes) and labels (batch,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if counts.shape != logits.shape[1:]:
+        raise ValueError(
+            f"counts should have one entry per class ({logits.shape[1]}), got "
+            f"{tuple(counts.shape)}"
+        )
+
+
 def skew_loss(
     name: str,
     logits: torch.Tensor,
@@ -99,16 +115,7 @@ def skew_loss(
         For an unknown ``name``, shapes that do not agree, or a parameter out of
         its range.
     """
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"logits should be (batch, classes) and labels (batch,), got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    if counts.shape != logits.shape[1:]:
-        raise ValueError(
-            f"counts should have one entry per class ({logits.shape[1]}), got "
-            f"{tuple(counts.shape)}"
-        )
+    _check_shapes(logits, labels, counts)
     logits = logits.float()
     counts = counts.to(logits.device)
     if name == "ce":

@@ -14,6 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch import nn
 from lora_flwr.config import TrainConfig
 from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
 from lora_flwr.lora import LoRAAdapter, save_peft
-from lora_flwr.profiling import PhaseTimer, key
+from lora_flwr.profiling import NULL_TIMER, PhaseTimer, Timer, key
 
 # Metric keys live with the wire protocol: the server reads them without torch.
 from lora_flwr.protocol import (  # noqa: E402
@@ -80,6 +81,41 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class _Run:
+    """What the steps of one ``train`` call update, and with what."""
+
+    params: list[nn.Parameter]  # the trained parameters
+    anchors: list[torch.Tensor]  # FedProx: their values at the start (or none)
+    prox_mu: float
+    optimizer: torch.optim.Optimizer | AdamW | SGD
+    scaler: torch.amp.GradScaler
+    peak: float  # peak learning rate
+    total: int  # optimiser steps
+    labels: torch.Tensor | None  # the local data's labels (seq_cls)
+    counts: torch.Tensor | None = None  # the client's label counts (skew losses)
+
+
+@dataclass
+class _Tally:
+    """What the steps of one ``train`` call saw."""
+
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    tokens: int = 0
+
+    def metrics(self, total: int, seconds: float) -> dict[str, float]:
+        """Return the call's metrics (profile phases apart)."""
+        return {
+            TRAIN_LOSS: float(np.mean(self.losses)),
+            NUM_EXAMPLES: float(self.examples),
+            NUM_STEPS: float(total),
+            NUM_TOKENS: float(self.tokens),
+            SECONDS: seconds,
+            TOKENS_PER_S: self.tokens / seconds if seconds > 0 else 0.0,
+        }
 
 
 class LoRATrainer:
@@ -212,13 +248,37 @@ class LoRATrainer:
             also ``prof_data_s``, ``prof_forward_s``, ``prof_backward_s`` and
             ``prof_optimizer_s`` (:mod:`lora_flwr.profiling`).
         """
+        cfg = self.config
+        total, params = self._check_train(data, steps, prox_mu)
+        peak = cfg.lr if lr is None else lr
+        run = self._start_run(params, total, peak, prox_mu, data.labels)
+        generator = torch.Generator().manual_seed(seed)
+        batches = infinite_batches(
+            data, cfg.batch_size, generator=generator, bucket_batches=cfg.bucket_batches
+        )
+        show = sys.stderr.isatty() if progress is None else progress
+        self.model.train()
+        clock = self._phase_timer()
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tally = self._run_steps(run, batches, clock, show, on_step)
+        seconds = time.perf_counter() - start
+        self.model.eval()
+        metrics = tally.metrics(total, seconds)
+        metrics.update({key(p): v for p, v in clock.seconds.items()})
+        self._log("train", metrics)
+        return metrics
+
+    def _check_train(
+        self, data: TokenizedDataset, steps: int | None, prox_mu: float
+    ) -> tuple[int, list[nn.Parameter]]:
+        """Check a ``train`` call; return its step count and trained parameters."""
         if len(data) == 0:
             raise ValueError("Cannot train on an empty dataset")
-        cfg = self.config
         total = self.num_steps_for(data) if steps is None else steps
         if total < 1:
             raise ValueError(f"`steps` should be >= 1 but the value passed is {total}")
-        peak = cfg.lr if lr is None else lr
         if not (prox_mu >= 0 and math.isfinite(prox_mu)):
             raise ValueError(
                 f"`prox_mu` should be >= 0 but the value passed is {prox_mu}"
@@ -229,107 +289,119 @@ class LoRATrainer:
                 "No adapter parameter is trainable; call `adapter.set_trainable(...)` "
                 "with at least one group"
             )
+        return total, params
+
+    def _start_run(
+        self,
+        params: list[nn.Parameter],
+        total: int,
+        peak: float,
+        prox_mu: float,
+        labels: torch.Tensor | None,
+    ) -> _Run:
+        """Build the optimiser (and FedProx's anchors) of one ``train`` call."""
         anchors = [p.detach().clone() for p in params] if prox_mu > 0 else []
         optimizer = self._optimizer(params, peak)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype is torch.float16
         )
-        generator = torch.Generator().manual_seed(seed)
-        batches = infinite_batches(
-            data, cfg.batch_size, generator=generator, bucket_batches=cfg.bucket_batches
-        )
-        show = sys.stderr.isatty() if progress is None else progress
-        losses: list[float] = []
-        examples = tokens = 0
-        counts: torch.Tensor | None = None
-        self.model.train()
-        clock = self._phase_timer() if cfg.profile else None
-        start = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for step in _progress(range(total), show, "train"):
-                if clock is not None:
-                    clock.restart()
-                batch = self._to_device(next(batches))
-                if clock is not None:
-                    clock.lap("data")
-                for group in optimizer.param_groups:
-                    group["lr"] = peak * lr_factor(
-                        step, total, cfg.warmup_steps, cfg.lr_schedule
-                    )
-                with self._autocast():
-                    if cfg.loss == "ce":
-                        loss = self.model(**batch).loss
-                    else:
-                        logits = self.model(
-                            input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                        ).logits
-                        if counts is None:  # the client's own label counts
-                            assert data.labels is not None, "seq_cls has labels"
-                            counts = class_counts(data.labels, logits.shape[-1])
-                        loss = skew_loss(
-                            cfg.loss,
-                            logits,
-                            batch["labels"],
-                            counts,
-                            tau=cfg.loss_tau,
-                            alpha=cfg.fedrs_alpha,
-                            beta=cfg.balanced_beta,
-                        )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"Training loss became {loss.item()} at step {step}; lower "
-                        "`train.lr` or check the data"
-                    )
-                objective = loss
-                if anchors:
-                    objective = loss + 0.5 * prox_mu * sum(
-                        ((p.float() - a.float()) ** 2).sum()
-                        for p, a in zip(params, anchors, strict=True)
-                    )
-                if clock is not None:
-                    clock.lap("forward")
-                optimizer.zero_grad(set_to_none=True)
-                if clock is not None:
-                    clock.lap("optimizer")
-                if isinstance(optimizer, AdamW | SGD):  # CPU: no fp16, no loss scaling
-                    objective.backward()
-                    if clock is not None:
-                        clock.lap("backward")
-                    if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                else:
-                    scaler.scale(objective).backward()
-                    if clock is not None:
-                        clock.lap("backward")
-                    if cfg.max_grad_norm > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                if clock is not None:
-                    clock.lap("optimizer")
-                losses.append(loss.item())
-                if on_step is not None:
-                    on_step(step + 1, losses[-1])
-                examples += int(batch["input_ids"].shape[0])
-                tokens += int(batch["attention_mask"].sum().item())
-        seconds = time.perf_counter() - start
-        self.model.eval()
-        metrics = {
-            TRAIN_LOSS: float(np.mean(losses)),
-            NUM_EXAMPLES: float(examples),
-            NUM_STEPS: float(total),
-            NUM_TOKENS: float(tokens),
-            SECONDS: seconds,
-            TOKENS_PER_S: tokens / seconds if seconds > 0 else 0.0,
-        }
-        if clock is not None:
-            metrics.update({key(p): v for p, v in clock.seconds.items()})
-        self._log("train", metrics)
-        return metrics
+        return _Run(params, anchors, prox_mu, optimizer, scaler, peak, total, labels)
+
+    def _run_steps(
+        self,
+        run: _Run,
+        batches: Iterator[dict[str, torch.Tensor]],
+        clock: Timer,
+        show: bool,
+        on_step: Callable[[int, float], None] | None,
+    ) -> _Tally:
+        """Take every optimiser step of a ``train`` call; count what it saw."""
+        tally = _Tally()
+        for step in _progress(range(run.total), show, "train"):
+            clock.restart()
+            batch = self._to_device(next(batches))
+            clock.lap("data")
+            loss = self._train_step(run, step, batch, clock)
+            tally.losses.append(loss.item())
+            if on_step is not None:
+                on_step(step + 1, tally.losses[-1])
+            tally.examples += int(batch["input_ids"].shape[0])
+            tally.tokens += int(batch["attention_mask"].sum().item())
+        return tally
+
+    def _train_step(
+        self,
+        run: _Run,
+        step: int,
+        batch: dict[str, torch.Tensor],
+        clock: Timer,
+    ) -> torch.Tensor:
+        """One optimiser step on ``batch``; return its loss (FedProx's term apart)."""
+        cfg = self.config
+        for group in run.optimizer.param_groups:
+            group["lr"] = run.peak * lr_factor(
+                step, run.total, cfg.warmup_steps, cfg.lr_schedule
+            )
+        loss = self._batch_loss(run, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Training loss became {loss.item()} at step {step}; lower "
+                "`train.lr` or check the data"
+            )
+        objective = loss
+        if run.anchors:
+            objective = loss + 0.5 * run.prox_mu * sum(
+                ((p.float() - a.float()) ** 2).sum()
+                for p, a in zip(run.params, run.anchors, strict=True)
+            )
+        clock.lap("forward")
+        self._update(run, objective, clock)
+        return loss
+
+    def _batch_loss(self, run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward ``batch`` and return its ``train.loss``."""
+        cfg = self.config
+        with self._autocast():
+            if cfg.loss == "ce":
+                loss: torch.Tensor = self.model(**batch).loss
+                return loss
+            logits = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            if run.counts is None:  # the client's own label counts
+                assert run.labels is not None, "seq_cls has labels"
+                run.counts = class_counts(run.labels, logits.shape[-1])
+            return skew_loss(
+                cfg.loss,
+                logits,
+                batch["labels"],
+                run.counts,
+                tau=cfg.loss_tau,
+                alpha=cfg.fedrs_alpha,
+                beta=cfg.balanced_beta,
+            )
+
+    def _update(self, run: _Run, objective: torch.Tensor, clock: Timer) -> None:
+        """Backward ``objective`` and step the optimiser (clipping, loss scaling)."""
+        max_norm = self.config.max_grad_norm
+        run.optimizer.zero_grad(set_to_none=True)
+        clock.lap("optimizer")
+        # torch leaves Tensor.backward unannotated (hence the ignores below).
+        if isinstance(run.optimizer, AdamW | SGD):  # CPU: no fp16, no loss scaling
+            objective.backward()  # type: ignore[no-untyped-call]
+            clock.lap("backward")
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+            run.optimizer.step()
+        else:
+            run.scaler.scale(objective).backward()  # type: ignore[no-untyped-call]
+            clock.lap("backward")
+            if max_norm > 0:
+                run.scaler.unscale_(run.optimizer)
+                torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        clock.lap("optimizer")
 
     def _optimizer(
         self, params: list[torch.nn.Parameter], lr: float
@@ -349,7 +421,10 @@ class LoRATrainer:
             return AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
-    def _phase_timer(self) -> PhaseTimer:
+    def _phase_timer(self) -> Timer:
+        """Return the clock of a ``train`` call: a no-op one unless profiling."""
+        if not self.config.profile:
+            return NULL_TIMER
         # Profile mode only: CUDA runs asynchronously, so each reading of the
         # clock waits for the queued kernels; otherwise a phase would be charged
         # to whichever later call happens to block.

@@ -580,3 +580,41 @@ def test_cpu_training_imports_no_torch_dynamo() -> None:
 
     # Assert
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ profiling
+def test_training_without_profile_builds_no_phase_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a PhaseTimer built (or a device synchronised) fails the run
+    from lora_flwr.training import trainer as trainer_module
+
+    def no_timer(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a phase timer was built with profiling off")
+
+    monkeypatch.setattr(trainer_module, "PhaseTimer", no_timer)
+    s = _setup()
+
+    # Execute
+    metrics = s.trainer.train(s.train, steps=2, seed=1, progress=False)
+
+    # Assert
+    assert not any(k.startswith("prof_") for k in metrics)
+    assert metrics[NUM_STEPS] == 2.0
+
+
+def test_profiled_training_is_bit_identical_and_times_each_phase() -> None:
+    # Prepare: two trainers from the same start, profile off and on
+    off, on = _setup(), _setup(profile=True)
+
+    # Execute
+    m_off = off.trainer.train(off.train, steps=3, seed=4, progress=False)
+    m_on = on.trainer.train(on.train, steps=3, seed=4, progress=False)
+
+    # Assert
+    assert m_on[TRAIN_LOSS] == m_off[TRAIN_LOSS]
+    for a, b in zip(off.adapter.get_weights(), on.adapter.get_weights(), strict=True):
+        assert np.array_equal(a, b)
+    phases = {"prof_data_s", "prof_forward_s", "prof_backward_s", "prof_optimizer_s"}
+    assert set(m_on) - set(m_off) == phases
+    assert all(m_on[k] > 0 for k in phases)
