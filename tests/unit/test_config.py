@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +55,6 @@ def _custom() -> ExperimentConfig:
             trim_fraction=0.25,
         ),
     )
-
-
-def _flatten_tables(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested TOML tables into dotted keys, as Flower does for run_config."""
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flatten_tables(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------- defaults
@@ -510,32 +498,3 @@ def test_default_toml_keeps_the_seed_lora_hyper_parameters() -> None:
 
     # Assert: rank, alpha and dropout are the seed's; targets follow the model
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16.0, 0.1)
-
-
-def test_pyproject_run_config_equals_default_toml() -> None:
-    # Prepare
-    default = ROOT / "configs" / "default.toml"
-    if not default.is_file():
-        pytest.skip("configs/default.toml is not written yet")
-    with (ROOT / "pyproject.toml").open("rb") as fh:
-        app = tomllib.load(fh)["tool"]["flwr"]["app"]
-    expected = ExperimentConfig.from_toml(default).to_flat()
-
-    # Execute
-    run_config = _flatten_tables(app.get("config", {}))
-
-    # Assert
-    block = "\n".join(f'"{k}" = {_toml_scalar(v)}' for k, v in expected.items())
-    assert run_config == expected, (
-        "[tool.flwr.app.config] in pyproject.toml differs from configs/default.toml; "
-        f"it should read:\n{block}"
-    )
-
-
-def _toml_scalar(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'

@@ -1,0 +1,56 @@
+"""The allowed values of every multiple-choice setting, each written once.
+
+A setting annotated with one of these aliases accepts exactly its values: the
+schema's field checks read them with :func:`typing.get_args`, and so does every
+module that needs the list (the ``*S`` tuples below are derived, not restated).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+# What a model is trained for: sequence classification or next-token prediction.
+Task = Literal["seq_cls", "causal_lm"]
+# model.task: a Task, or "auto" (read from the model).
+ModelTask = Literal["auto", Task]
+# model.implementation: who builds the model.
+Implementation = Literal["auto", "native", "transformers"]
+# lora.init_lora_weights: the init of A (B starts at zero).
+InitLoraWeights = Literal["kaiming", "gaussian"]
+# data.partitioner: how the training split is shared across clients.
+Partitioner = Literal["iid", "dirichlet", "natural"]
+# train.optimizer, train.lr_schedule, train.precision.
+Optimizer = Literal["adamw", "sgd"]
+LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+# Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
+# two equal).
+Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
+# fed.server_optimizer: the optimizer on the server's pseudo-gradient.
+ServerOptimizer = Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"]
+# fed.norm_guard: what happens to an update far above the round's median norm.
+NormGuard = Literal["clip", "reject", "off"]
+# fed.robust: the coordinate-wise average that replaces the weighted mean.
+Robust = Literal["none", "median", "trimmed_mean"]
+# Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
+Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
+# How the saved modules (e.g. a new classifier head) are treated
+# (lora_flwr.aggregation.base.Rule.use_head; a test keeps the two equal).
+HeadMode = Literal["averaged", "frozen", "local", "reinit"]
+# How the server refits the head between rounds (fed.head_calibration).
+HeadCalibration = Literal["none", "lda"]
+# on_existing: what a run does with an output folder that already holds results.
+OnExisting = Literal["refuse", "overwrite", "resume"]
+
+COMPRESSIONS: tuple[str, ...] = typing.get_args(Compression)
+HEAD_MODES: tuple[str, ...] = typing.get_args(HeadMode)
+HEAD_CALIBRATIONS: tuple[str, ...] = typing.get_args(HeadCalibration)
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
+
+# The built-ins with a plain-torch implementation (lora_flwr.models.native).
+NATIVE_MODEL_NAMES: tuple[str, ...] = ("minilm", "smollm2-135m")
+
+# A target_modules value that starts with this prefix is a full-match regex (PEFT's
+# "a string is a regex"); anything else is a comma-separated list of module names.
+REGEX_PREFIX = "re:"

@@ -1,0 +1,250 @@
+"""The one table of settings that are valid alone but cannot run together.
+
+Each row names the keys it reads, says when the combination is refused and what
+would work instead. A row whose keys all lie in one section is applied when that
+section is built (``FedConfig(secagg=True)`` alone is refused); a row across
+sections when the whole :class:`~lora_flwr.config.ExperimentConfig` is built.
+:func:`cross_feature_errors` applies every row to a whole config, for checks such
+as the preflight that want them all at once.
+
+Only what the config itself decides belongs here; what needs more (the rule
+registry's capabilities, the model's own task) stays where that is known.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lora_flwr.config.choices import NATIVE_MODEL_NAMES
+
+if TYPE_CHECKING:
+    from lora_flwr.config.schema import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A combination of settings that cannot run together."""
+
+    keys: tuple[str, ...]  # dotted keys it reads; the first is the one to change
+    refuse: Callable[[ExperimentConfig], bool]  # true when the combination is set
+    # What the first key should be instead, and why; "{lora.r}" shows a value.
+    fix: str
+
+    @property
+    def section(self) -> str:
+        """The one section all keys lie in, or "" when they span several."""
+        sections = {k.partition(".")[0] if "." in k else "" for k in self.keys}
+        return sections.pop() if len(sections) == 1 else ""
+
+    def wanted(self, cfg: ExperimentConfig) -> str:
+        """Return :attr:`fix` with the values it names filled in from ``cfg``."""
+        return _PLACEHOLDER.sub(lambda m: str(_value(cfg, m.group(1))), self.fix)
+
+    def message(self, cfg: ExperimentConfig) -> str:
+        """Return one line naming every key of the row, its value and the fix."""
+        first, *others = self.keys
+        given = ", ".join(f"{k} = {_shown(_value(cfg, k))}" for k in others)
+        return (
+            f"`{first}` should be {self.wanted(cfg)} but the value passed is "
+            f"{_shown(_value(cfg, first))} (with {given})"
+        )
+
+
+_PLACEHOLDER = re.compile(r"\{([a-z_]+\.[a-z_0-9]+)\}")
+
+
+def _value(cfg: object, key: str) -> object:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _shown(value: object) -> str:
+    """Write a value as a config file does: true, 'x', [4, 8]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
+
+
+_HIDDEN = "with fed.secagg = true: the server sees no single update"
+_NATIVE = " or ".join(NATIVE_MODEL_NAMES)
+
+# In the order they are checked: the first refusal that applies is reported.
+REFUSALS: tuple[Refusal, ...] = (
+    # ------------------------------------------------------------------- model
+    Refusal(
+        ("model.implementation", "model.name"),
+        lambda c: (
+            c.model.implementation == "native"
+            and c.model.name not in NATIVE_MODEL_NAMES
+        ),
+        f"'auto' or 'transformers' when model.name is not {_NATIVE} (the models "
+        "with a plain-torch implementation)",
+    ),
+    # ------------------------------------------------------------------- train
+    Refusal(
+        ("train.local_steps", "train.local_epochs"),
+        lambda c: c.train.local_steps == 0 and c.train.local_epochs == 0,
+        "> 0, or train.local_epochs > 0 (else nothing trains)",
+    ),
+    Refusal(
+        ("train.momentum", "train.optimizer"),
+        lambda c: c.train.momentum != 0 and c.train.optimizer != "sgd",
+        "0 unless train.optimizer = 'sgd' (momentum is sgd's)",
+    ),
+    # --------------------------------------------------------------------- fed
+    Refusal(
+        ("fed.robust", "fed.dp_noise_multiplier"),
+        lambda c: c.fed.dp_noise_multiplier != 0 and c.fed.robust != "none",
+        "'none' with differential privacy (fed.dp_noise_multiplier > 0: its noise "
+        "is calibrated to a mean)",
+    ),
+    Refusal(
+        ("fed.head", "fed.head_calibration"),
+        lambda c: (
+            c.fed.head_calibration != "none"
+            and c.fed.head not in ("averaged", "frozen")
+        ),
+        "'averaged' or 'frozen' with fed.head_calibration = 'lda' (the server's "
+        "head must reach the clients)",
+    ),
+    Refusal(
+        ("fed.head_calibration", "fed.secagg", "fed.dp_noise_multiplier"),
+        lambda c: (
+            c.fed.head_calibration != "none"
+            and (c.fed.secagg or c.fed.dp_noise_multiplier != 0)
+        ),
+        "'none' with fed.secagg or differential privacy (fed.dp_noise_multiplier "
+        "> 0): they do not cover the class statistics the clients would send",
+    ),
+    Refusal(
+        ("fed.head_calibration", "fed.robust"),
+        lambda c: c.fed.head_calibration != "none" and c.fed.robust != "none",
+        "'none' with fed.robust (a median or trimmed mean of class statistics is "
+        "not implemented; the statistics are checked for consistency only)",
+    ),
+    Refusal(
+        ("fed.head_warmup_rounds", "fed.head"),
+        lambda c: c.fed.head_warmup_rounds != 0 and c.fed.head != "frozen",
+        "0 unless fed.head = 'frozen' (rounds the head trains before it is frozen)",
+    ),
+    # ------------------------------------------------------------ fed: secagg
+    Refusal(
+        ("fed.min_fit_clients", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.min_fit_clients < 2,
+        ">= 2 with fed.secagg = true (a sum of one update reveals it)",
+    ),
+    Refusal(
+        ("fed.norm_guard", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.norm_guard != "off",
+        f"'off' {_HIDDEN}",
+    ),
+    Refusal(
+        ("fed.weight_cap", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.weight_cap != 0,
+        f"0 {_HIDDEN}",
+    ),
+    Refusal(
+        ("fed.max_update_norm", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.max_update_norm != 0,
+        f"0 {_HIDDEN}",
+    ),
+    Refusal(
+        ("fed.robust", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.robust != "none",
+        f"'none' {_HIDDEN}",
+    ),
+    Refusal(
+        ("fed.compression", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.compression != "none",
+        "'none' with fed.secagg = true (SecAgg+ sums equally shaped float vectors "
+        "and quantises them itself; a per-client encoding cannot be decoded inside "
+        "that sum)",
+    ),
+    Refusal(
+        ("fed.dp_noise_multiplier", "fed.secagg"),
+        lambda c: c.fed.secagg and c.fed.dp_noise_multiplier != 0,
+        f"0 {_HIDDEN} (DP clips each update)",
+    ),
+    Refusal(
+        ("fed.rank_tiers", "fed.secagg"),
+        lambda c: c.fed.secagg and len(set(c.fed.rank_tiers)) > 1,
+        "one rank for every client with fed.secagg = true (SecAgg+ sums equally "
+        "shaped vectors)",
+    ),
+    # ---------------------------------------------------------- across sections
+    Refusal(
+        ("fed.rank_tiers", "lora.r"),
+        lambda c: bool(c.fed.rank_tiers) and max(c.fed.rank_tiers) != c.lora.r,
+        "ranks whose largest equals lora.r={lora.r} (the allocated rank)",
+    ),
+    Refusal(
+        ("fed.head_calibration", "lora.modules_to_save"),
+        lambda c: c.fed.head_calibration != "none" and not c.lora.modules_to_save,
+        "'none' when lora.modules_to_save is empty (there is no head to refit; set "
+        "lora.modules_to_save, e.g. 'classifier')",
+    ),
+    Refusal(
+        ("fed.head", "lora.modules_to_save"),
+        lambda c: c.fed.head != "averaged" and not c.lora.modules_to_save,
+        "'averaged' when lora.modules_to_save is empty (there is no head to treat; "
+        "set lora.modules_to_save, e.g. 'classifier')",
+    ),
+    Refusal(
+        ("train.loss", "model.task"),
+        lambda c: c.model.task == "causal_lm" and c.train.loss != "ce",
+        "'ce' with model.task = 'causal_lm' (the other losses act on class logits)",
+    ),
+)
+
+
+def _errors(cfg: ExperimentConfig, rows: Iterable[Refusal]) -> list[str]:
+    return [row.message(cfg) for row in rows if row.refuse(cfg)]
+
+
+def cross_feature_errors(cfg: ExperimentConfig) -> list[str]:
+    """Every refusal of :data:`REFUSALS` that ``cfg`` triggers, as messages.
+
+    Returns
+    -------
+    list[str]
+        One line per refused combination, in table order; empty when none.
+    """
+    return _errors(cfg, REFUSALS)
+
+
+def check_cross_feature(cfg: ExperimentConfig) -> None:
+    """Raise on the combinations of :data:`REFUSALS` that ``cfg`` triggers.
+
+    Raises
+    ------
+    ValueError
+        Listing every refused combination, one per line.
+    """
+    errors = cross_feature_errors(cfg)
+    if errors:
+        raise ValueError("\n".join(errors))
+
+
+def check_refusals(obj: object, section: str) -> None:
+    """Apply the rows that read only ``section`` (``""``: rows across sections).
+
+    Raises
+    ------
+    ValueError
+        On the first such row ``obj`` triggers.
+    """
+    rows = [row for row in REFUSALS if row.section == section]
+    # A row local to one section reads nothing else, so that section alone,
+    # under its own name, stands in for the whole config.
+    view = obj if not section else types.SimpleNamespace(**{section: obj})
+    errors = _errors(typing.cast("ExperimentConfig", view), rows)
+    if errors:
+        raise ValueError(errors[0])

@@ -1,0 +1,201 @@
+"""The cross-feature refusal table: each row refuses its combination and no more."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import pytest
+
+from lora_flwr.config import (
+    REFUSALS,
+    ExperimentConfig,
+    FedConfig,
+    Refusal,
+    check_cross_feature,
+    cross_feature_errors,
+    unflatten,
+)
+from lora_flwr.config.fields import field_types
+from lora_flwr.config.load import build
+
+HEAD = {"lora.modules_to_save": "classifier"}
+SECAGG = {"fed.secagg": True, "fed.norm_guard": "off", "fed.weight_cap": 0.0}
+LDA = {**HEAD, "fed.head_calibration": "lda"}
+
+# Row keys -> (flat settings that trigger the row, nearby settings that do not).
+CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
+    ("model.implementation", "model.name"): (
+        {"model.name": "tiny-bert", "model.implementation": "native"},
+        {"model.name": "minilm", "model.implementation": "native"},
+    ),
+    ("train.local_steps", "train.local_epochs"): (
+        {"train.local_steps": 0},
+        {"train.local_steps": 0, "train.local_epochs": 1.0},
+    ),
+    ("train.momentum", "train.optimizer"): (
+        {"train.momentum": 0.9},
+        {"train.momentum": 0.9, "train.optimizer": "sgd"},
+    ),
+    ("fed.robust", "fed.dp_noise_multiplier"): (
+        {"fed.dp_noise_multiplier": 1.0, "fed.robust": "median"},
+        {"fed.dp_noise_multiplier": 1.0},
+    ),
+    ("fed.head", "fed.head_calibration"): (
+        {**LDA, "fed.head": "local"},
+        {**LDA, "fed.head": "frozen"},
+    ),
+    ("fed.head_calibration", "fed.secagg", "fed.dp_noise_multiplier"): (
+        {**LDA, "fed.dp_noise_multiplier": 1.0},
+        {**HEAD, "fed.dp_noise_multiplier": 1.0},
+    ),
+    ("fed.head_calibration", "fed.robust"): (
+        {**LDA, "fed.robust": "median"},
+        {**HEAD, "fed.robust": "median"},
+    ),
+    ("fed.head_warmup_rounds", "fed.head"): (
+        {**HEAD, "fed.head": "local", "fed.head_warmup_rounds": 2},
+        {**HEAD, "fed.head": "frozen", "fed.head_warmup_rounds": 2},
+    ),
+    ("fed.min_fit_clients", "fed.secagg"): (
+        {**SECAGG, "fed.min_fit_clients": 1},
+        SECAGG,
+    ),
+    ("fed.norm_guard", "fed.secagg"): ({**SECAGG, "fed.norm_guard": "clip"}, SECAGG),
+    ("fed.weight_cap", "fed.secagg"): ({**SECAGG, "fed.weight_cap": 1.5}, SECAGG),
+    ("fed.max_update_norm", "fed.secagg"): (
+        {**SECAGG, "fed.max_update_norm": 5.0},
+        {"fed.max_update_norm": 5.0},
+    ),
+    ("fed.robust", "fed.secagg"): ({**SECAGG, "fed.robust": "median"}, SECAGG),
+    ("fed.compression", "fed.secagg"): (
+        {**SECAGG, "fed.compression": "int8"},
+        {"fed.compression": "int8"},
+    ),
+    ("fed.dp_noise_multiplier", "fed.secagg"): (
+        {**SECAGG, "fed.dp_noise_multiplier": 1.0},
+        SECAGG,
+    ),
+    ("fed.rank_tiers", "fed.secagg"): (
+        {**SECAGG, "fed.rank_tiers": "4,8"},
+        {**SECAGG, "fed.rank_tiers": "8"},
+    ),
+    ("fed.rank_tiers", "lora.r"): (
+        {"fed.rank_tiers": "4,16"},
+        {"fed.rank_tiers": "4,8"},
+    ),
+    ("fed.head_calibration", "lora.modules_to_save"): (
+        {"fed.head_calibration": "lda"},
+        LDA,
+    ),
+    ("fed.head", "lora.modules_to_save"): (
+        {"fed.head": "reinit"},
+        {**HEAD, "fed.head": "reinit"},
+    ),
+    ("train.loss", "model.task"): (
+        {"model.task": "causal_lm", "train.loss": "fedlc"},
+        {"model.task": "seq_cls", "train.loss": "fedlc"},
+    ),
+}
+
+
+def _id(row: Refusal) -> str:
+    return "+".join(row.keys)
+
+
+def test_every_row_has_a_case_and_rows_are_distinct() -> None:
+    # Prepare
+    keys = [row.keys for row in REFUSALS]
+
+    # Execute / Assert
+    assert len(set(keys)) == len(keys)
+    assert set(keys) == set(CASES)
+
+
+@pytest.mark.parametrize("row", REFUSALS, ids=_id)
+def test_row_refuses_its_combination_naming_every_key(row: Refusal) -> None:
+    # Prepare
+    trigger, _ = CASES[row.keys]
+
+    # Execute
+    with pytest.raises(ValueError) as info:
+        ExperimentConfig.from_flat(trigger)
+
+    # Assert: this row's message (first key, what would work), naming every key
+    message = str(info.value)
+    fixed = row.fix.split("{")[0]  # the words before any value filled in
+    assert message.startswith(f"`{row.keys[0]}` should be {fixed}")
+    assert " but the value passed is " in message
+    for key in row.keys:
+        assert key in message, key
+
+
+@pytest.mark.parametrize("row", REFUSALS, ids=_id)
+def test_a_nearby_config_is_accepted(row: Refusal) -> None:
+    # Prepare
+    _, nearby = CASES[row.keys]
+
+    # Execute
+    cfg = ExperimentConfig.from_flat(nearby)
+
+    # Assert: built as asked, and no row objects to it
+    assert {key: cfg.to_flat()[key] for key in nearby} == nearby
+    assert cross_feature_errors(cfg) == []
+
+
+@pytest.mark.parametrize("row", [r for r in REFUSALS if r.section], ids=_id)
+def test_a_row_within_one_section_refuses_that_section_alone(row: Refusal) -> None:
+    # Prepare: only the row's own section of the triggering settings
+    trigger, _ = CASES[row.keys]
+    section = unflatten(trigger)[row.section]
+    cls = field_types(ExperimentConfig)[row.section]
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=f"^`{row.keys[0]}` should be"):
+        build(cls, section, prefix=f"{row.section}.")
+
+
+def test_rows_across_sections_are_applied_to_the_whole_config() -> None:
+    # Prepare: valid alone, refused together with an empty lora.modules_to_save
+    fed = FedConfig(head="local")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="`fed.head` should be 'averaged' when"):
+        ExperimentConfig(fed=fed)
+
+
+def _unchecked(**sections: dict[str, Any]) -> Any:
+    """A stand-in config with the defaults and changes no check has seen."""
+    plain = ExperimentConfig().to_dict()
+    for name, changes in sections.items():
+        plain[name] = {**plain[name], **changes}
+    return types.SimpleNamespace(
+        **{
+            k: types.SimpleNamespace(**v) if isinstance(v, dict) else v
+            for k, v in plain.items()
+        }
+    )
+
+
+def test_cross_feature_errors_lists_every_refusal_in_table_order() -> None:
+    # Prepare: two refusals at once (building a config would stop at the first)
+    cfg = _unchecked(
+        fed={"secagg": True, "norm_guard": "off", "weight_cap": 1.5, "head": "local"}
+    )
+
+    # Execute
+    errors = cross_feature_errors(cfg)
+
+    # Assert
+    assert [e.split("`")[1] for e in errors] == ["fed.weight_cap", "fed.head"]
+    assert "(with fed.secagg = true)" in errors[0]
+    assert "(with lora.modules_to_save = [])" in errors[1]
+    with pytest.raises(ValueError) as info:
+        check_cross_feature(cfg)
+    assert str(info.value).splitlines() == errors
+
+
+def test_the_default_config_triggers_no_refusal() -> None:
+    # Prepare / Execute / Assert
+    assert cross_feature_errors(ExperimentConfig()) == []
+    check_cross_feature(ExperimentConfig())
