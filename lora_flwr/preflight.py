@@ -8,22 +8,28 @@ simulation's ServerApp then reuses both from the cache) and writes nothing.
 
 from __future__ import annotations
 
-from lora_flwr.config import ExperimentConfig
+from lora_flwr.config import ExperimentConfig, check_cross_feature
 from lora_flwr.data.partition import partition_indices
 from lora_flwr.experiment import get_workspace, resolve_model_config, splits
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Check data, labels, encoding, partition sizes, model and target modules.
+    """Check settings, data, labels, encoding, partition sizes, model and targets.
 
     Raises
     ------
     ValueError
-        On data the run cannot use (bad encoding or labels, too few rows for the
-        clients, an empty partition), or a model / LoRA target that does not fit.
+        On settings that cannot run together (every one of the schema's
+        cross-feature refusals ``cfg`` triggers, one per line), data the run
+        cannot use (bad encoding or labels, too few rows for the clients, an
+        empty partition), or a model / LoRA target that does not fit.
     FileNotFoundError
         On a missing data file.
     """
+    # The schema applies these when a config is built; repeated here (it costs
+    # microseconds) so that this one call is a complete gate for whatever config
+    # object it is handed, and reports every refusal at once.
+    check_cross_feature(cfg)
     data = splits(cfg)  # reads the file: missing, encoding, columns
     resolve_model_config(cfg)  # task and labels against the model
     parts = partition_indices(data.train, cfg.data, cfg.fed.num_clients, seed=cfg.seed)
