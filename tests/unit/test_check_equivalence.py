@@ -1,0 +1,231 @@
+"""The comparison functions of scripts/check_equivalence.py (no runs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_equivalence.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_equivalence", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+ce = _load()
+
+
+def _history(**changes: Any) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = [
+        {"round": 0, "test_loss": 0.69, "eval_seconds": 0.09},
+        {
+            "round": 1,
+            "started_at": 1796653105.01,
+            "train_loss": 0.6920276820659637,
+            "fit_ok": 2,
+            "round_seconds": 15.2,
+            "client_seconds_max": 0.33,
+            "workers": 2,
+            "worker_pid": 123,
+            "prof_server_other_calls": 4,
+        },
+    ]
+    records[1].update(changes)
+    return records
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("round_seconds", "timing"),
+        ("seconds", "timing"),
+        ("client_seconds_critical", "timing"),
+        ("fit_done_at", "timing"),
+        ("wall_clock", "timing"),
+        ("prof_client_train_calls", "profile"),
+        ("worker_pid", "pid"),
+        ("client_fit_calls_max", "worker placement"),
+        ("train_loss", None),
+        ("format", None),
+        ("dp_clipped", None),
+        ("tokens", None),
+    ],
+)
+def test_ignore_reason_names_the_class_of_each_field(
+    key: str, reason: str | None
+) -> None:
+    # Execute / Assert
+    assert ce.ignore_reason(key) == reason
+
+
+def test_histories_differing_only_in_timing_fields_are_equal() -> None:
+    # Prepare
+    base = _history()
+    new = _history(
+        started_at=1796659999.5,
+        round_seconds=99.0,
+        client_seconds_max=7.0,
+        workers=1,
+        worker_pid=456,
+        prof_server_other_calls=9,
+    )
+    new[0]["eval_seconds"] = 3.0
+
+    # Execute
+    result = ce.compare_histories(base, new)
+
+    # Assert
+    assert result.equal
+    assert result.differences == ()
+    assert result.ignored == (
+        "client_seconds_max",
+        "eval_seconds",
+        "prof_server_other_calls",
+        "round_seconds",
+        "started_at",
+        "worker_pid",
+        "workers",
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"train_loss": 0.6920276820659638},  # the last digit
+        {"fit_ok": 2.0},  # the same number, another type
+        {"agg_error": 0.5},  # a field only one side has
+    ],
+)
+def test_a_changed_non_timing_field_makes_histories_differ(
+    changes: dict[str, Any],
+) -> None:
+    # Prepare
+    base, new = _history(), _history(**changes)
+
+    # Execute
+    result = ce.compare_histories(base, new)
+
+    # Assert
+    assert not result.equal
+    assert len(result.differences) == 1
+    assert f"`{next(iter(changes))}`" in result.differences[0]
+
+
+def test_histories_of_different_length_differ() -> None:
+    # Execute
+    result = ce.compare_histories(_history(), _history()[:1])
+
+    # Assert
+    assert not result.equal
+    assert result.differences == ("base has 2 records, new has 1",)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], **meta: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt", **meta})
+    return path
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.lora_A.weight": torch.randn(4, 8, generator=gen),
+        "a.lora_B.weight": torch.zeros(8, 4),
+    }
+
+
+def test_identical_files_are_equal_in_bytes_and_tensors(tmp_path: Path) -> None:
+    # Prepare
+    a = _save(tmp_path / "a.safetensors", _tensors())
+    b = _save(tmp_path / "b.safetensors", _tensors())
+
+    # Execute
+    result = ce.compare_safetensors(a, b)
+
+    # Assert
+    assert result.bytes_equal and result.tensors_equal
+
+
+def test_tensors_differing_in_one_bit_differ(tmp_path: Path) -> None:
+    # Prepare: flip the lowest mantissa bit of one value.
+    flipped = _tensors()
+    bits = flipped["a.lora_A.weight"].view(torch.int32)
+    bits[2, 3] ^= 1
+    a = _save(tmp_path / "a.safetensors", _tensors())
+    b = _save(tmp_path / "b.safetensors", flipped)
+
+    # Execute
+    result = ce.compare_safetensors(a, b)
+
+    # Assert
+    assert not result.bytes_equal
+    assert not result.tensors_equal
+    assert "1 of 2 tensors differ (a.lora_A.weight: max |diff|" in result.detail
+
+
+def test_negative_zero_differs_from_zero(tmp_path: Path) -> None:
+    # Prepare: equal as numbers (torch.equal on the values says so), not as bits.
+    signed = _tensors()
+    signed["a.lora_B.weight"][0, 0] = -0.0
+    a = _save(tmp_path / "a.safetensors", _tensors())
+    b = _save(tmp_path / "b.safetensors", signed)
+
+    # Execute
+    result = ce.compare_safetensors(a, b)
+
+    # Assert
+    assert not result.tensors_equal
+
+
+def test_same_tensors_with_other_metadata_differ_in_bytes_only(tmp_path: Path) -> None:
+    # Prepare
+    a = _save(tmp_path / "a.safetensors", _tensors())
+    b = _save(tmp_path / "b.safetensors", _tensors(), note="x")
+
+    # Execute
+    result = ce.compare_safetensors(a, b)
+
+    # Assert
+    assert result.tensors_equal and not result.bytes_equal
+
+
+def test_run_dirs_compare_every_file_both_wrote(tmp_path: Path) -> None:
+    # Prepare: a hidden temp file (a write cut by a kill) is not an output.
+    for side in ("base", "new"):
+        _save(tmp_path / side / "adapter" / "adapter_model.safetensors", _tensors())
+        _save(tmp_path / side / "checkpoints" / "round-001" / "m.safetensors", {})
+    _save(tmp_path / "new" / "state" / ".x.1234.tmp" / "s.safetensors", _tensors())
+
+    # Execute
+    same = ce.compare_tensor_files(tmp_path / "base", tmp_path / "new")
+    _save(tmp_path / "new" / "state" / "round-002" / "s.safetensors", _tensors())
+    extra = ce.compare_tensor_files(tmp_path / "base", tmp_path / "new")
+
+    # Assert
+    assert same == (True, "yes: 2 files, tensors and bytes")
+    assert extra == (False, "DIFFER: state/round-002/s.safetensors: only in new")
+
+
+def test_configs_are_compared_with_output_folders_normalised(tmp_path: Path) -> None:
+    # Prepare
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('name = "x"\noutput_dir = "/o/base"\n[fed]\nnum_rounds = 2\n')
+    b.write_text('name = "x"\noutput_dir = "/o/new"\n[fed]\nnum_rounds = 3\n')
+
+    # Execute
+    diffs = ce.compare_configs([a, b], ["/o/base", "/o/new"])
+
+    # Assert
+    assert diffs == ["`fed.num_rounds` base 2 != new 3"]
