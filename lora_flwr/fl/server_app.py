@@ -28,7 +28,7 @@ from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoi
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.grid import PromptGrid
 from lora_flwr.fl.runner import layout_of
-from lora_flwr.fl.strategy import Arrays, FedLoRA, RoundView
+from lora_flwr.fl.strategy import FedLoRA
 from lora_flwr.heap import trim_heap
 from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
@@ -44,6 +44,7 @@ from lora_flwr.results import (
     write_history,
 )
 from lora_flwr.rundir import claim_run_dir
+from lora_flwr.server import Arrays, RoundView
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]

@@ -81,6 +81,20 @@ def clean_metrics(
     return kept, problems
 
 
+def moved_weight(before: Sequence[int], after: Sequence[int]) -> float:
+    """Share of the aggregation weight that moved: ``1/2 sum_k |p_k - p'_k|``.
+
+    ``p_k = n_k / sum_j n_j`` before the cap and ``p'_k`` after it: 0 when the
+    cap changed no weight, up to 1 when it moved all of it.
+    """
+    total, capped = sum(before), sum(after)
+    if not total or not capped:
+        return 0.0
+    return 0.5 * sum(
+        abs(n / total - c / capped) for n, c in zip(before, after, strict=True)
+    )
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -95,6 +109,8 @@ class GuardReport:
     norm_clipped: int = 0
     norm_rejected: int = 0
     norm_bound: float | None = None
+    # Share of the aggregation weight the count cap moved (None: cap off).
+    weight_moved: float | None = None
 
 
 def guard_replies(
@@ -172,5 +188,6 @@ def guard_replies(
                 )
                 reply = dataclasses.replace(reply, num_examples=c)
             out.append(reply)
+        report.weight_moved = moved_weight(counts, capped)
         kept = out
     return kept, report

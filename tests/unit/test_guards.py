@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lora_flwr.aggregation import ClientReply
-from lora_flwr.fl.guards import clean_metrics, guard_replies
+from lora_flwr.server.guards import clean_metrics, guard_replies
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,

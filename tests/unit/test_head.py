@@ -145,7 +145,7 @@ def test_reinit_starts_every_client_from_the_seeded_head_and_averages_it() -> No
         instructions = strategy.configure_fit(server_round, NO_PARAMS, _manager())
         proxies = {strategy.partition_of[p.cid]: p for p, _ in instructions}
         payloads = [parameters_to_ndarrays(ins.parameters) for _, ins in instructions]
-        starts = [s.start for s in strategy._sent.values()]
+        starts = [s.start for s in strategy.core.fit_sent.values()]
 
         # Execute
         strategy.aggregate_fit(

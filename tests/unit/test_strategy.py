@@ -32,7 +32,6 @@ from lora_flwr.compression import decode_reply, encode_reply, wire_nbytes
 from lora_flwr.config import ExperimentConfig, FedConfig, LoraConfig, TrainConfig
 from lora_flwr.experiment import get_workspace
 from lora_flwr.fl.client import ContextStore, LoRAClient
-from lora_flwr.fl.guards import RunAborted
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import FedLoRA, parameters_nbytes
 from lora_flwr.protocol import (
@@ -52,6 +51,7 @@ from lora_flwr.protocol import (
     Plan,
     group_of,
 )
+from lora_flwr.server.guards import RunAborted
 
 Arrays = dict[str, np.ndarray]
 
@@ -465,7 +465,9 @@ def test_a_non_finite_aggregate_never_becomes_the_global(
     assert params is None
     for name, value in before.items():
         np.testing.assert_array_equal(strategy.global_arrays()[name], value)
-    assert strategy.history == [] and strategy._record["aggregated"] is False
+    assert (
+        strategy.history == [] and strategy.core.record.to_dict()["aggregated"] is False
+    )
     assert (
         "round 1: aggregation failed, global kept: q.lora_A.weight: contains NaN or Inf"
         in caplog.text
@@ -635,7 +637,7 @@ def test_bytes_down_is_the_sum_of_each_clients_payload(rule: str) -> None:
     assert [parameters_nbytes(ins.parameters) for _, ins in sent.values()] == [
         per_client
     ] * 3
-    record = strategy._record
+    record = strategy.core.record.to_dict()
     assert record["bytes_down"] == 3 * per_client
     assert record["bytes_down_fit_max"] == per_client
     assert record["fit_sampled"] == 3
@@ -749,7 +751,7 @@ def test_fedsa_never_takes_a_b_from_a_client() -> None:
     np.testing.assert_allclose(after["q.lora_A.weight"], 3.0)
     np.testing.assert_allclose(after["classifier.bias"], 3.0)
     # No server-side product for FedSA: no aggregation error.
-    assert strategy._record["agg_error"] is None
+    assert strategy.core.record.to_dict()["agg_error"] is None
 
 
 def _tier_strategy(**fed: Any) -> FedLoRA:
@@ -775,8 +777,8 @@ def test_rank_tiers_cut_each_payload_to_the_clients_rank() -> None:
         assert (a.shape, b.shape, m.shape) == ((r, 3), (5, r), (2,))
         np.testing.assert_array_equal(a, initial["q.lora_A.weight"][:r])
         sizes.append(parameters_nbytes(ins.parameters))
-    assert strategy._record["bytes_down"] == sum(sizes)
-    assert strategy._record["bytes_down_fit_max"] == max(sizes)
+    assert strategy.core.record.to_dict()["bytes_down"] == sum(sizes)
+    assert strategy.core.record.to_dict()["bytes_down_fit_max"] == max(sizes)
     assert len(set(sizes)) == 2
 
 
@@ -823,7 +825,9 @@ def _sampled(strategy: FedLoRA, manager: SimpleClientManager, rounds: int) -> li
     for rnd in range(1, rounds + 1):
         sent = _configure(strategy, manager, rnd)
         out.append(sorted(sent))
-        assert strategy._record["fit_partitions"] == ",".join(map(str, sorted(sent)))
+        assert strategy.core.record.to_dict()["fit_partitions"] == ",".join(
+            map(str, sorted(sent))
+        )
     return out
 
 
@@ -1110,7 +1114,7 @@ def test_central_evaluation_sees_the_base_delta_of_a_merging_rule() -> None:
     # s * sum_k p_k B_k A_k with s = 2, p = 1/2, B_k A_k = 2 (0.5+k)^2 each.
     np.testing.assert_allclose(base_delta["q"], 2 * (0.5 * 0.5 + 0.5 * 4.5), rtol=1e-6)
     np.testing.assert_array_equal(base_delta["q"], strategy.state.base_delta["q"])
-    assert strategy._record["base_version"] == 1
+    assert strategy.core.record.to_dict()["base_version"] == 1
 
 
 def test_round_record_holds_test_and_fit_metrics() -> None:
@@ -1922,7 +1926,7 @@ def test_overlapped_evaluation_reports_what_sequential_evaluation_does() -> None
     # Prepare: the same three rounds, evaluation after each, off and on.
     plain, plain_calls = _evaluating(num_rounds=3)
     overlapped, overlapped_calls = _evaluating(num_rounds=3, eval_overlap=True)
-    assert overlapped.overlap_eval and not plain.overlap_eval
+    assert overlapped.fed.eval_overlap and not plain.fed.eval_overlap
     want, got = _reports(plain), _reports(overlapped)
 
     # Execute
