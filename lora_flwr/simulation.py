@@ -26,16 +26,9 @@ from lora_flwr.config import (
     add_config_arguments,
     config_from_arguments,
 )
-from lora_flwr.fl.guards import RunAborted
-from lora_flwr.heap import limit_arenas
+from lora_flwr.lifecycle import on_process_start
 from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
-
-
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's "use flwr run" notice: this entry point is deliberate."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED" not in record.getMessage()
+from lora_flwr.server.guards import RunAborted
 
 
 def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
@@ -43,42 +36,17 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
     # Quiet Ray before it is imported; users asked for a table, not Ray's banner.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    from flwr.common.logger import FLOWER_LOGGER
-    from flwr.simulation import run_simulation
-
-    from lora_flwr.fl.client_app import make_client_app
-    from lora_flwr.fl.directory import simulation_partitions
-    from lora_flwr.fl.server_app import make_server_app, run_dir_for
+    from lora_flwr.fl.engine import quiet_flower, run_engine
+    from lora_flwr.fl.server_app import run_dir_for
     from lora_flwr.results import read_history
 
-    FLOWER_LOGGER.addFilter(_DropDeprecation())
-    if not verbose:
-        FLOWER_LOGGER.setLevel(logging.WARNING)
+    quiet_flower(verbose)
     run_dir = run_dir_for(cfg)
     _ensure_watchdog()
-    limit_arenas(1)  # the server's evaluation: freed pages go back on trim
-    backend_config = {
-        "client_resources": {
-            "num_cpus": cfg.fed.client_num_cpus,
-            "num_gpus": cfg.fed.client_num_gpus,
-        },
-        "init_args": {
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": True,
-        },
-    }
+    on_process_start("server")  # the server's evaluation: freed pages go back
     start = time.perf_counter()
     try:
-        # The engine's node -> partition map goes to the strategy directly: no
-        # get_properties message to each of the (maybe 1,000) virtual nodes.
-        with simulation_partitions() as partitions:
-            run_simulation(
-                server_app=make_server_app(cfg, run_dir, partitions),
-                client_app=make_client_app(cfg),
-                num_supernodes=cfg.fed.num_clients,
-                backend_config=backend_config,  # type: ignore[arg-type]
-                verbose_logging=verbose,
-            )
+        run_engine(cfg, run_dir, verbose=verbose)
     finally:
         release_run_dir(run_dir)
     seconds = time.perf_counter() - start
@@ -115,47 +83,12 @@ def main(
     On SIGINT/SIGTERM the process ends at once with exit code 130 (``hard_exit``;
     tests turn it off to get the code returned).
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
-    parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the results of an earlier run with the same name",
-    )
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        metavar="RUN_DIR",
-        help="continue an interrupted run from its last complete round (its saved "
-        "config is used)",
-    )
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.resume is not None:
-            cfg = _resume_config(args.resume, args.overrides, args.overwrite)
-        else:
-            cfg = config_from_arguments(args)
-        if args.overwrite:
-            cfg = dataclasses.replace(cfg, on_existing="overwrite")
-        # The rule is built inside the ServerApp; check it before Ray starts.
-        get_rule(cfg.fed.aggregation).check_config(cfg.fed)
-        run_dir = Path(cfg.output_dir) / cfg.name
-        check_run_dir(run_dir, cfg.on_existing)
-        if cfg.on_existing == "resume":
-            from lora_flwr.fl.checkpoint import resume_checkpoint
-
-            point = resume_checkpoint(cfg, run_dir)
-            done = point.counters["round"] if point is not None else 0
-            print(f"resuming {run_dir} after round {done}", file=sys.stderr)
-        # Data, labels, model and targets: one line and exit 2, before Ray. (Imported
-        # here: torch and transformers would slow the schema errors above.)
-        from lora_flwr.preflight import preflight
-
-        preflight(cfg)
+        cfg, run_dir = _prepare(args)
     except (ValueError, FileNotFoundError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -185,6 +118,58 @@ def main(
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Return the command line's parser: the config options and three flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="show Flower/Ray logs")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run with the same name",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last complete round (its saved "
+        "config is used)",
+    )
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """Resolve and check the run's config before Ray starts; return it and its dir.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError, RunDirError
+        For a config, data, model or run directory that cannot run.
+    """
+    if args.resume is not None:
+        cfg = _resume_config(args.resume, args.overrides, args.overwrite)
+    else:
+        cfg = config_from_arguments(args)
+    if args.overwrite:
+        cfg = dataclasses.replace(cfg, on_existing="overwrite")
+    # The rule is built inside the ServerApp; check it before Ray starts.
+    get_rule(cfg.fed.aggregation).check_config(cfg.fed)
+    run_dir = Path(cfg.output_dir) / cfg.name
+    check_run_dir(run_dir, cfg.on_existing)
+    if cfg.on_existing == "resume":
+        from lora_flwr.fl.checkpoint import resume_checkpoint
+
+        point = resume_checkpoint(cfg, run_dir)
+        done = point.counters["round"] if point is not None else 0
+        print(f"resuming {run_dir} after round {done}", file=sys.stderr)
+    # Data, labels, model and targets: one line and exit 2, before Ray. (Imported
+    # here: torch and transformers would slow the schema errors above.)
+    from lora_flwr.preflight import preflight
+
+    preflight(cfg)
+    return cfg, run_dir
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from flwr.client import ClientApp
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import Context, Message
 
 from lora_flwr import profiling
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import make_client_fn
+from lora_flwr.fl.compat import ClientAppCallable, Mod
 
 # In a deployed node's fresh ClientApp process the imports above are the first
 # of this package (profiling's import notes their start): train.profile reports

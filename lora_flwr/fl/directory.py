@@ -51,7 +51,9 @@ def simulation_partitions() -> Iterator[PartitionDirectory]:
     config (``partition-id`` = the node's index in its node-to-partition map) so
     the map is also handed to a :class:`PartitionDirectory`. With a Flower that
     lacks the function the directory stays empty and the strategy asks the nodes,
-    as in a deployment.
+    as in a deployment. Runs call it through
+    :func:`lora_flwr.fl.compat.simulation_partitions`, which first refuses any
+    Flower but 1.42.x.
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
