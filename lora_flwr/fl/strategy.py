@@ -11,13 +11,10 @@ actually sent and received. Flower counts rounds from 1 again after a resume:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flwr.common import (
-    Code,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -36,20 +33,16 @@ from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.checkpoint import Checkpoint
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.handshake import Handshake
-from lora_flwr.protocol import HEAD_STATS, AdapterLayout
-from lora_flwr.server.core import Outgoing, RoundCallback, RoundCore
+from lora_flwr.fl.head_refit import refit_head
+from lora_flwr.fl.messages import parameters_nbytes, send_plans
+from lora_flwr.protocol import AdapterLayout
+from lora_flwr.server.core import RoundCallback, RoundCore
 from lora_flwr.server.evaluation import Arrays, EvaluateFn, NDArray
-from lora_flwr.server.head import StatsAnswer
-from lora_flwr.server.replies import Incoming, Sent, failure_text
+from lora_flwr.server.replies import Incoming, failure_text
 from lora_flwr.server.rounds import EvalIncoming
 from lora_flwr.server.sampling import EVALUATE_STREAM, FIT_STREAM
 
 Instruction = tuple[ClientProxy, Parameters, dict[str, Scalar]]
-
-
-def parameters_nbytes(parameters: Parameters) -> int:
-    """Bytes of the serialized tensors in ``parameters``."""
-    return sum(len(t) for t in parameters.tensors)
 
 
 class FedLoRA(Strategy):
@@ -167,25 +160,6 @@ class FedLoRA(Strategy):
         with self.core.phase("server_serialization"):
             return ndarrays_to_parameters([arrays[n] for n in self.layout.names])
 
-    def _send(
-        self,
-        clients: Sequence[tuple[ClientProxy, int]],
-        server_round: int,
-        evaluate: bool,
-    ) -> tuple[list[Instruction], dict[str, Sent]]:
-        """Serialize each sampled client's plan; remember what each was sent."""
-        pids = [pid for _, pid in clients]
-        planned: list[Outgoing] = self.core.plans(server_round, pids, evaluate=evaluate)
-        out: list[Instruction] = []
-        sent: dict[str, Sent] = {}
-        for (proxy, _), plan in zip(clients, planned, strict=True):
-            with self.core.phase("server_serialization"):
-                parameters = ndarrays_to_parameters(plan.payload)
-            nbytes = parameters_nbytes(parameters)
-            sent[proxy.cid] = Sent(plan.partition, plan.plan, plan.start, nbytes)
-            out.append((proxy, parameters, plan.config))
-        return out, sent
-
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Start from the seeded initial adapter (the rule's state at round 0)."""
         self._client_manager = client_manager
@@ -204,7 +178,7 @@ class FedLoRA(Strategy):
             clients = self.handshake.sample(
                 client_manager, rnd, fed.fraction_fit, fed.min_fit_clients, FIT_STREAM
             )
-            instructions, sent = self._send(clients, rnd, evaluate=False)
+            instructions, sent = send_plans(self.core, clients, rnd, evaluate=False)
         handshake = (self.handshake.seconds, self.handshake.asked)
         self.core.fit_sampled(rnd, sent, handshake)
         return [(proxy, FitIns(p, c)) for proxy, p, c in instructions]
@@ -252,7 +226,11 @@ class FedLoRA(Strategy):
             return None
         rnd = self._round(server_round)
         self.core.settle()
-        calib = self._refit_head(rnd) if self.core.refit_due(rnd) else {}
+        calib = {}
+        if self.core.refit_due(rnd):
+            if self._client_manager is None:
+                raise RuntimeError("the head refit needs Flower's client manager")
+            calib = refit_head(self.core, self.handshake, self._client_manager, rnd)
         result = self.core.evaluate(rnd, calib)
         if result is None:
             return None
@@ -276,7 +254,7 @@ class FedLoRA(Strategy):
                 self.fed.min_evaluate_clients,
                 EVALUATE_STREAM,
             )
-            instructions, sent = self._send(clients, rnd, evaluate=True)
+            instructions, sent = send_plans(self.core, clients, rnd, evaluate=True)
             # Evaluation traffic is counted apart too: it is not part of training.
             self.core.eval_sampled(sent)
             return [(proxy, EvaluateIns(p, c)) for proxy, p, c in instructions]
@@ -301,61 +279,6 @@ class FedLoRA(Strategy):
             self.core.finish_round()
             return loss, out
 
-    def _refit_head(self, server_round: int) -> dict[str, Any]:
-        """Ask every node for its head statistics; refit the global head.
-
-        Returns the history fields: ``calib_clients``, ``calib_examples``,
-        ``calib_seconds``, ``bytes_up_calib``, ``bytes_down_calib`` and, if the
-        head was kept, ``calib_error``.
-        """
-        if self._client_manager is None:
-            raise RuntimeError("the head refit needs Flower's client manager")
-        start = time.perf_counter()
-        clients = self.handshake.sample(
-            self._client_manager,
-            server_round,
-            1.0,
-            self.fed.min_available_clients,
-            EVALUATE_STREAM,
-        )
-        instructions, sent = self._send(clients, server_round, evaluate=True)
-
-        def ask(item: Instruction) -> tuple[ClientProxy, EvaluateRes | BaseException]:
-            proxy, parameters, config = item
-            ins = EvaluateIns(parameters, {**config, HEAD_STATS: True})
-            try:
-                return proxy, proxy.evaluate(ins, timeout=None, group_id=server_round)
-            except Exception as exc:  # a node that cannot answer is left out
-                return proxy, exc
-
-        with ThreadPoolExecutor(max_workers=max(1, min(32, len(instructions)))) as ex:
-            answers = list(ex.map(ask, instructions))
-        up = 0
-        stats: list[StatsAnswer] = []
-        for proxy, res in answers:
-            pid = sent[proxy.cid].partition if proxy.cid in sent else None
-            if isinstance(res, EvaluateRes):
-                raw = res.metrics.get(HEAD_STATS)
-                up += len(raw) if isinstance(raw, bytes) else 0
-            stats.append(_stats_answer(proxy.cid, pid, res))
-        out = self.core.refit_head(server_round, stats)
-        out["bytes_down_calib"] = sum(s.nbytes for s in sent.values())
-        out["bytes_up_calib"] = up
-        out["calib_seconds"] = time.perf_counter() - start
-        return out
-
 
 def _who(failure: tuple[ClientProxy, Any] | BaseException) -> str:
     return failure[0].cid if isinstance(failure, tuple) else "?"
-
-
-def _stats_answer(
-    node: str, partition: int | None, res: EvaluateRes | BaseException
-) -> StatsAnswer:
-    """Return a node's ``head_stats`` answer in plain values."""
-    if isinstance(res, BaseException):
-        return StatsAnswer(node, partition, error=f"no reply: {res!r}")
-    if res.status.code != Code.OK:
-        error = f"status {res.status.code}: {res.status.message}"
-        return StatsAnswer(node, partition, error=error)
-    return StatsAnswer(node, partition, None, res.num_examples, res.metrics)
