@@ -46,6 +46,7 @@ from lora_flwr.assets import fetch_asset
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.data.datasets import eval_subset, load_splits
 from lora_flwr.data.partition import client_data
+from lora_flwr.server.record import ROUND, ROUND_SECONDS, TEST_ACCURACY, TEST_LOSS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,10 +182,10 @@ def main() -> None:
         now = time.perf_counter()
         history.append(
             {
-                "round": server_round,
-                "test_loss": loss,
-                "test_accuracy": acc,
-                "round_seconds": now - last[0] if server_round else None,
+                ROUND: server_round,
+                TEST_LOSS: loss,
+                TEST_ACCURACY: acc,
+                ROUND_SECONDS: now - last[0] if server_round else None,
                 "wall": now - start,
             }
         )

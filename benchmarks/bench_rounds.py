@@ -51,6 +51,14 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from lora_flwr.config import ExperimentConfig
+    from lora_flwr.server.record import (
+        CLIENT_SECONDS_CRITICAL,
+        EVAL_SECONDS,
+        MODEL_LOADS_MAX,
+        ROUND,
+        ROUND_SECONDS,
+        TEST_ACCURACY,
+    )
 
     cfg = ExperimentConfig.from_toml(ROOT / args.config).with_overrides(
         [*args.overrides, "name=bench-rounds"]
@@ -81,30 +89,30 @@ def main() -> int:
         print(f"run_simulation.py exited with {code}", file=sys.stderr)
         return code
     history = json.loads((run_dir / "history.json").read_text())
-    rounds = [r for r in history if r.get("round", 0) > 0]
+    rounds = [r for r in history if r.get(ROUND, 0) > 0]
     print(
         f"\n{'round':>5} {'wall_s':>7} {'client_s':>8} {'eval_s':>7} "
         f"{'overhead_s':>10} {'overhead%':>9} {'loads/worker':>12}"
     )
     rows = []
     for r in rounds:
-        client = float(r.get("client_seconds_critical", 0.0))
-        ev = float(r.get("eval_seconds", 0.0))
-        total = float(r["round_seconds"])
+        client = float(r.get(CLIENT_SECONDS_CRITICAL, 0.0))
+        ev = float(r.get(EVAL_SECONDS, 0.0))
+        total = float(r[ROUND_SECONDS])
         over = total - client - ev
         rows.append(
             {
-                "round": r["round"],
+                "round": r[ROUND],
                 "wall": total,
                 "client": client,
                 "eval": ev,
                 "overhead": over,
-                "loads": r.get("model_loads_max"),
+                "loads": r.get(MODEL_LOADS_MAX),
             }
         )
         print(
-            f"{r['round']:>5} {total:>7.1f} {client:>8.1f} {ev:>7.1f} {over:>10.2f} "
-            f"{100 * over / total:>8.1f}% {r.get('model_loads_max', '-'):>12}"
+            f"{r[ROUND]:>5} {total:>7.1f} {client:>8.1f} {ev:>7.1f} {over:>10.2f} "
+            f"{100 * over / total:>8.1f}% {r.get(MODEL_LOADS_MAX, '-'):>12}"
         )
     steady = rows[1:] if len(rows) > 1 else rows
     tot = sum(r["wall"] for r in steady)
@@ -117,7 +125,7 @@ def main() -> int:
         "rounds": rows,
         "steady_overhead_fraction": over / tot if tot else None,
         "first_round_seconds": rows[0]["wall"] if rows else None,
-        "final_test_accuracy": rounds[-1].get("test_accuracy") if rounds else None,
+        "final_test_accuracy": rounds[-1].get(TEST_ACCURACY) if rounds else None,
     }
     print(
         f"\nwall {wall:.1f} s; peak RSS of the process tree {peak / 2**30:.2f} GiB; "

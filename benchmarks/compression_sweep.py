@@ -25,6 +25,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from lora_flwr.server.record import (
+    BYTES_UP,
+    BYTES_UP_MAX,
+    FIT_DROPPED,
+    ROUND,
+    TEST_ACCURACY,
+    TEST_LOSS,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CODECS = ["none", "fp16", "bf16", "int8", "topk:0.1", "topk:0.05"]
 
@@ -48,7 +57,7 @@ def finished(run_dir: Path) -> list[dict[str, Any]] | None:
     history: list[dict[str, Any]] = json.loads(path.read_text())
     with (run_dir / "config.toml").open("rb") as fh:
         rounds = int(tomllib.load(fh)["fed"]["num_rounds"])
-    return history if history and history[-1].get("round") == rounds else None
+    return history if history and history[-1].get(ROUND) == rounds else None
 
 
 def run_one(
@@ -81,16 +90,16 @@ def run_one(
 
 def summarize(codec: str, history: list[dict[str, Any]]) -> dict[str, Any]:
     """Final accuracy and the uplink bytes of one run."""
-    rounds = [r for r in history if r.get("round", 0) > 0]
+    rounds = [r for r in history if r.get(ROUND, 0) > 0]
     last = history[-1]
     return {
         "codec": codec,
-        "accuracy": float(last["test_accuracy"]),
-        "loss": float(last["test_loss"]),
-        "curve": [r.get("test_accuracy") for r in history],
-        "bytes_up": sum(int(r.get("bytes_up", 0)) for r in rounds),
-        "reply_bytes": max(int(r.get("bytes_up_max", 0)) for r in rounds),
-        "dropped": sum(int(r.get("fit_dropped", 0)) for r in rounds),
+        "accuracy": float(last[TEST_ACCURACY]),
+        "loss": float(last[TEST_LOSS]),
+        "curve": [r.get(TEST_ACCURACY) for r in history],
+        "bytes_up": sum(int(r.get(BYTES_UP, 0)) for r in rounds),
+        "reply_bytes": max(int(r.get(BYTES_UP_MAX, 0)) for r in rounds),
+        "dropped": sum(int(r.get(FIT_DROPPED, 0)) for r in rounds),
     }
 
 

@@ -27,6 +27,16 @@ import numpy as np
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import LoRAClient, node_partition
 from lora_flwr.protocol import ACCURACY, ROUND, SECONDS
+from lora_flwr.server.record import (
+    FIT_DROPPED,
+    FIT_FAILED,
+    FIT_OK,
+    NORM_CLIPPED,
+    NORM_REJECTED,
+    TEST_ACCURACY,
+    TEST_LOSS,
+    WEIGHT_CAPPED,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
@@ -49,6 +59,8 @@ SECAGG = {
     "weight_cap": 0.0,
     "secagg_max_weight": 100.0,
 }
+# History counts that run_probe also sums over the run (``<count>_total``).
+COUNTS = (WEIGHT_CAPPED, NORM_CLIPPED, NORM_REJECTED, FIT_DROPPED, FIT_FAILED, FIT_OK)
 
 
 class HostileClient(LoRAClient):
@@ -187,16 +199,14 @@ def run_probe(
     history = read_history(run_dir)
     last = dict(history[-1])
     last["run_dir"] = str(run_dir)
-    for key in (
-        "weight_capped",
-        "norm_clipped",
-        "norm_rejected",
-        "fit_dropped",
-        "fit_failed",
-        "fit_ok",
-    ):
-        last[key + "_total"] = sum(int(r.get(key) or 0) for r in history)
+    for key in COUNTS:
+        last[total(key)] = sum(int(r.get(key) or 0) for r in history)
     return last
+
+
+def total(key: str) -> str:
+    """Name of a count summed over the run in :func:`run_probe`'s record."""
+    return f"{key}_total"
 
 
 def main() -> None:
@@ -227,11 +237,11 @@ def main() -> None:
             tag="secagg" if args.secagg else "",
         )
         rows.append(
-            f"| {probe} | {setting} | {last.get('test_loss', float('nan')):.4f} | "
-            f"{last.get('test_accuracy', float('nan')):.3f} | "
-            f"{last['weight_capped_total']} | {last['norm_clipped_total']} | "
-            f"{last['fit_dropped_total']} | {last['fit_failed_total']} | "
-            f"{last['fit_ok_total']} |"
+            f"| {probe} | {setting} | {last.get(TEST_LOSS, float('nan')):.4f} | "
+            f"{last.get(TEST_ACCURACY, float('nan')):.3f} | "
+            f"{last[total(WEIGHT_CAPPED)]} | {last[total(NORM_CLIPPED)]} | "
+            f"{last[total(FIT_DROPPED)]} | {last[total(FIT_FAILED)]} | "
+            f"{last[total(FIT_OK)]} |"
         )
     print(
         "| probe | setting | test loss | test acc | counts capped | updates clipped "

@@ -45,6 +45,15 @@ from typing import Any
 
 import psutil
 
+from lora_flwr.server.record import (
+    FIT_DONE_AT,
+    HANDSHAKE_SECONDS,
+    ROUND,
+    ROUND_SECONDS,
+    STARTED_AT,
+    TEST_ACCURACY,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLED = 10  # clients per round, the target's number
 ROLLUP_KEYS = ("Rss", "Pss", "Pss_Anon", "Pss_File", "Pss_Shmem")
@@ -188,7 +197,7 @@ def summarize(
     n: int, t0: float, samples: list[dict[str, Any]], history: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """Start-up times, peaks and per-round memory from the samples and history."""
-    rounds = [r for r in history if r.get("round", 0) > 0]
+    rounds = [r for r in history if r.get(ROUND, 0) > 0]
     first = rounds[0]
     peak = max(samples, key=lambda s: s["rss"])
     peak_pss = max(samples, key=lambda s: s["pss"])
@@ -196,15 +205,15 @@ def summarize(
     for rec in rounds:
         # Up to the round's end (history), not the next round: after the last
         # round Ray shuts down and the tree shrinks.
-        end = rec["started_at"] + rec["round_seconds"]
-        inside = [s for s in samples if rec["started_at"] <= s["t"] <= end]
+        end = rec[STARTED_AT] + rec[ROUND_SECONDS]
+        inside = [s for s in samples if rec[STARTED_AT] <= s["t"] <= end]
         if not inside:
             continue
         last = inside[-1]
         per_round.append(
             {
-                "round": rec["round"],
-                "seconds": rec.get("round_seconds"),
+                "round": rec[ROUND],
+                "seconds": rec.get(ROUND_SECONDS),
                 "rss_end": last["rss"],
                 # CPU seconds the driver (server, Flower's engine threads) used
                 # per wall second of the round.
@@ -220,10 +229,10 @@ def summarize(
         )
     return {
         "clients": n,
-        "to_round1_s": first["started_at"] - t0,
-        "handshake_round1_s": first.get("handshake_seconds"),
-        "to_first_fits_s": first["fit_done_at"] - t0,
-        "round1_s": first.get("round_seconds"),
+        "to_round1_s": first[STARTED_AT] - t0,
+        "handshake_round1_s": first.get(HANDSHAKE_SECONDS),
+        "to_first_fits_s": first[FIT_DONE_AT] - t0,
+        "round1_s": first.get(ROUND_SECONDS),
         "peak_rss": peak["rss"],
         "peak_rss_by_kind": peak["by_kind"],
         "peak_pss": peak_pss["pss"],
@@ -233,7 +242,7 @@ def summarize(
         "per_round": per_round,
         "rss_slope_mb_per_round": slope(per_round, "rss_end"),
         "pss_slope_mb_per_round": slope(per_round, "pss_end"),
-        "final_test_accuracy": rounds[-1].get("test_accuracy"),
+        "final_test_accuracy": rounds[-1].get(TEST_ACCURACY),
     }
 
 

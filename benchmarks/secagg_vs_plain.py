@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reliability_probes as rp  # noqa: E402
 
 from lora_flwr.fl.server_app import SECAGG_LEVELS  # noqa: E402
+from lora_flwr.server.record import TEST_LOSS  # noqa: E402
 
 SIZES = (97, 97, 96)  # training examples of the smoke config's 3 partitions
 
@@ -65,8 +66,8 @@ def main() -> None:
         peak = max(float(np.abs(v).max()) for v in a.values())
         print(
             f"| {probe} | {diff:.2g} (values up to {peak:.2f}) | "
-            f"{bound(counts, peak):.2g} | {runs[False]['test_loss']:.6f} | "
-            f"{runs[True]['test_loss']:.6f} |",
+            f"{bound(counts, peak):.2g} | {runs[False][TEST_LOSS]:.6f} | "
+            f"{runs[True][TEST_LOSS]:.6f} |",
             flush=True,
         )
 

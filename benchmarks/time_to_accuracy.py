@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lora_flwr.server.record import ROUND, ROUND_SECONDS, TEST_ACCURACY
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,10 +36,10 @@ def seconds_to(history: list[dict[str, Any]], target: float) -> float | None:
     """Summed round seconds until accuracy first reaches ``target`` (None: never)."""
     total = 0.0
     for rec in history:
-        if int(rec["round"]) == 0:
+        if int(rec[ROUND]) == 0:
             continue
-        total += float(rec["round_seconds"])
-        if float(rec.get("test_accuracy") or 0.0) >= target:
+        total += float(rec[ROUND_SECONDS])
+        if float(rec.get(TEST_ACCURACY) or 0.0) >= target:
             return total
     return None
 
@@ -46,12 +48,12 @@ def summary(
     history: list[dict[str, Any]], wall: float, target: float
 ) -> dict[str, Any]:
     """What the table shows for one run."""
-    rounds = [float(r["round_seconds"]) for r in history if int(r["round"]) > 0]
+    rounds = [float(r[ROUND_SECONDS]) for r in history if int(r[ROUND]) > 0]
     return {
         "wall": wall,
         "round_median": statistics.median(rounds),
         "to_target": seconds_to(history, target),
-        "final": float(history[-1]["test_accuracy"]),
+        "final": float(history[-1][TEST_ACCURACY]),
     }
 
 

@@ -42,6 +42,21 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.machine import cpu_model_name
+from lora_flwr.server.record import (
+    AGG_ERROR,
+    BYTES_DOWN,
+    BYTES_DOWN_CALIB,
+    BYTES_DOWN_EVAL,
+    BYTES_UP,
+    BYTES_UP_CALIB,
+    CALIB_SECONDS,
+    PERSONAL_ACCURACY,
+    PERSONAL_PERPLEXITY,
+    ROUND,
+    ROUND_SECONDS,
+    TEST_ACCURACY,
+    TEST_PERPLEXITY,
+)
 
 BEGIN = "<!-- lora_flwr.compare: begin (generated; edit outside the markers) -->"
 END = "<!-- lora_flwr.compare: end -->"
@@ -115,7 +130,7 @@ def _complete(run_dir: Path, cfg: ExperimentConfig) -> bool:
         json.loads((run_dir / "wall.json").read_text())
     except (OSError, ValueError):
         return False
-    rounds = [r for r in history if r.get("round", 0) > 0]
+    rounds = [r for r in history if r.get(ROUND, 0) > 0]
     # The child ran with --overwrite: how it treated the directory is not the run.
     saved = dataclasses.replace(saved, on_existing=cfg.on_existing)
     return saved == cfg and len(rounds) == cfg.fed.num_rounds
@@ -259,7 +274,7 @@ def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
     # Clients hold a part the saved adapter lacks (FedSA's B, a local head): the
     # run's own per-client evaluation is the only one there is.
     if get_rule(cfg.fed.aggregation).personalized or cfg.fed.head == "local":
-        last = [r["personal_accuracy"] for r in history if "personal_accuracy" in r]
+        last = [r[PERSONAL_ACCURACY] for r in history if PERSONAL_ACCURACY in r]
         accuracy = float(last[-1]) if last else None
     else:
         from lora_flwr.experiment import client_datasets, get_workspace
@@ -291,12 +306,7 @@ def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
 # ------------------------------------------------------------------- summary
 def metric_key(history: Sequence[Mapping[str, Any]]) -> str:
     """Return the headline metric: held-out, else personalised, accuracy or ppl."""
-    for key in (
-        "test_accuracy",
-        "personal_accuracy",
-        "test_perplexity",
-        "personal_perplexity",
-    ):
+    for key in (TEST_ACCURACY, PERSONAL_ACCURACY, TEST_PERPLEXITY, PERSONAL_PERPLEXITY):
         if any(r.get(key) is not None for r in history):
             return key
     raise ValueError("the history holds no accuracy or perplexity")
@@ -333,7 +343,7 @@ class Summary:
 
 def _up(record: Mapping[str, Any]) -> float:
     """Bytes clients sent in a round: replies, and class statistics for a refit."""
-    return float(record.get("bytes_up", 0)) + float(record.get("bytes_up_calib", 0))
+    return float(record.get(BYTES_UP, 0)) + float(record.get(BYTES_UP_CALIB, 0))
 
 
 def _down(record: Mapping[str, Any]) -> float:
@@ -343,9 +353,9 @@ def _down(record: Mapping[str, Any]) -> float:
     communication cost; the payloads of a head refit (fed.head_calibration) are.
     """
     return (
-        float(record.get("bytes_down", 0))
-        - float(record.get("bytes_down_eval", 0))
-        + float(record.get("bytes_down_calib", 0))
+        float(record.get(BYTES_DOWN, 0))
+        - float(record.get(BYTES_DOWN_EVAL, 0))
+        + float(record.get(BYTES_DOWN_CALIB, 0))
     )
 
 
@@ -366,31 +376,29 @@ def summarize(
     cums: list[list[float]] = []
     for history in histories:
         points = [
-            (int(r["round"]), float(r[key])) for r in history if r.get(key) is not None
+            (int(r[ROUND]), float(r[key])) for r in history if r.get(key) is not None
         ]
         values = [v for _, v in points]
         finals.append(values[-1])
         bests.append(max(values) if higher else min(values))
-        rounds = [r for r in history if r.get("round", 0) > 0]
+        rounds = [r for r in history if r.get(ROUND, 0) > 0]
         ups += [_up(r) for r in rounds]
         downs += [_down(r) for r in rounds]
-        errors += [
-            float(r["agg_error"]) for r in rounds if r.get("agg_error") is not None
-        ]
+        errors += [float(r[AGG_ERROR]) for r in rounds if r.get(AGG_ERROR) is not None]
         if target is not None:
             # A head refit before round 1 (fed.head_calibration) is part of the way.
             elapsed = sum(
-                float(r.get("calib_seconds", 0.0))
+                float(r.get(CALIB_SECONDS, 0.0))
                 for r in history
-                if r.get("round", 0) == 0
+                if r.get(ROUND, 0) == 0
             )
             for r in rounds:
-                elapsed += float(r.get("round_seconds", 0.0))
+                elapsed += float(r.get(ROUND_SECONDS, 0.0))
                 value = r.get(key)
                 if value is not None and (
                     value >= target if higher else value <= target
                 ):
-                    rounds_hit.append(float(r["round"]))
+                    rounds_hit.append(float(r[ROUND]))
                     secs_hit.append(elapsed)
                     break
         curves.append(dict(points))
@@ -441,7 +449,7 @@ def table(
     )
     lines = [head, "|" + "---|" * 10]
     for s in summaries:
-        metric = "" if s.metric == "test_accuracy" else f" ({s.metric})"
+        metric = "" if s.metric == TEST_ACCURACY else f" ({s.metric})"
         if s.reached:
             rounds = f"{s.rounds_to_target:.1f} ({s.reached}/{s.seeds})"
             secs = f"{s.seconds_to_target:.0f}"
@@ -477,7 +485,7 @@ def plot(summaries: Sequence[Summary], path_round: Path, path_bytes: Path) -> No
             else:
                 xs = [float(r) for r, _ in points]
             ax.plot(xs, ys, marker="o", markersize=3, label=s.rule)
-        ax.set_xlabel("cumulative MB (up + down)" if use_bytes else "round")
+        ax.set_xlabel("cumulative MB (up + down)" if use_bytes else ROUND)
         label = summaries[0].metric.split("_", 1)[1]
         ax.set_ylabel(f"{label}, mean over seeds (fedsa: its local splits)")
         ax.grid(True, alpha=0.3)

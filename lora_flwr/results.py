@@ -11,25 +11,43 @@ from pathlib import Path
 from typing import Any
 
 from lora_flwr.atomic import atomic_write, write_text_atomic
+from lora_flwr.server.record import (
+    AGG_ERROR,
+    BYTES_DOWN,
+    BYTES_UP,
+    FED_ACCURACY,
+    FED_LOSS,
+    FIT_OK,
+    PERSONAL_ACCURACY,
+    PERSONAL_LOSS,
+    PERSONAL_PERPLEXITY,
+    ROUND,
+    ROUND_SECONDS,
+    TEST_ACCURACY,
+    TEST_LOSS,
+    TEST_PERPLEXITY,
+    TRAIN_LOSS,
+)
 
 Record = Mapping[str, Any]
 
-# Columns of the per-round table: (record key, header, format).
+# Columns of the per-round table: (record key, header, format); a header is the
+# key itself unless the key is too wide for its column.
 TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("round", "round", "{:>5d}"),
-    ("train_loss", "train_loss", "{:>10.4f}"),
-    ("test_loss", "test_loss", "{:>9.4f}"),
-    ("test_accuracy", "test_acc", "{:>8.4f}"),
-    ("test_perplexity", "test_ppl", "{:>9.2f}"),
-    ("personal_loss", "pers_loss", "{:>9.4f}"),
-    ("personal_accuracy", "pers_acc", "{:>8.4f}"),
-    ("personal_perplexity", "pers_ppl", "{:>9.2f}"),
-    ("fed_loss", "fed_loss", "{:>8.4f}"),
-    ("agg_error", "agg_err", "{:>8.2e}"),
-    ("fit_ok", "fit_ok", "{:>6d}"),
-    ("bytes_up", "bytes_up", "{:>10d}"),
-    ("bytes_down", "bytes_down", "{:>10d}"),
-    ("round_seconds", "seconds", "{:>7.1f}"),
+    (ROUND, ROUND, "{:>5d}"),
+    (TRAIN_LOSS, TRAIN_LOSS, "{:>10.4f}"),
+    (TEST_LOSS, TEST_LOSS, "{:>9.4f}"),
+    (TEST_ACCURACY, "test_acc", "{:>8.4f}"),
+    (TEST_PERPLEXITY, "test_ppl", "{:>9.2f}"),
+    (PERSONAL_LOSS, "pers_loss", "{:>9.4f}"),
+    (PERSONAL_ACCURACY, "pers_acc", "{:>8.4f}"),
+    (PERSONAL_PERPLEXITY, "pers_ppl", "{:>9.2f}"),
+    (FED_LOSS, FED_LOSS, "{:>8.4f}"),
+    (AGG_ERROR, "agg_err", "{:>8.2e}"),
+    (FIT_OK, FIT_OK, "{:>6d}"),
+    (BYTES_UP, BYTES_UP, "{:>10d}"),
+    (BYTES_DOWN, BYTES_DOWN, "{:>10d}"),
+    (ROUND_SECONDS, "seconds", "{:>7.1f}"),
 )
 
 
@@ -37,7 +55,7 @@ def _columns(records: Sequence[Record]) -> list[tuple[str, str, str]]:
     return [
         c
         for c in TABLE_COLUMNS
-        if any(r.get(c[0]) is not None for r in records) or c[0] == "round"
+        if any(r.get(c[0]) is not None for r in records) or c[0] == ROUND
     ]
 
 
@@ -115,17 +133,13 @@ def read_history(run_dir: Path) -> list[dict[str, Any]]:
 
 
 PLOTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("loss.png", ("train_loss", "test_loss", "personal_loss", "fed_loss"), "loss"),
-    (
-        "accuracy.png",
-        ("test_accuracy", "personal_accuracy", "fed_accuracy"),
-        "accuracy",
-    ),
-    ("perplexity.png", ("test_perplexity", "personal_perplexity"), "perplexity"),
-    ("bytes.png", ("bytes_up", "bytes_down"), "cumulative bytes"),
+    ("loss.png", (TRAIN_LOSS, TEST_LOSS, PERSONAL_LOSS, FED_LOSS), "loss"),
+    ("accuracy.png", (TEST_ACCURACY, PERSONAL_ACCURACY, FED_ACCURACY), "accuracy"),
+    ("perplexity.png", (TEST_PERPLEXITY, PERSONAL_PERPLEXITY), "perplexity"),
+    ("bytes.png", (BYTES_UP, BYTES_DOWN), "cumulative bytes"),
 )
 # Plotted as running totals: per round they are a flat line.
-CUMULATIVE = frozenset({"bytes_up", "bytes_down"})
+CUMULATIVE = frozenset({BYTES_UP, BYTES_DOWN})
 
 
 def cumulative(points: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -148,8 +162,7 @@ def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
     written: list[Path] = []
     for filename, keys, ylabel in PLOTS:
         series = {
-            k: [(r["round"], r[k]) for r in records if r.get(k) is not None]
-            for k in keys
+            k: [(r[ROUND], r[k]) for r in records if r.get(k) is not None] for k in keys
         }
         series = {
             k: cumulative(v) if k in CUMULATIVE else v for k, v in series.items() if v
@@ -160,7 +173,7 @@ def plot_history(records: Sequence[Record], run_dir: Path) -> list[Path]:
         for key, points in series.items():
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", label=key)
-        ax.set_xlabel("round")
+        ax.set_xlabel(ROUND)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend()

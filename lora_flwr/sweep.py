@@ -54,6 +54,7 @@ from lora_flwr.config import (
     add_config_arguments,
     config_from_arguments,
 )
+from lora_flwr.server.record import ROUND
 
 BEGIN = "<!-- lora_flwr.sweep: begin (generated; edit outside the markers) -->"
 END = "<!-- lora_flwr.sweep: end -->"
@@ -174,7 +175,7 @@ def plot_curves(summaries: Sequence[Summary], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
         ax.plot(*zip(*s.curve, strict=True), marker="o", markersize=3, label=s.rule)
-    ax.set_xlabel("round")
+    ax.set_xlabel(ROUND)
     ax.set_ylabel("held-out accuracy, mean over seeds")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)

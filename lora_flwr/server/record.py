@@ -141,54 +141,78 @@ _FIELDS = frozenset(_ORDER)
 FIELDS: frozenset[str] = _FIELDS
 """Every history key the round core writes (the ``prof_*`` split aside)."""
 
-# History keys, for readers that look rows up by name.
+# History keys, for readers that look rows up by name (in column order).
 ROUND = "round"
 STARTED_AT = "started_at"
+HANDSHAKE_SECONDS = "handshake_seconds"
 LR = "lr"
+BYTES_DOWN = "bytes_down"
+FIT_DONE_AT = "fit_done_at"
+BYTES_UP = "bytes_up"
+BYTES_UP_MAX = "bytes_up_max"
+FIT_OK = "fit_ok"
+FIT_FAILED = "fit_failed"
+FIT_DROPPED = "fit_dropped"
+WEIGHT_CAPPED = "weight_capped"
+NORM_CLIPPED = "norm_clipped"
+NORM_REJECTED = "norm_rejected"
 TRAIN_LOSS = "train_loss"
+CLIENT_SECONDS_MAX = "client_seconds_max"
+CLIENT_SECONDS_CRITICAL = "client_seconds_critical"
+MODEL_LOADS_MAX = "model_loads_max"
+AGG_ERROR = "agg_error"
+AGGREGATED = "aggregated"
+DP_EPSILON = "dp_epsilon"
 TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"
 TEST_PERPLEXITY = "test_perplexity"
+EVAL_SECONDS = "eval_seconds"
+BYTES_DOWN_CALIB = "bytes_down_calib"
+BYTES_UP_CALIB = "bytes_up_calib"
+CALIB_SECONDS = "calib_seconds"
+BYTES_DOWN_EVAL = "bytes_down_eval"
 FED_LOSS = "fed_loss"
 FED_ACCURACY = "fed_accuracy"
 PERSONAL_LOSS = "personal_loss"
 PERSONAL_ACCURACY = "personal_accuracy"
-AGG_ERROR = "agg_error"
-AGGREGATED = "aggregated"
-FIT_OK = "fit_ok"
-FIT_FAILED = "fit_failed"
-FIT_DROPPED = "fit_dropped"
-BYTES_UP = "bytes_up"
-BYTES_DOWN = "bytes_down"
+PERSONAL_PERPLEXITY = "personal_perplexity"
 ROUND_SECONDS = "round_seconds"
-EVAL_SECONDS = "eval_seconds"
-CLIENT_SECONDS_MAX = "client_seconds_max"
-CLIENT_SECONDS_CRITICAL = "client_seconds_critical"
-DP_EPSILON = "dp_epsilon"
 ABORTED = "aborted"
 assert {
     ROUND,
     STARTED_AT,
+    HANDSHAKE_SECONDS,
     LR,
+    BYTES_DOWN,
+    FIT_DONE_AT,
+    BYTES_UP,
+    BYTES_UP_MAX,
+    FIT_OK,
+    FIT_FAILED,
+    FIT_DROPPED,
+    WEIGHT_CAPPED,
+    NORM_CLIPPED,
+    NORM_REJECTED,
     TRAIN_LOSS,
+    CLIENT_SECONDS_MAX,
+    CLIENT_SECONDS_CRITICAL,
+    MODEL_LOADS_MAX,
+    AGG_ERROR,
+    AGGREGATED,
+    DP_EPSILON,
     TEST_LOSS,
     TEST_ACCURACY,
     TEST_PERPLEXITY,
+    EVAL_SECONDS,
+    BYTES_DOWN_CALIB,
+    BYTES_UP_CALIB,
+    CALIB_SECONDS,
+    BYTES_DOWN_EVAL,
     FED_LOSS,
     FED_ACCURACY,
     PERSONAL_LOSS,
     PERSONAL_ACCURACY,
-    AGG_ERROR,
-    AGGREGATED,
-    FIT_OK,
-    FIT_FAILED,
-    FIT_DROPPED,
-    BYTES_UP,
-    BYTES_DOWN,
+    PERSONAL_PERPLEXITY,
     ROUND_SECONDS,
-    EVAL_SECONDS,
-    CLIENT_SECONDS_MAX,
-    CLIENT_SECONDS_CRITICAL,
-    DP_EPSILON,
     ABORTED,
 } <= _FIELDS
