@@ -61,7 +61,7 @@ class Handshake:
         start = time.perf_counter()
         self.asked = 0
         with self.core.phase(HANDSHAKE):  # messages to new nodes: Flower's time
-            self._learn(client_manager, server_round)
+            self.learn(client_manager, server_round)
         self.seconds = time.perf_counter() - start
         proxies = client_manager.all()
         by_pid = {
@@ -79,7 +79,7 @@ class Handshake:
         )
         return [(by_pid[pid], pid) for pid in chosen]
 
-    def _learn(self, client_manager: ClientManager, server_round: int) -> None:
+    def learn(self, client_manager: ClientManager, server_round: int) -> None:
         """Learn the partition of every node not seen before."""
         nodes = self.core.nodes
         # Virtual nodes register asynchronously: wait for the ones we mean to use.

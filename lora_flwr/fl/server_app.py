@@ -44,7 +44,7 @@ from lora_flwr.results import (
     write_history,
 )
 from lora_flwr.rundir import claim_run_dir
-from lora_flwr.server import Arrays, RoundView
+from lora_flwr.server.evaluation import Arrays, RoundView
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]

@@ -95,7 +95,7 @@ def test_a_node_gets_the_partition_its_key_owns_and_nothing_else(
 
     # Execute
     with caplog.at_level("WARNING", logger="flwr"):
-        strategy._learn_partitions(manager, 1)
+        strategy.handshake.learn(manager, 1)
 
     # Assert: 11 and 12 own their partitions; 13 (another owner's claim), 14
     # (unlisted key) and 15 (no key) get none, each with a warning saying why.
@@ -112,7 +112,7 @@ def test_without_a_table_claims_decide_as_before() -> None:
     manager = _manager(_node("21", 0), _node("22", 1))
 
     # Execute
-    strategy._learn_partitions(manager, 1)
+    strategy.handshake.learn(manager, 1)
 
     # Assert
     assert strategy.partition_of == {"21": 0, "22": 1}
@@ -125,7 +125,7 @@ def test_a_grid_without_node_keys_trusts_no_node(caplog: Any) -> None:
     manager = _manager(_node("31", 0), _node("32", 1))
 
     # Execute
-    strategy._learn_partitions(manager, 1)
+    strategy.handshake.learn(manager, 1)
 
     # Assert
     assert strategy.partition_of == {}

@@ -15,7 +15,6 @@ import pytest
 
 from lora_flwr import simulation
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.fl.guards import RunAborted
 from lora_flwr.results import read_history, write_history
 from lora_flwr.rundir import (
     RunDirError,
@@ -23,6 +22,7 @@ from lora_flwr.rundir import (
     claim_run_dir,
     release_run_dir,
 )
+from lora_flwr.server.guards import RunAborted
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.toml"

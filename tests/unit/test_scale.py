@@ -13,7 +13,7 @@ from test_node_cache import _cfg, _forbid_partitioning, _same
 from test_strategy import NO_PARAMS, OK, _full, _manager, _node, _strategy
 
 from lora_flwr import experiment
-from lora_flwr.fl import strategy as strategy_module
+from lora_flwr.fl import handshake as handshake_module
 from lora_flwr.fl.directory import PartitionDirectory, simulation_partitions
 from lora_flwr.protocol import BASE_VERSION, PARTITION_ID
 
@@ -112,7 +112,7 @@ def test_the_engines_map_replaces_the_handshake() -> None:
     directory = PartitionDirectory()
     directory.fill({i: 3 - i for i in range(4)})
     strategy = _strategy()
-    strategy.directory = directory
+    strategy.handshake.directory = directory
 
     # Execute
     strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
@@ -120,7 +120,7 @@ def test_the_engines_map_replaces_the_handshake() -> None:
     # Assert: no node was asked; the map decided.
     assert all(not n.get_properties.called for n in nodes)
     assert strategy.partition_of == {str(i): 3 - i for i in range(4)}
-    assert strategy._record["handshake_messages"] == 0
+    assert strategy.core.record.to_dict()["handshake_messages"] == 0
 
 
 def test_nodes_missing_from_the_map_are_asked_and_only_they() -> None:
@@ -129,7 +129,7 @@ def test_nodes_missing_from_the_map_are_asked_and_only_they() -> None:
     directory = PartitionDirectory()
     directory.fill({0: 0, 1: 1})
     strategy = _strategy()
-    strategy.directory = directory
+    strategy.handshake.directory = directory
 
     # Execute
     strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
@@ -137,10 +137,10 @@ def test_nodes_missing_from_the_map_are_asked_and_only_they() -> None:
     # Assert
     assert [n.get_properties.called for n in nodes] == [False, False, True, True]
     assert strategy.partition_of == {str(i): i for i in range(4)}
-    assert strategy._record["handshake_messages"] == 2
+    assert strategy.core.record.to_dict()["handshake_messages"] == 2
     # Known nodes are never asked again.
     strategy.configure_fit(2, NO_PARAMS, _manager(*nodes))
-    assert strategy._record["handshake_messages"] == 0
+    assert strategy.core.record.to_dict()["handshake_messages"] == 0
     assert sum(n.get_properties.call_count for n in nodes) == 2
 
 
@@ -148,10 +148,10 @@ def test_without_a_map_every_new_node_is_asked_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Prepare: a directory the engine never filled (another Flower version).
-    monkeypatch.setattr(strategy_module, "DIRECTORY_TIMEOUT", 0.01)
+    monkeypatch.setattr(handshake_module, "DIRECTORY_TIMEOUT", 0.01)
     nodes = _numeric(_nodes(4))
     strategy = _strategy()
-    strategy.directory = PartitionDirectory()
+    strategy.handshake.directory = PartitionDirectory()
 
     # Execute
     strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
@@ -159,7 +159,7 @@ def test_without_a_map_every_new_node_is_asked_once(
     # Assert
     assert [n.get_properties.call_count for n in nodes] == [1, 1, 1, 1]
     assert strategy.partition_of == {str(i): i for i in range(4)}
-    assert strategy._record["handshake_messages"] == 4
+    assert strategy.core.record.to_dict()["handshake_messages"] == 4
 
 
 def _reply(partition: int) -> FitRes:
@@ -179,7 +179,7 @@ def test_a_reply_from_another_partition_than_the_map_said_is_dropped(
     directory = PartitionDirectory()
     directory.fill({0: 1, 1: 0})
     strategy = _strategy(num_clients=2, min_available_clients=2)
-    strategy.directory = directory
+    strategy.handshake.directory = directory
     sent = strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
     results = [(proxy, _reply(int(proxy.cid))) for proxy, _ in sent]
 
@@ -188,9 +188,9 @@ def test_a_reply_from_another_partition_than_the_map_said_is_dropped(
 
     # Assert: both dropped, the global kept; next round the nodes are asked.
     assert params is None
-    assert strategy._record["fit_dropped"] == 2
+    assert strategy.core.record.to_dict()["fit_dropped"] == 2
     assert any("reports partition 0 but was sampled as" in m for m in caplog.messages)
-    strategy._finish_round()
+    strategy.core.finish_round()
     strategy.configure_fit(2, NO_PARAMS, _manager(*nodes))
     assert [n.get_properties.call_count for n in nodes] == [1, 1]
     assert strategy.partition_of == {"0": 0, "1": 1}
@@ -200,7 +200,7 @@ def test_a_reply_from_the_partition_it_was_sampled_as_is_kept() -> None:
     # Prepare
     nodes = _numeric(_nodes(2))
     strategy = _strategy(num_clients=2, min_available_clients=2)
-    strategy.directory = _directory({"node-0": 0, "node-1": 1})
+    strategy.handshake.directory = _directory({"node-0": 0, "node-1": 1})
     sent = strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
     results = [(proxy, _reply(int(proxy.cid))) for proxy, _ in sent]
 
