@@ -35,7 +35,7 @@ from lora_flwr.fl.runner import (
     layout_of,
     prepare,
 )
-from lora_flwr.heap import limit_arenas, trim_heap
+from lora_flwr.lifecycle import after_round, on_process_start
 from lora_flwr.profiling import CallProfile, maybe_phase, take_startup
 from lora_flwr.protocol import (
     ACCURACY,
@@ -297,7 +297,7 @@ class LoRAClient(NumPyClient):
         if prof is not None:
             prof.add_train(metrics)
             out.update(prof.metrics())
-        trim_heap()  # an actor serves many clients: give freed pages back
+        after_round("client")  # an actor serves many clients: give pages back
         return sent, len(self.train_data), out
 
     def evaluate(
@@ -417,7 +417,7 @@ def make_client_fn(
     def client_fn(context: Context) -> Client:
         # One malloc arena: a client process's freed activations then go back to
         # the system on trim instead of staying in per-thread arenas.
-        limit_arenas(1)
+        on_process_start("client")
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
         threads = node_threads(context)

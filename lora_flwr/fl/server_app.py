@@ -26,10 +26,10 @@ from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from lora_flwr.fl.directory import PartitionDirectory
-from lora_flwr.fl.grid import PromptGrid
+from lora_flwr.fl.compat import prompt_grid
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import FedLoRA
-from lora_flwr.heap import trim_heap
+from lora_flwr.lifecycle import after_round
 from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
     save_base_delta,
@@ -89,7 +89,7 @@ def build_strategy(
     ) -> dict[str, float]:
         load(arrays, base_delta)
         metrics = ws.trainer.evaluate(test, progress=False)
-        trim_heap()  # the evaluation's activations: give the pages back
+        after_round("server")  # the evaluation's activations: give pages back
         return {
             k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
         }
@@ -225,10 +225,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if type(grid).__name__ != "InMemoryGrid":
-            # A deployment's gRPC grid pulls replies every 3 s; the simulation's
-            # in-memory grid already pulls every 0.1 s.
-            grid = PromptGrid(grid)
+        grid = prompt_grid(grid)  # a deployment's grid: collect replies promptly
         components = server_fn(context)
         strategy = components.strategy
         assert isinstance(strategy, FedLoRA)

@@ -13,7 +13,7 @@ from typing import Any
 from lora_flwr.aggregation import ClientReply, ServerState
 from lora_flwr.aggregation.robust import clip_update
 from lora_flwr.config import FedConfig
-from lora_flwr.privacy import epsilon
+from lora_flwr.privacy import epsilon, require_accountant
 from lora_flwr.server.hooks import FitRound
 from lora_flwr.server.sampling import sample_count
 from lora_flwr.validation import update_norm
@@ -25,6 +25,7 @@ class DPHook:
     collapses = False
 
     def __init__(self, fed: FedConfig) -> None:
+        require_accountant()  # refuse before round 1 trains, not after it
         self.fed = fed
         self.rounds = 0  # rounds that released a noisy aggregate
 

@@ -89,7 +89,7 @@ class RoundRecord:
     _set: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        """Mark as written: the round, the fields given, and later those set."""
+        """Mark as written: the round, the non-None fields given, later ones set."""
         object.__setattr__(
             self, "_set", {k for k in _ORDER if getattr(self, k) is not None}
         )
