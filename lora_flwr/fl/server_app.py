@@ -25,8 +25,8 @@ from lora_flwr.aggregation import get_rule
 from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
-from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.compat import prompt_grid
+from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import FedLoRA
 from lora_flwr.lifecycle import after_round
