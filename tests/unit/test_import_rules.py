@@ -336,14 +336,12 @@ RULES = (
         text="server/ imports no flwr, no torch and nothing from lora_flwr.fl",
         scope=(f"{P}.server",),
         deny=("flwr", "torch", f"{P}.fl"),
-        optional=True,
     ),
     Rule(
         id="deploy-drives-the-cli",
         text="deploy/ imports no flwr module (it drives Flower's CLI)",
         scope=(f"{P}.deploy",),
         deny=("flwr",),
-        optional=True,
     ),
     Rule(
         id="training-below-fl",
@@ -359,8 +357,8 @@ RULES = (
     ),
     Rule(
         id="no-flower-in-call-path",
-        text="lora/, aggregation/, server/, training/, the leaves and fl's runner, "
-        "sampling and guards work with no Flower in the call path",
+        text="lora/, aggregation/, server/, training/, config/, deploy/, the leaves "
+        "and fl's runner work with no Flower in the call path",
         scope=tuple(
             f"{P}.{m}"
             for m in (
@@ -372,9 +370,10 @@ RULES = (
                 "protocol",
                 "validation",
                 "compression",
+                "deploy",
+                "lifecycle",
+                "results",
                 "fl.runner",
-                "fl.sampling",
-                "fl.guards",
             )
         ),
         deny=("flwr",),
