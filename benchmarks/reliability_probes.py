@@ -1,4 +1,4 @@
-"""Hostile-client probes on the real Flower simulation engine (issue 7's table).
+"""Hostile-client probes on the real Flower simulation engine.
 
 Three clients on ``configs/smoke.toml``; partition 2 is hostile in one way per probe.
 Each probe is one Ray simulation; the honest run is the reference. Prints a

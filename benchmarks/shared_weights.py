@@ -1,6 +1,6 @@
 """Memory of N processes holding the same base model: shared map vs private copies.
 
-Issue 8, target 4. Two measurements, both from the kernel's per-process accounting
+Two measurements, both from the kernel's per-process accounting
 (``/proc/<pid>/smaps``): RSS counts every resident page a process maps, PSS splits
 each shared page evenly between the processes that map it, so a sum of PSS over
 processes counts a page shared by all of them once.

@@ -1,4 +1,4 @@
-"""One hostile client out of three, in the real Ray simulation (issue 7's probes).
+"""One hostile client out of three in the real Ray simulation (the reliability probes).
 
 The probes live in ``benchmarks/reliability_probes.py`` (which prints the table in
 docs/RELIABILITY.md); this test runs them and asserts on the outcome.

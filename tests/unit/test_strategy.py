@@ -1594,7 +1594,7 @@ def test_a_malformed_evaluate_reply_is_dropped_not_fatal(
 
 def test_default_guards_bound_a_scaled_update_and_a_lying_count() -> None:
     # Prepare: the default guards on; partition 2 scales its update by 1e6 and
-    # claims 10**9 examples (the probes of issue 7).
+    # claims 10**9 examples (the reliability probes).
     strategy = _strategy(weight_cap=4.0, norm_guard="clip", norm_guard_factor=3.0)
     sent = _configure(strategy, _manager())
     honest = [
