@@ -72,8 +72,8 @@ def test_a_run_with_30_percent_dropouts_completes(
 def test_a_run_in_which_every_fit_fails_stops_without_an_adapter(
     tmp_path: Path,
 ) -> None:
-    from lora_flwr.server.guards import RunAborted
     from lora_flwr.results import read_history
+    from lora_flwr.server.guards import RunAborted
 
     with pytest.raises(
         RunAborted,

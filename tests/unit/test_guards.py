@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from lora_flwr.aggregation import ClientReply
-from lora_flwr.server.guards import clean_metrics, guard_replies
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
@@ -18,6 +17,7 @@ from lora_flwr.protocol import (
     WORKER_PID,
     Plan,
 )
+from lora_flwr.server.guards import clean_metrics, guard_replies
 from lora_flwr.validation import update_norm
 
 
