@@ -2,7 +2,8 @@
 
 Select a rule by name with ``fed.aggregation`` and an optimizer with
 ``fed.server_optimizer``. Each rule is one module whose class docstring states its
-formula and cites its paper; :mod:`lora_flwr.aggregation.base` describes the API.
+formula and cites its paper; :mod:`lora_flwr.aggregation.base` describes the API,
+:mod:`lora_flwr.aggregation.state` the values it passes around.
 """
 
 # Importing a rule module registers it.
@@ -17,20 +18,17 @@ from lora_flwr.aggregation import (  # noqa: F401
     hetlora,
     rolora,
 )
-from lora_flwr.aggregation.base import (
+from lora_flwr.aggregation.base import Rule, available_rules, get_rule, register
+from lora_flwr.aggregation.linalg import fold_block
+from lora_flwr.aggregation.optimizers import OPTIMIZERS, ServerOptimizer
+from lora_flwr.aggregation.state import (
     ClientInfo,
     ClientReply,
     FoldBlock,
     GroupPlan,
-    Rule,
     ServerState,
-    available_rules,
     example_weights,
-    get_rule,
-    register,
 )
-from lora_flwr.aggregation.linalg import fold_block
-from lora_flwr.aggregation.optimizers import OPTIMIZERS, ServerOptimizer
 
 __all__ = [
     "OPTIMIZERS",

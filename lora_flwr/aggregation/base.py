@@ -12,7 +12,9 @@ Arrays are keyed by adapter weight name (``<module>.lora_A.weight``, ...). The
 server state holds the global adapter at the allocated rank, the accumulated
 base-weight delta of rules that merge (FLoRA, FedEx-LoRA) with the factored log of
 how it grew (so a client that missed rounds can catch up exactly), and any
-rule- or optimizer-specific arrays.
+rule- or optimizer-specific arrays. Those value types live in
+:mod:`lora_flwr.aggregation.state`; the capability flags and run options (robust,
+DP, head) in :mod:`lora_flwr.aggregation.options`.
 
 Notation in the rules' docstrings: ``p_k = n_k / sum_j n_j`` over the clients that
 replied, ``s`` the LoRA scaling (``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
@@ -23,18 +25,28 @@ zero-padded or truncated factor pair keeps its product.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from lora_flwr.aggregation.linalg import F64, cut_to_rank, fold_block, relative_error
-from lora_flwr.aggregation.robust import RobustMode, robust_mean
+from lora_flwr.aggregation.options import HEAD_MODES, RuleOptions
+from lora_flwr.aggregation.robust import robust_mean
+from lora_flwr.aggregation.state import (
+    ALL,
+    Arrays,
+    ClientInfo,
+    ClientReply,
+    FoldBlock,
+    GroupPlan,
+    NDArray,
+    ServerState,
+    example_weights,
+    groups,
+)
 from lora_flwr.protocol import (
-    GROUPS,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     AdapterLayout,
@@ -46,156 +58,29 @@ from lora_flwr.protocol import (
 )
 from lora_flwr.validation import check_arrays
 
-if TYPE_CHECKING:  # annotations only: the rules do not depend on the config
-    from lora_flwr.config import FedConfig
-
-NDArray = npt.NDArray[np.float32]
-Arrays = dict[str, NDArray]
-
-
-@dataclass(frozen=True)
-class FoldBlock:
-    """One step of the base-weight delta: ``Delta W_m = B_m @ A_m`` per module.
-
-    The scaling is already inside the factors.
-    """
-
-    factors: Mapping[str, tuple[NDArray, NDArray]]
-
-    @property
-    def width(self) -> int:
-        """Inner dimension ``R`` of the factors (the same for every module)."""
-        return int(next(iter(self.factors.values()))[0].shape[1])
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """Everything the server knows between rounds.
-
-    Parameters
-    ----------
-    round
-        The last completed round (0 before the first).
-    arrays
-        The global adapter at the allocated rank, by weight name.
-    base_delta
-        Per LoRA module, the delta ``(out, in)`` folded into the base weights so
-        far (empty for rules that never merge).
-    fold_log
-        The factored steps that built ``base_delta``: version ``v`` is
-        ``fold_log[:v]`` applied in order with :func:`fold_block`.
-    extra
-        Rule- or server-optimizer-specific arrays (e.g. ``"opt.m.<name>"``).
-    """
-
-    round: int
-    arrays: Mapping[str, NDArray]
-    base_delta: Mapping[str, NDArray] = field(default_factory=dict)
-    fold_log: tuple[FoldBlock, ...] = ()
-    extra: Mapping[str, NDArray] = field(default_factory=dict)
-
-    @property
-    def base_version(self) -> int:
-        """Version of the base weights: how many fold steps were applied."""
-        return len(self.fold_log)
-
-    def replace(self, **changes: object) -> ServerState:
-        """Return a copy with some fields changed."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+# The value types and option names live in ``state`` and ``options``; they stay
+# importable from here, where the rule API has always been described.
+__all__ = [
+    "ALL",
+    "HEAD_MODES",
+    "Arrays",
+    "ClientInfo",
+    "ClientReply",
+    "FoldBlock",
+    "GroupPlan",
+    "NDArray",
+    "Rule",
+    "RuleFactory",
+    "ServerState",
+    "available_rules",
+    "example_weights",
+    "get_rule",
+    "groups",
+    "register",
+]
 
 
-@dataclass(frozen=True)
-class ClientInfo:
-    """What the server knows of one client when it plans its call.
-
-    Parameters
-    ----------
-    partition
-        The client's partition id.
-    rank
-        Its rank tier ``r_k``.
-    base_version
-        The base-weight version it holds, or None when unknown (e.g. its last
-        call failed after folding): it then gets the whole delta.
-    """
-
-    partition: int
-    rank: int
-    base_version: int | None = 0
-
-
-@dataclass(frozen=True)
-class ClientReply:
-    """One validated client reply.
-
-    Parameters
-    ----------
-    partition
-        The client's partition id.
-    plan
-        The plan it was sent.
-    arrays
-        The reply by weight name (``plan.send`` groups at ``plan.rank``).
-    num_examples
-        Its local training examples (the weight ``n_k``).
-    start
-        What its adapter held when training began, by weight name, for every
-        group the server knows (received groups and seeded inits; not kept ones).
-    """
-
-    partition: int
-    plan: Plan
-    arrays: Mapping[str, NDArray]
-    num_examples: int
-    start: Mapping[str, NDArray] = field(default_factory=dict)
-
-    def factor(self, name: str) -> NDArray | None:
-        """Return the client's ``name`` after training, if the server can know it."""
-        if name in self.arrays:
-            return self.arrays[name]
-        return self.start.get(name)
-
-
-@dataclass(frozen=True)
-class GroupPlan:
-    """Which groups a rule's clients receive, train, send and keep in a round."""
-
-    receive: frozenset[Group]
-    train: frozenset[Group]
-    send: frozenset[Group]
-    keep: frozenset[Group] = frozenset()
-
-
-ALL: frozenset[Group] = frozenset(GROUPS)
-# How the saved modules ("M": e.g. a new classifier head) are treated, on top of
-# any rule (``fed.head``; config.HEAD_MODES lists the same names).
-HEAD_MODES: tuple[str, ...] = ("averaged", "frozen", "local", "reinit")
-_M: frozenset[Group] = frozenset({"M"})
-
-
-def groups(text: str) -> frozenset[Group]:
-    """Return the groups named by a string such as ``"BM"``."""
-    return frozenset(g for g in GROUPS if g in text)
-
-
-def example_weights(replies: Sequence[ClientReply]) -> npt.NDArray[np.float64]:
-    """Normalised weights ``p_k = n_k / sum_j n_j`` (float64).
-
-    Raises
-    ------
-    ValueError
-        If there are no replies or the example counts are not positive.
-    """
-    if not replies:
-        raise ValueError("Cannot aggregate zero client replies")
-    counts = np.array([r.num_examples for r in replies], dtype=np.float64)
-    if np.any(counts <= 0):
-        raise ValueError(f"Client example counts must be > 0, got {counts}")
-    weights: npt.NDArray[np.float64] = counts / counts.sum()
-    return weights
-
-
-class Rule:
+class Rule(RuleOptions):
     """Base class of the aggregation rules.
 
     Parameters
@@ -206,22 +91,12 @@ class Rule:
         The shared seeded starting adapter (A, zero B, initial saved modules).
     scaling
         The LoRA scaling ``s`` every client uses.
-    """
 
-    name: ClassVar[str] = ""
-    # Is the aggregate a plain weighted sum of what clients send? Secure
-    # aggregation can only compute such sums.
-    plain_weighted_sum: ClassVar[bool] = False
-    # Can clients hold different ranks (rank tiers)?
-    supports_rank_tiers: ClassVar[bool] = False
-    # Does a server optimizer over the averaged tensors make sense?
-    supports_server_optimizer: ClassVar[bool] = False
-    # No global model exists (FedSA's B stays on the clients): evaluate each
-    # client's personalised model on its local split instead.
-    personalized: ClassVar[bool] = False
-    # Can a coordinate-wise median / trimmed mean replace the weighted mean? Only
-    # where the rule's aggregate is a plain average of what clients send.
-    supports_robust: ClassVar[bool] = False
+    Notes
+    -----
+    The capability flags, :meth:`check_setup` and the robust, DP and head options
+    come from :class:`~lora_flwr.aggregation.options.RuleOptions`.
+    """
 
     def __init__(
         self, layout: AdapterLayout, initial: Mapping[str, NDArray], scaling: float
@@ -240,108 +115,7 @@ class Rule:
         self.dtype = dtypes.pop()
         self.initial: Arrays = {n: np.array(a) for n, a in initial.items()}
         self.scaling = float(scaling)
-        # fed.robust: the averaging :meth:`weighted_mean` performs.
-        self.robust: RobustMode = "none"
-        self.trim_fraction = 0.2
-        # Differential privacy (:meth:`use_dp`): equal weights and Gaussian noise.
-        self.dp_noise_multiplier = 0.0
-        self.dp_clip_norm = 0.0
-        self._dp_rng: np.random.Generator | None = None
-        # fed.head (:meth:`use_head`).
-        self.head = "averaged"
-        self.head_warmup_rounds = 0
-
-    def use_dp(self, noise_multiplier: float, clip_norm: float) -> None:
-        """Average with equal weights and add Gaussian noise to every mean.
-
-        Each averaged tensor gets ``N(0, (z C / m)^2)`` noise, ``z`` the noise
-        multiplier, ``C`` the clip norm the server applied to every update and
-        ``m`` the number of replies (DP-FedAvg, McMahan et al., "Learning
-        Differentially Private Recurrent Language Models", ICLR 2018). The noise
-        comes from fresh OS entropy, never from the run's seed: noise that can be
-        replayed protects nothing.
-
-        Raises
-        ------
-        ValueError
-            If the rule's aggregate is not a plain average (see ``check_setup``).
-        """
-        self.check_setup(rank_tiers=(), server_optimizer="none", dp=True)
-        self.dp_noise_multiplier = float(noise_multiplier)
-        self.dp_clip_norm = float(clip_norm)
-        self._dp_rng = np.random.default_rng(secrets.randbits(128))
-
-    def use_robust(self, mode: RobustMode, trim_fraction: float = 0.2) -> None:
-        """Average with a coordinate-wise ``median`` or ``trimmed_mean`` instead.
-
-        Raises
-        ------
-        ValueError
-            If the rule's aggregate is not a plain average (see ``check_setup``).
-        """
-        self.check_setup(rank_tiers=(), server_optimizer="none", robust=mode)
-        self.robust = mode
-        self.trim_fraction = trim_fraction
-
-    def use_head(self, mode: str, warmup_rounds: int = 0) -> None:
-        """Treat the saved modules (group ``M``, e.g. a new head) as ``mode`` says.
-
-        * ``averaged``: as the rule says (every rule trains, sends and averages M).
-        * ``frozen``: trained and averaged in rounds ``1..warmup_rounds``, then
-          received but neither trained nor sent; the global M stays as it was
-          (``warmup_rounds = 0``: fixed at the seeded init, as FedBABU fixes its
-          head: Oh et al., "FedBABU: Toward Enhanced Representation for Federated
-          Image Classification", ICLR 2022).
-        * ``local``: never received or sent; each client trains and keeps its own
-          (the personalised part, like FedSA-LoRA's B: Guo et al., ICLR 2025);
-          the global M stays at the seeded init.
-        * ``reinit``: not received; every round each client trains it from the
-          seeded init, and the server averages those, so head drift does not
-          accumulate across rounds.
-
-        Raises
-        ------
-        ValueError
-            For an unknown mode, a negative warm-up, a warm-up with another mode,
-            or an adapter without saved modules.
-        """
-        if mode not in HEAD_MODES:
-            raise ValueError(
-                f"`fed.head` should be one of {', '.join(map(repr, HEAD_MODES))} "
-                f"but is {mode!r}"
-            )
-        if warmup_rounds < 0 or (warmup_rounds and mode != "frozen"):
-            raise ValueError(
-                f"`fed.head_warmup_rounds` = {warmup_rounds} should be >= 0, and 0 "
-                "unless `fed.head` = 'frozen'"
-            )
-        if mode != "averaged" and not self.head_names:
-            raise ValueError(
-                f"`fed.head` = {mode!r} needs saved modules (`lora.modules_to_save`, "
-                "e.g. 'classifier') but the adapter has none"
-            )
-        self.head = mode
-        self.head_warmup_rounds = int(warmup_rounds)
-
-    @property
-    def head_names(self) -> list[str]:
-        """Weight names of the saved modules (group ``M``)."""
-        return [n for n in self.layout.names if group_of(n) == "M"]
-
-    @property
-    def local_head(self) -> bool:
-        """Whether each client keeps its own head (``fed.head = 'local'``)."""
-        return self.head == "local"
-
-    def head_groups(self, g: GroupPlan, server_round: int) -> GroupPlan:
-        """Apply :meth:`use_head`'s treatment of ``M`` to a rule's round plan."""
-        if self.head == "frozen" and server_round > self.head_warmup_rounds:
-            return GroupPlan(g.receive, g.train - _M, g.send - _M, g.keep)
-        if self.head == "local":
-            return GroupPlan(g.receive - _M, g.train, g.send - _M, g.keep | _M)
-        if self.head == "reinit":
-            return GroupPlan(g.receive - _M, g.train, g.send, g.keep)
-        return g
+        super().__init__()
 
     def update(
         self, state: ServerState, replies: Sequence[ClientReply], server_round: int
@@ -378,87 +152,6 @@ class Rule:
     ) -> ServerState:
         """Return the new state from the validated replies (sorted by partition)."""
         raise NotImplementedError
-
-    @classmethod
-    def check_setup(
-        cls,
-        *,
-        rank_tiers: Sequence[int],
-        server_optimizer: str,
-        robust: str = "none",
-        dp: bool = False,
-        secagg: bool = False,
-    ) -> None:
-        """Refuse combinations that make no sense for this rule (one clear line).
-
-        Raises
-        ------
-        ValueError
-            On heterogeneous rank tiers for a rule that needs one rank, a server
-            optimizer for a rule whose state it cannot act on, robust averaging
-            or differential privacy for a rule whose aggregate is not a plain
-            average, or secure aggregation for a rule whose aggregate is not a
-            plain weighted sum of equally shaped replies.
-        """
-        if len(set(rank_tiers)) > 1 and not cls.supports_rank_tiers:
-            raise ValueError(
-                f"`fed.aggregation`={cls.name!r} needs one rank for every client but "
-                f"`fed.rank_tiers` is {','.join(map(str, rank_tiers))!r}; use hetlora, "
-                "flexlora or flora for heterogeneous ranks"
-            )
-        if server_optimizer != "none" and not cls.supports_server_optimizer:
-            raise ValueError(
-                f"`fed.server_optimizer`={server_optimizer!r} cannot be combined with "
-                f"`fed.aggregation`={cls.name!r}: {cls.optimizer_refusal}"
-            )
-        if robust != "none" and not cls.supports_robust:
-            raise ValueError(
-                f"`fed.robust`={robust!r} cannot be combined with "
-                f"`fed.aggregation`={cls.name!r}: its aggregate is not a plain "
-                "average of what clients send; use fedit, ffa, fedsa, rolora or fedsvd"
-            )
-        if dp and not cls.supports_robust:
-            raise ValueError(
-                f"differential privacy (`fed.dp_noise_multiplier` > 0) cannot be "
-                f"combined with `fed.aggregation`={cls.name!r}: its aggregate is not "
-                "a noisy mean of clipped updates; use ffa or fedsvd (as their papers "
-                "do under DP), fedit, fedsa or rolora"
-            )
-
-        if secagg and not cls.plain_weighted_sum:
-            raise ValueError(
-                f"`fed.secagg` = true cannot be combined with `fed.aggregation`="
-                f"{cls.name!r}: SecAgg+ reveals only a weighted sum of what clients "
-                "send, and this rule needs each reply; use fedit, ffa, fedsa, rolora, "
-                "fedsvd or hetlora"
-            )
-        if secagg and len(set(rank_tiers)) > 1:
-            raise ValueError(
-                "`fed.secagg` = true needs one rank for every client (SecAgg+ sums "
-                f"equally shaped vectors) but `fed.rank_tiers` is "
-                f"{','.join(map(str, rank_tiers))!r}"
-            )
-
-    @classmethod
-    def check_config(cls, fed: FedConfig) -> None:
-        """:meth:`check_setup` for the ``[fed]`` section of a config.
-
-        Raises
-        ------
-        ValueError
-            As :meth:`check_setup`.
-        """
-        cls.check_setup(
-            rank_tiers=fed.rank_tiers,
-            server_optimizer=fed.server_optimizer,
-            robust=fed.robust,
-            dp=fed.dp_noise_multiplier > 0,
-            secagg=fed.secagg,
-        )
-
-    optimizer_refusal: ClassVar[str] = (
-        "its state is not a fixed set of averaged tensors"
-    )
 
     # ------------------------------------------------------------------ state
     def init_state(self) -> ServerState:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
+from lora_flwr.aggregation.base import Rule, register
+from lora_flwr.aggregation.linalg import stack_factors
+from lora_flwr.aggregation.state import (
     ClientReply,
     FoldBlock,
-    Rule,
     ServerState,
     example_weights,
-    register,
 )
-from lora_flwr.aggregation.linalg import stack_factors
 from lora_flwr.protocol import LORA_A_SUFFIX, LORA_B_SUFFIX
 
 

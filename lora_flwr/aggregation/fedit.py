@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
-    ClientReply,
-    Rule,
-    ServerState,
-    register,
-)
+from lora_flwr.aggregation.base import Rule, register
+from lora_flwr.aggregation.state import ClientReply, ServerState
 
 
 @register

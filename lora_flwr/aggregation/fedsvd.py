@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
-    ALL,
-    ClientReply,
-    GroupPlan,
-    Rule,
-    ServerState,
-    groups,
-    register,
-)
+from lora_flwr.aggregation.base import Rule, register
 from lora_flwr.aggregation.linalg import lowrank_svd, truncate
+from lora_flwr.aggregation.state import ALL, ClientReply, GroupPlan, ServerState, groups
 from lora_flwr.protocol import LORA_A_SUFFIX, LORA_B_SUFFIX, group_of
 
 

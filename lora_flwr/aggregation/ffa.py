@@ -4,14 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
-    ClientReply,
-    GroupPlan,
-    Rule,
-    ServerState,
-    groups,
-    register,
-)
+from lora_flwr.aggregation.base import Rule, register
+from lora_flwr.aggregation.state import ClientReply, GroupPlan, ServerState, groups
 from lora_flwr.protocol import group_of
 
 

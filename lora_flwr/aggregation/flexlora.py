@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
-    ClientReply,
-    Rule,
-    ServerState,
-    example_weights,
-    register,
-)
+from lora_flwr.aggregation.base import Rule, register
 from lora_flwr.aggregation.linalg import lowrank_svd, stack_factors, truncate
+from lora_flwr.aggregation.state import ClientReply, ServerState, example_weights
 from lora_flwr.protocol import LORA_A_SUFFIX, LORA_B_SUFFIX, group_of
 
 

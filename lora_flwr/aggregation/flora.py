@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
+from lora_flwr.aggregation.base import Rule, register
+from lora_flwr.aggregation.linalg import stack_factors
+from lora_flwr.aggregation.state import (
     ClientReply,
     FoldBlock,
     GroupPlan,
-    Rule,
     ServerState,
     example_weights,
     groups,
-    register,
 )
-from lora_flwr.aggregation.linalg import stack_factors
 from lora_flwr.protocol import LORA_A_SUFFIX, LORA_B_SUFFIX, group_of
 
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lora_flwr.aggregation.base import (
+from lora_flwr.aggregation.base import Rule, register
+from lora_flwr.aggregation.state import (
     ALL,
     ClientReply,
     GroupPlan,
-    Rule,
     ServerState,
     example_weights,
     groups,
-    register,
 )
 
 
