@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import sys
@@ -40,12 +39,11 @@ from lora_flwr.compare import (
     RunSpec,
     Summary,
     gather_runs,
-    local_accuracy,
     machine,
     reference_line,
     skew_label,
     skew_overrides,
-    summarize,
+    summarize_runs,
     table,
     write_report,
 )
@@ -185,23 +183,6 @@ def plot_curves(summaries: Sequence[Summary], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _summaries(
-    specs: Sequence[RunSpec], dirs: Mapping[RunSpec, Path], target: float
-) -> list[Summary]:
-    by_variant: dict[str, list[RunSpec]] = {}
-    for spec in specs:
-        by_variant.setdefault(spec.rule, []).append(spec)
-    out = []
-    for name, runs in by_variant.items():
-        histories = [json.loads((dirs[r] / "history.json").read_text()) for r in runs]
-        walls = [
-            json.loads((dirs[r] / "wall.json").read_text())["seconds"] for r in runs
-        ]
-        local = [v for v in (local_accuracy(r, dirs[r]) for r in runs) if v is not None]
-        out.append(summarize(name, histories, walls, target=target, local=local))
-    return out
-
-
 def report_body(
     cfg: ExperimentConfig,
     variants: Sequence[Variant],
@@ -247,7 +228,7 @@ def report_body(
     figures = out.parent / "results"
     for split in sorted({s.setting for s in specs}, key=_split_order):
         group = [s for s in specs if s.setting == split]
-        summaries = _summaries(group, dirs, target)
+        summaries = summarize_runs(group, dirs, target)
         lines += ["", f"#### {split}", "", table(summaries, target, label="variant")]
         if split == split_label(plot_split):
             png = figures / f"sweep-{split}-round.png"
@@ -265,8 +246,8 @@ def _split_order(label: str) -> tuple[int, float]:
     return 1, 0.0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point."""
+def _parser() -> argparse.ArgumentParser:
+    """Build the command line (the config's own options included)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     parser.add_argument("--variants", required=True, help="TOML file of variants")
@@ -290,24 +271,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--report-only", action="store_true", help="run nothing; report what finished"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _check_arguments(
+    args: argparse.Namespace,
+) -> tuple[ExperimentConfig, list[Variant], list[str]]:
+    """Return the config, the chosen variants and the splits the arguments name.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the config or the variants file does not exist.
+    ValueError
+        For a bad override, variant, ``--only`` name, split or ``--seeds``.
+    """
+    cfg = config_from_arguments(args)
+    variants = read_variants(Path(args.variants), cfg)
+    only = [v for v in args.only.split(",") if v]
+    unknown = sorted(set(only) - {v.name for v in variants})
+    if unknown:
+        raise ValueError(
+            f"`--only` names {unknown}, not in {args.variants}: "
+            f"{[v.name for v in variants]}"
+        )
+    if only:
+        variants = [v for v in variants if v.name in only]
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    for split in splits:
+        split_overrides(split)
+    if args.seeds < 1:
+        raise ValueError(f"`--seeds` should be >= 1 but is {args.seeds}")
+    return cfg, variants, splits
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    args = _parser().parse_args(argv)
     try:
-        cfg = config_from_arguments(args)
-        variants = read_variants(Path(args.variants), cfg)
-        only = [v for v in args.only.split(",") if v]
-        unknown = sorted(set(only) - {v.name for v in variants})
-        if unknown:
-            raise ValueError(
-                f"`--only` names {unknown}, not in {args.variants}: "
-                f"{[v.name for v in variants]}"
-            )
-        if only:
-            variants = [v for v in variants if v.name in only]
-        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-        for split in splits:
-            split_overrides(split)
-        if args.seeds < 1:
-            raise ValueError(f"`--seeds` should be >= 1 but is {args.seeds}")
+        cfg, variants, splits = _check_arguments(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

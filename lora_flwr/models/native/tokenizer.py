@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 SPECIAL_NAMES = (
     "bos_token",
@@ -245,55 +245,68 @@ class NativeTokenizer:
         limit = None
         if truncation:
             limit = self.model_max_length if max_length is None else max_length
+        encodings = self._encode(texts, limit, add_special_tokens)
+        ids = [list(e.ids) for e in encodings]
+        types = [list(e.type_ids) for e in encodings]
+        masks = [[1] * len(row) for row in ids]
+        width = _pad_width(padding, ids, max_length)
+        if width is not None:
+            ids, types, masks = self._pad(ids, types, masks, width)
+        out: dict[str, Any] = {"input_ids": ids}
+        if self._wants("token_type_ids", return_token_type_ids):
+            out["token_type_ids"] = types
+        if self._wants("attention_mask", return_attention_mask):
+            out["attention_mask"] = masks
+        return _finish(out, return_tensors, single)
+
+    def _encode(
+        self, texts: list[str], limit: int | None, add_special_tokens: bool
+    ) -> list[Encoding]:
+        """Encode a batch, cut to ``limit`` tokens (None: no truncation)."""
+        # Truncation is a setting of the shared backend: set, use and clear it
+        # under the lock so that concurrent calls never see each other's limit.
         with self._lock:
             if limit is None:
                 self._backend.no_truncation()
             else:
                 self._backend.enable_truncation(limit)
             try:
-                encodings = self._backend.encode_batch(
-                    texts, add_special_tokens=add_special_tokens
+                return list(
+                    self._backend.encode_batch(
+                        texts, add_special_tokens=add_special_tokens
+                    )
                 )
             finally:
                 self._backend.no_truncation()
-        ids = [list(e.ids) for e in encodings]
-        types = [list(e.type_ids) for e in encodings]
-        masks = [[1] * len(row) for row in ids]
-        width = _pad_width(padding, ids, max_length)
-        if width is not None:
-            pad = self.pad_token_id
-            if pad is None:
-                raise ValueError(
-                    "Padding needs a pad token; set `tokenizer.pad_token` first"
-                )
-            ids = [row + [pad] * (width - len(row)) for row in ids]
-            types = [row + [0] * (width - len(row)) for row in types]
-            masks = [row + [0] * (width - len(row)) for row in masks]
-        out: dict[str, Any] = {"input_ids": ids}
-        want_mask = return_attention_mask
-        if want_mask is None:
-            want_mask = "attention_mask" in self.model_input_names
-        want_types = return_token_type_ids
-        if want_types is None:
-            want_types = "token_type_ids" in self.model_input_names
-        if want_types:
-            out["token_type_ids"] = types
-        if want_mask:
-            out["attention_mask"] = masks
-        if return_tensors == "pt":
-            if len({len(row) for row in ids}) > 1:
-                raise ValueError(
-                    "Rows of different lengths cannot form a tensor; pass padding=True"
-                )
-            return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
-        if return_tensors is not None:
+
+    def _pad(
+        self,
+        ids: list[list[int]],
+        types: list[list[int]],
+        masks: list[list[int]],
+        width: int,
+    ) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+        """Right-pad every row to ``width``: the pad id, type 0, mask 0.
+
+        Raises
+        ------
+        ValueError
+            If no pad token is set.
+        """
+        pad = self.pad_token_id
+        if pad is None:
             raise ValueError(
-                f"`return_tensors` should be None or 'pt' but the value passed is "
-                f"{return_tensors!r}"
+                "Padding needs a pad token; set `tokenizer.pad_token` first"
             )
-        if single:
-            return {k: v[0] for k, v in out.items()}
-        return out
+        return (
+            [row + [pad] * (width - len(row)) for row in ids],
+            [row + [0] * (width - len(row)) for row in types],
+            [row + [0] * (width - len(row)) for row in masks],
+        )
+
+    def _wants(self, name: str, asked: bool | None) -> bool:
+        """Whether to return ``name``: as asked, else as ``model_input_names`` says."""
+        return name in self.model_input_names if asked is None else asked
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """Turn ids back into text."""
@@ -334,6 +347,32 @@ def _content(value: Any) -> str:
     if isinstance(value, dict):
         return str(value["content"])
     return str(value)
+
+
+def _finish(
+    out: dict[str, Any], return_tensors: str | None, single: bool
+) -> dict[str, Any]:
+    """Return the columns as lists (one text: unbatched) or as int64 tensors.
+
+    Raises
+    ------
+    ValueError
+        For ragged rows with ``"pt"``, or a ``return_tensors`` other than None/"pt".
+    """
+    if return_tensors == "pt":
+        if len({len(row) for row in out["input_ids"]}) > 1:
+            raise ValueError(
+                "Rows of different lengths cannot form a tensor; pass padding=True"
+            )
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+    if return_tensors is not None:
+        raise ValueError(
+            f"`return_tensors` should be None or 'pt' but the value passed is "
+            f"{return_tensors!r}"
+        )
+    if single:
+        return {k: v[0] for k, v in out.items()}
+    return out
 
 
 def _pad_width(
