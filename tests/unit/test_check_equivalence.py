@@ -34,6 +34,7 @@ def _history(**changes: Any) -> list[dict[str, Any]]:
             "round": 1,
             "started_at": 1796653105.01,
             "train_loss": 0.6920276820659637,
+            "test_loss": 0.6785746932029724,
             "fit_ok": 2,
             "round_seconds": 15.2,
             "client_seconds_max": 0.33,
@@ -103,9 +104,10 @@ def test_histories_differing_only_in_timing_fields_are_equal() -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"train_loss": 0.6920276820659638},  # the last digit
+        {"test_loss": 0.6785746932029725},  # the last digit
         {"fit_ok": 2.0},  # the same number, another type
         {"agg_error": 0.5},  # a field only one side has
+        {"train_loss": 0.6920277},  # a mean of the replies, beyond the tolerance
     ],
 )
 def test_a_changed_non_timing_field_makes_histories_differ(
@@ -121,6 +123,21 @@ def test_a_changed_non_timing_field_makes_histories_differ(
     assert not result.equal
     assert len(result.differences) == 1
     assert f"`{next(iter(changes))}`" in result.differences[0]
+
+
+def test_means_of_the_replies_may_differ_in_their_last_bits() -> None:
+    # Prepare: the same mean summed in another order of the replies.
+    forward, backward = sum([0.1, 0.2, 0.3, 0.7]), sum([0.1, 0.7, 0.3, 0.2])
+    assert forward != backward
+
+    # Execute
+    result = ce.compare_histories(
+        _history(train_loss=forward), _history(train_loss=backward)
+    )
+
+    # Assert
+    assert result.equal
+    assert result.reordered == ("train_loss",)
 
 
 def test_histories_of_different_length_differ() -> None:
@@ -172,7 +189,7 @@ def test_tensors_differing_in_one_bit_differ(tmp_path: Path) -> None:
     # Assert
     assert not result.bytes_equal
     assert not result.tensors_equal
-    assert "1 of 2 tensors differ (a.lora_A.weight: max |diff|" in result.detail
+    assert result.detail.startswith("1 of 2 tensors differ, e.g. a.lora_A.weight")
 
 
 def test_negative_zero_differs_from_zero(tmp_path: Path) -> None:
