@@ -17,9 +17,9 @@ from flwr.common import GetPropertiesIns, log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from lora_flwr.config import ExperimentConfig
+from lora_flwr.config import ExperimentConfig, parse_partition_owners
 from lora_flwr.fl.directory import PartitionDirectory
-from lora_flwr.fl.owners import node_fingerprints, owned_partition, parse_owners
+from lora_flwr.fl.owners import node_fingerprints, owned_partition
 from lora_flwr.profiling import HANDSHAKE
 from lora_flwr.protocol import PARTITION_ID
 from lora_flwr.server.core import RoundCore
@@ -45,7 +45,9 @@ class Handshake:
         self.core = core
         self.directory = directory
         # Key fingerprint -> partition (deployment under node authentication).
-        self.owners = parse_owners(cfg.fed.partition_owners, cfg.fed.num_clients)
+        self.owners = parse_partition_owners(
+            cfg.fed.partition_owners, cfg.fed.num_clients
+        )
         self.asked = 0  # get_properties messages sent this round
         self.seconds = 0.0  # this round's time learning new nodes
 

@@ -8,55 +8,19 @@ fingerprints ``ssh-keygen -lf`` prints, as ``lora_flwr/deploy/local.py`` records
 not in the table, or whose own ``partition-id`` says otherwise, gets none. So an
 authenticated node cannot take another owner's partition, and everything the
 server keys on a partition (seeded sampling, rank tier, training seed, fold
-versions) follows the owner's key. See docs/DEPLOYMENT.md.
+versions) follows the owner's key. See docs/DEPLOYMENT.md. The table itself is
+parsed (and refused when malformed) by the config:
+:func:`lora_flwr.config.parse_partition_owners`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-
-_FINGERPRINT = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
-
-
-def parse_owners(text: str, num_partitions: int) -> dict[str, int]:
-    """Parse ``"SHA256:<fp>=<partition>,..."`` into fingerprint -> partition.
-
-    Raises
-    ------
-    ValueError
-        On a malformed entry, a partition outside ``[0, num_partitions)``, or a
-        fingerprint or partition listed twice, naming the entry.
-    """
-    owners: dict[str, int] = {}
-    if not text.strip():
-        return owners
-    for entry in text.split(","):
-        fp, sep, pid_text = entry.strip().rpartition("=")
-        if not sep or not _FINGERPRINT.fullmatch(fp) or not pid_text.isdigit():
-            raise ValueError(
-                f"`fed.partition_owners` entry {entry.strip()!r} should be "
-                "'SHA256:<43 base64 characters>=<partition id>' (as ssh-keygen -lf "
-                "prints a key's fingerprint)"
-            )
-        pid = int(pid_text)
-        if pid >= num_partitions:
-            raise ValueError(
-                f"`fed.partition_owners` gives partition {pid} but there are "
-                f"fed.num_clients={num_partitions} partitions"
-            )
-        if fp in owners or pid in owners.values():
-            raise ValueError(
-                f"`fed.partition_owners` lists {fp if fp in owners else pid} twice; "
-                "each key owns one partition and each partition one key"
-            )
-        owners[fp] = pid
-    return owners
 
 
 def fingerprint(public_key: bytes) -> str:

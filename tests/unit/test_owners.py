@@ -12,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from test_strategy import _manager, _node, _strategy
 
 from lora_flwr.config import FedConfig
-from lora_flwr.fl.owners import fingerprint, parse_owners
+from lora_flwr.config import parse_partition_owners as parse_owners
+from lora_flwr.fl.owners import fingerprint
 
 
 def _key() -> tuple[bytes, str]:
