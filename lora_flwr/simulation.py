@@ -27,6 +27,7 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.lifecycle import on_process_start
+from lora_flwr.privacy import require_accountant
 from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
 from lora_flwr.server.guards import RunAborted
 
@@ -154,8 +155,11 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
         cfg = config_from_arguments(args)
     if args.overwrite:
         cfg = dataclasses.replace(cfg, on_existing="overwrite")
-    # The rule is built inside the ServerApp; check it before Ray starts.
+    # The rule is built inside the ServerApp; check it (and DP's accountant)
+    # before Ray starts.
     get_rule(cfg.fed.aggregation).check_config(cfg.fed)
+    if cfg.fed.dp_noise_multiplier > 0:
+        require_accountant()
     run_dir = Path(cfg.output_dir) / cfg.name
     check_run_dir(run_dir, cfg.on_existing)
     if cfg.on_existing == "resume":
