@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from lora_flwr.aggregation import (
-    ClientInfo,
     ClientReply,
     Rule,
     ServerOptimizer,
@@ -150,10 +149,10 @@ class RoundCore:
         self.optimizer = build_optimizer(cfg)
         self.hooks = build_hooks(cfg)
         self.state: ServerState = self.rule.init_state()
-        self.ranks = assign_rank_tiers(
+        ranks = assign_rank_tiers(
             cfg.fed.rank_tiers, cfg.fed.num_clients, seed=cfg.seed, default=cfg.lora.r
         )
-        self.nodes = NodeBook(cfg.fed.num_clients)
+        self.nodes = NodeBook(cfg.fed.num_clients, ranks)
         self.checks = ReplyChecks(
             compression=cfg.fed.compression,
             topk_fraction=cfg.fed.topk_fraction,
@@ -183,6 +182,11 @@ class RoundCore:
     def history(self) -> list[dict[str, Any]]:
         """Every history row reported so far."""
         return self.runlog.rows
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        """Each partition's rank tier (seeded)."""
+        return self.nodes.ranks
 
     def global_arrays(self) -> Arrays:
         """Return the global adapter at the allocated rank, by weight name."""
@@ -253,7 +257,7 @@ class RoundCore:
         """Plan, payload and settings for each sampled partition, in order."""
         out = []
         for pid in partitions:
-            info = ClientInfo(pid, self.ranks[pid], self.nodes.versions.get(pid, 0))
+            info = self.nodes.client_info(pid)
             plan = self.rule.plan(self.state, info, server_round)
             if evaluate:
                 plan = plan.evaluation()

@@ -1,4 +1,4 @@
-"""The node book: which partition each node owns and what base version it holds.
+"""The node book: each node's partition, each partition's base version and rank.
 
 The server samples partitions, not nodes (seeded, reproducible), so it must know
 each node's partition; a merging rule (FLoRA, FedEx) must know which base-weight
@@ -8,23 +8,30 @@ version each partition's node holds to send it only the catch-up it lacks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+
+from lora_flwr.aggregation import ClientInfo
 
 # Flower's logger: the server's warnings read as Flower's own log lines.
 log = logging.getLogger("flwr")
 
 
 class NodeBook:
-    """Node id -> partition, partition -> base version, nodes to ask again.
+    """Node id -> partition; partition -> base version and rank; nodes to ask again.
 
     Parameters
     ----------
     num_partitions
         ``fed.num_clients``: partition ids are ``0 .. num_partitions - 1``.
+    ranks
+        Each partition's rank tier (default: none, for a book that plans nothing).
     """
 
-    def __init__(self, num_partitions: int) -> None:
+    def __init__(
+        self, num_partitions: int, ranks: Mapping[int, int] | None = None
+    ) -> None:
         self.num_partitions = num_partitions
+        self.ranks: dict[int, int] = dict(ranks or {})
         self.partition_of: dict[str, int] = {}
         # Base version each partition holds; None: unknown (gets the whole delta).
         self.versions: dict[int, int | None] = {}
@@ -74,6 +81,12 @@ class NodeBook:
         """Record the base version a partition reports (None: unknown, send all)."""
         if partition is not None:
             self.versions[partition] = version if isinstance(version, int) else None
+
+    def client_info(self, partition: int) -> ClientInfo:
+        """Return what a rule plans a partition's call from: rank, held version."""
+        return ClientInfo(
+            partition, self.ranks[partition], self.versions.get(partition, 0)
+        )
 
     def forget_versions(self) -> None:
         """After a resume: every partition's base version is unknown."""
