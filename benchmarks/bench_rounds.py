@@ -43,6 +43,28 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def run_with_peak(cmd: list[str]) -> tuple[int, float, int]:
+    """Run ``cmd``; return its exit code, wall seconds and the tree's peak RSS."""
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT)
+    proc = psutil.Process(child.pid)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, tree_rss(proc))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    code = child.wait()
+    done.set()
+    sampler.join()
+    return code, time.perf_counter() - start, peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/default.toml")
@@ -67,24 +89,7 @@ def main() -> int:
     cmd = [sys.executable, str(ROOT / "run_simulation.py"), "--config", args.config]
     for item in [*args.overrides, "name=bench-rounds"]:
         cmd += ["--set", item]
-    start = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=ROOT)
-    proc = psutil.Process(child.pid)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_rss(proc))
-            time.sleep(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = child.wait()
-    done.set()
-    sampler.join()
-    wall = time.perf_counter() - start
+    code, wall, peak = run_with_peak(cmd)
     if code != 0:
         print(f"run_simulation.py exited with {code}", file=sys.stderr)
         return code
