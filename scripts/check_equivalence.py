@@ -48,6 +48,8 @@ IGNORE_RULE = (
     "`workers`, `model_loads_max`, `client_fit_calls_max`"
 )
 PLACEMENT_KEYS = frozenset({"workers", "model_loads_max", "client_fit_calls_max"})
+# Fields the new side adds on purpose (absent from the base's rows, never compared).
+ADDED_FIELDS = frozenset({"weight_cap_moved"})
 # Example-weighted means over the client replies, summed in the order the replies
 # arrived (Ray's, not ours): with 3+ replies the last bits vary from run to run.
 REPLY_MEANS = frozenset(
@@ -105,6 +107,8 @@ def compare_histories(
         for key in sorted(set(b) | set(n)):
             if ignore_reason(key) is not None:
                 ignored.add(key)
+            elif key in ADDED_FIELDS and key in n and key not in b:
+                ignored.add(f"{key} (added)")
             elif key not in n or key not in b:
                 diffs.append(f"{where}: `{key}` only on one side")
             elif _same(b[key], n[key]):

@@ -246,3 +246,18 @@ def test_configs_are_compared_with_output_folders_normalised(tmp_path: Path) -> 
 
     # Assert
     assert diffs == ["`fed.num_rounds` base 2 != new 3"]
+
+
+def test_a_field_the_new_side_adds_on_purpose_is_not_a_difference() -> None:
+    # Prepare: the new rows carry weight_cap_moved; an unknown addition stays a diff.
+    base = [{"round": 1, "fit_ok": 2}]
+    added = [{"round": 1, "fit_ok": 2, "weight_cap_moved": 0.0}]
+    unknown = [{"round": 1, "fit_ok": 2, "surprise": 1}]
+
+    # Execute
+    ok = ce.compare_histories(base, added)
+    bad = ce.compare_histories(base, unknown)
+
+    # Assert
+    assert ok.equal and "weight_cap_moved (added)" in ok.ignored
+    assert not bad.equal
