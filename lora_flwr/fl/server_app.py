@@ -22,6 +22,7 @@ from flwr.server.compat import start_grid
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from lora_flwr.aggregation import get_rule
+from lora_flwr.aggregation.state import Arrays
 from lora_flwr.config import ExperimentConfig, FedConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
@@ -44,7 +45,7 @@ from lora_flwr.results import (
     write_history,
 )
 from lora_flwr.rundir import claim_run_dir
-from lora_flwr.server.evaluation import Arrays, RoundView
+from lora_flwr.server.evaluation import RoundView
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]

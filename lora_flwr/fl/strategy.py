@@ -29,6 +29,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from lora_flwr.aggregation import Rule, ServerOptimizer, ServerState
+from lora_flwr.aggregation.state import Arrays, NDArray
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.checkpoint import Checkpoint
 from lora_flwr.fl.directory import PartitionDirectory
@@ -36,8 +37,9 @@ from lora_flwr.fl.handshake import Handshake
 from lora_flwr.fl.head_refit import refit_head
 from lora_flwr.fl.messages import parameters_nbytes, send_plans
 from lora_flwr.protocol import AdapterLayout
-from lora_flwr.server.core import RoundCallback, RoundCore
-from lora_flwr.server.evaluation import Arrays, EvaluateFn, NDArray
+from lora_flwr.server.core import RoundCore
+from lora_flwr.server.evaluation import EvaluateFn
+from lora_flwr.server.history import RoundCallback
 from lora_flwr.server.replies import Incoming, failure_text
 from lora_flwr.server.rounds import EvalIncoming
 from lora_flwr.server.sampling import EVALUATE_STREAM, FIT_STREAM
@@ -196,7 +198,7 @@ class FedLoRA(Strategy):
             failed = [(_who(f), failure_text(f)) for f in failures]
             if not self.core.fit_outcome(self._round(server_round), incoming, failed):
                 return None, {}
-            record = self.core._open().to_dict()
+            record = self.core.open_record().to_dict()
             out: dict[str, Scalar] = {
                 k: v for k, v in record.items() if isinstance(v, int | float | str)
             }

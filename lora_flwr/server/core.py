@@ -13,9 +13,8 @@ new state, the counts and the round's :class:`RoundRecord`. One round::
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +27,7 @@ from lora_flwr.aggregation import (
     ServerState,
     get_rule,
 )
+from lora_flwr.aggregation.state import Arrays, NDArray
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.profiling import ClientCall, PhaseTimer, client_call, maybe_phase
 from lora_flwr.protocol import (
@@ -43,9 +43,9 @@ from lora_flwr.protocol import (
     Scalar,
 )
 from lora_flwr.server.dp import DPHook
-from lora_flwr.server.evaluation import Arrays, EvaluateFn, NDArray
+from lora_flwr.server.evaluation import EvaluateFn
 from lora_flwr.server.head import HeadRefit, StatsAnswer
-from lora_flwr.server.history import History
+from lora_flwr.server.history import History, RoundCallback
 from lora_flwr.server.hooks import FitRound, RoundHook
 from lora_flwr.server.nodes import NodeBook
 from lora_flwr.server.record import RoundRecord
@@ -54,10 +54,6 @@ from lora_flwr.server.rounds import EvalIncoming, eval_outcome, fit_outcome
 from lora_flwr.server.sampling import assign_rank_tiers
 from lora_flwr.server.secagg import SecAggHook
 from lora_flwr.validation import check_arrays
-
-log = logging.getLogger("flwr")
-
-RoundCallback = Callable[[dict[str, Any], Any], None]
 
 
 @dataclass(frozen=True)
@@ -282,7 +278,7 @@ class RoundCore:
         handshake: tuple[float, int],
     ) -> None:
         """Record the fit messages sent: who got what, and the bytes."""
-        rec = self._open()
+        rec = self.open_record()
         self.fit_sent = dict(sent)
         down = [s.nbytes for s in sent.values()]
         rec.handshake_seconds, rec.handshake_messages = handshake
@@ -356,7 +352,7 @@ class RoundCore:
 
     def eval_sampled(self, sent: Mapping[str, Sent]) -> None:
         """Record the federated-evaluation messages sent (counted apart)."""
-        rec = self._open()
+        rec = self.open_record()
         self.eval_sent = dict(sent)
         down = sum(s.nbytes for s in sent.values())
         rec.bytes_down_eval = down
@@ -385,7 +381,8 @@ class RoundCore:
         self.runlog.finish_round()
 
     # -------------------------------------------------------------- helpers
-    def _open(self) -> RoundRecord:
+    def open_record(self) -> RoundRecord:
+        """Return the open round's record (one is opened if Flower skipped fit)."""
         if self.record is None:
             # Flower called an evaluation step without a fit step this round.
             self.record = RoundRecord()

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from lora_flwr.aggregation import ServerState
+from lora_flwr.aggregation.state import Arrays, NDArray
+from lora_flwr.server.record import RoundRecord
 
-NDArray = npt.NDArray[np.float32]
-Arrays = dict[str, NDArray]
 # Centralised evaluation: (round, global adapter by name, base delta by module).
 EvaluateFn = Callable[[int, Arrays, Arrays], dict[str, float]]
 
@@ -102,9 +101,9 @@ class PendingEval:
 
     server_round: int
     future: Future[tuple[dict[str, float], float]]
-    target: Any  # the RoundRecord its metrics go into
+    target: RoundRecord  # the record its metrics go into
     # Finished records waiting for the metrics, with the state each ended with.
-    held: list[tuple[Any, RoundSnapshot]] = field(default_factory=list)
+    held: list[tuple[RoundRecord, RoundSnapshot]] = field(default_factory=list)
 
 
 class BackgroundEval:
@@ -115,7 +114,9 @@ class BackgroundEval:
         self._pool: ThreadPoolExecutor | None = None
         self.pending: PendingEval | None = None
 
-    def start(self, server_round: int, snap: RoundSnapshot, target: Any) -> PendingEval:
+    def start(
+        self, server_round: int, snap: RoundSnapshot, target: RoundRecord
+    ) -> PendingEval:
         """Evaluate ``snap``'s global adapter in the background."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="lora-flwr-eval")

@@ -118,7 +118,7 @@ class History:
             rec.update(fields)
             self._append(rec)
         else:
-            self.core._open().update(fields)
+            self.core.open_record().update(fields)
 
     def _start_background(self, server_round: int, calib: dict[str, Any]) -> None:
         assert self.background is not None
@@ -126,7 +126,7 @@ class History:
         if server_round == 0:
             target = RoundRecord(round=0)
         else:
-            target = self.core._open()
+            target = self.core.open_record()
         target.update(calib)
         self.background.start(server_round, snap, target)
         if server_round == 0:  # nothing else goes into round 0's record

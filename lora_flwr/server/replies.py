@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from lora_flwr.aggregation import ClientReply, Rule
+from lora_flwr.aggregation.state import Arrays
 from lora_flwr.compression import Codec, decode_reply
 from lora_flwr.protocol import (
     FIT_CALLS,
@@ -29,9 +29,6 @@ from lora_flwr.protocol import (
 )
 from lora_flwr.server.guards import MetricValue
 from lora_flwr.validation import check_arrays, update_norm
-
-NDArray = npt.NDArray[np.float32]
-Arrays = dict[str, NDArray]
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ def fit_outcome(
     failures: Sequence[tuple[str, str]],
 ) -> bool:
     """Validate, guard and aggregate a round's fit replies; True if aggregated."""
-    rec = core._open()
+    rec = core.open_record()
     rec.fit_done_at = time.time()
     up = [res.nbytes for res in incoming]
     rec.bytes_up = sum(up)
@@ -205,15 +205,16 @@ def eval_outcome(
         )
         if loss_ok and n_ok:
             valid.append((int(n), float(res.loss), clean))  # type: ignore[call-overload, arg-type]
-    out = _weighted(valid, "personal" if core.personal() else "fed")
+    prefix = "personal" if core.personal() else "fed"
+    out = _weighted(valid, prefix)
     if core.rule.personalized:
         out["eval_kind"] = "personalized: each client's model on its local split"
     elif core.rule.local_head:
         out["eval_kind"] = "personalized: global adapter, each client's own head"
-    rec = core._open()
+    rec = core.open_record()
     rec.update(out)
     rec.eval_ok = len(valid)
-    loss = out.get(f"{'personal' if core.personal() else 'fed'}_loss")
+    loss = out.get(f"{prefix}_loss")
     return loss, out
 
 
