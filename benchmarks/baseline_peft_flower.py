@@ -94,8 +94,8 @@ def evaluate(
     """Held-out loss and accuracy, batched like lora_flwr's evaluation."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    bs = cfg.train.eval_batch_size
-    with torch.no_grad(), _autocast(cfg.train.precision):
+    bs = cfg.eval.batch_size
+    with torch.no_grad(), _autocast(cfg.compute.precision):
         for i in range(0, len(texts), bs):
             batch = tokenizer(
                 list(texts[i : i + bs]),
@@ -138,7 +138,7 @@ class Client(NumPyClient):
                 padding=True,
                 return_tensors="pt",
             )
-            with _autocast(cfg.train.precision):
+            with _autocast(cfg.compute.precision):
                 loss = model(
                     **batch, labels=torch.tensor([labels[i] for i in idx])
                 ).loss
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's")
     args = parser.parse_args()
-    overrides = [f"train.precision={args.precision}"]
+    overrides = [f"compute.precision={args.precision}"]
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = ExperimentConfig.from_toml(args.config).with_overrides(overrides)
@@ -170,7 +170,7 @@ def main() -> None:
     start = time.perf_counter()
     model, tokenizer = build_model(cfg)
     splits = load_splits(cfg.data, seed=cfg.seed)
-    test = eval_subset(splits.test, cfg.data, seed=cfg.seed)
+    test = eval_subset(splits.test, cfg.eval.max_examples, seed=cfg.seed)
     history: list[dict[str, Any]] = []
     last = [time.perf_counter()]
 
@@ -195,10 +195,10 @@ def main() -> None:
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = FedAvg(
-            fraction_fit=fed.fraction_fit,
+            fraction_fit=cfg.sampling.fraction,
             fraction_evaluate=0.0,
-            min_fit_clients=fed.min_fit_clients,
-            min_available_clients=fed.min_available_clients,
+            min_fit_clients=cfg.sampling.min_clients,
+            min_available_clients=cfg.sampling.min_available,
             initial_parameters=ndarrays_to_parameters(_state(model)),
             evaluate_fn=evaluate_fn,
             on_fit_config_fn=lambda rnd: {"round": rnd},
@@ -217,7 +217,7 @@ def main() -> None:
         client_app=ClientApp(client_fn=client_fn),
         num_supernodes=fed.num_clients,
         backend_config={
-            "client_resources": {"num_cpus": fed.client_num_cpus, "num_gpus": 0}
+            "client_resources": {"num_cpus": cfg.compute.client_cpus, "num_gpus": 0}
         },
     )
     for rec in history:

@@ -22,7 +22,7 @@ shared machine hits both alike); the table gives medians, the ratio of the
 transformers build to the native one, the peak RSS and whether transformers was
 imported; a second table gives the same milestones in CPU seconds of the child
 (user + system), which other processes on a shared machine disturb far less than
-wall time. One torch thread per process (``train.num_threads = 1``), as a node
+wall time. One torch thread per process (``compute.num_threads = 1``), as a node
 started with ``--node-config "num-threads=1"`` runs.
 """
 
@@ -80,7 +80,7 @@ def child(config: Path, implementation: str, partition: int) -> None:
     cfg = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, implementation=implementation),
-        train=dataclasses.replace(cfg.train, num_threads=1),
+        compute=dataclasses.replace(cfg.compute, num_threads=1),
     )
     resolve_model_config(cfg)
     marks["task"] = time.time() - t0

@@ -5,7 +5,7 @@
         [--set key=value ...] [--json out.json]
 
 Runs ``run_simulation.py`` once per codec, one after another (each run uses the
-machine's cores), with ``fed.compression`` (and ``fed.topk_fraction`` for
+machine's cores), with ``compression.codec`` (and ``compression.topk_fraction`` for
 ``topk:<fraction>``) set and everything else as in the config. ``--reuse`` keeps a
 finished run found in ``DIR/<tag>`` instead of running it again. Prints a Markdown
 table: final held-out accuracy, its change against ``none`` in points, total
@@ -71,9 +71,9 @@ def run_one(
             print(f"# {tag}: reusing {out / tag}", file=sys.stderr, flush=True)
             return history, None
     name, fraction = parse_codec(codec)
-    sets = [f"name={tag}", f"output_dir={out}", f"fed.compression={name}"]
+    sets = [f"name={tag}", f"output_dir={out}", f"compression.codec={name}"]
     if fraction is not None:
-        sets.append(f"fed.topk_fraction={fraction}")
+        sets.append(f"compression.topk_fraction={fraction}")
     cmd = [sys.executable, str(ROOT / "run_simulation.py"), "--config", str(config)]
     for item in sets + extra:
         cmd += ["--set", item]

@@ -1,7 +1,7 @@
 """Device check: the CUDA (+ bf16 autocast) path of LoRA, the plan runner, the trainer.
 
 Three FLoRA rounds on the smoke config (tiny BERT built in code, synthetic text) on
-whatever device ``train.device = "auto"`` picks, at rank 4, 2 and 4, with FedProx:
+whatever device ``compute.device = "auto"`` picks, at rank 4, 2 and 4, with FedProx:
 training loss, time, aggregation error, held-out loss before/after, and whether the
 node's folded base delta has the same bits as the server's. Needs no Flower, Ray or
 downloads, so it runs on a bare GPU machine:
@@ -27,7 +27,7 @@ out = {
 }
 for precision in ("fp32", "bf16"):
     cfg = ExperimentConfig.from_toml("configs/smoke.toml").with_overrides(
-        ["train.device=auto", f"train.precision={precision}", "lora.r=4"]
+        ["compute.device=auto", f"compute.precision={precision}", "lora.r=4"]
     )
     ws = get_workspace(cfg)
     ws.reset_adapter()

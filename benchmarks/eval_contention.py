@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/eval_contention.py [--config configs/default.toml]
         [--busy 2] [--threads 1 2] [--repeats 2] [--json out.json]
 
-Not a test. What ``fed.eval_overlap`` asks of a machine whose cores the clients
+Not a test. What ``eval.overlap`` asks of a machine whose cores the clients
 already use: times one centralised evaluation of the config's held-out snippets
 (``LoRATrainer.evaluate``, real model and data) with each ``--threads`` count of
 torch threads, first alone, then while ``--busy`` other processes each keep one

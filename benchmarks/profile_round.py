@@ -5,13 +5,13 @@
         [--skip-sim] [--skip-deploy] [--reuse] [--set key=value ...]
         [--deploy-set key=value ...] [--json out.json]
 
-Runs, one after another, with ``train.profile = true`` and ``fed.num_rounds =
+Runs, one after another, with ``compute.profile = true`` and ``fed.num_rounds =
 --rounds`` (everything else from the config and ``--set``):
 
 1. the simulation: ``run_simulation.py`` (Ray, the config's clients and sampling);
 2. a real deployment on loopback: ``scripts/deploy_local.py`` (a SuperLink and
    ``--num-supernodes`` SuperNodes, TLS + node authentication, every node trained
-   in each round: ``fed.fraction_fit = 1``), with ``--deploy-set`` overrides on
+   in each round: ``sampling.fraction = 1``), with ``--deploy-set`` overrides on
    top (a variant gets its own run, e.g. ``profile-deploy-num_threads-1``).
 
 Then reads both ``history.json`` files and prints, per round, the split of the
@@ -103,7 +103,7 @@ def simulate(args: argparse.Namespace, common: list[str]) -> float | None:
 
 
 def deploy_name(overrides: list[str]) -> str:
-    """Run name of a variant: ``train.num_threads=1`` -> ``...-num_threads-1``."""
+    """Run name of a variant: ``compute.num_threads=1`` -> ``...-num_threads-1``."""
     slug = "-".join(o.split(".")[-1].replace("=", "-") for o in overrides)
     return "profile-deploy" + (f"-{slug}" if slug else "")
 
@@ -117,10 +117,10 @@ def deploy(args: argparse.Namespace, common: list[str]) -> float | None:
     n = args.num_supernodes
     # Every node trains in every round, and the run waits for all of them.
     per_node = [
-        "fed.fraction_fit=1.0",
-        f"fed.min_fit_clients={n}",
-        f"fed.min_evaluate_clients={n}",
-        f"fed.min_available_clients={n}",
+        "sampling.fraction=1.0",
+        f"sampling.min_clients={n}",
+        f"eval.min_clients={n}",
+        f"sampling.min_available={n}",
         "on_existing=overwrite",
         f"name={name}",
     ]
@@ -207,7 +207,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    common = ["train.profile=true", f"fed.num_rounds={args.rounds}", *args.overrides]
+    common = ["compute.profile=true", f"fed.num_rounds={args.rounds}", *args.overrides]
     walls: dict[str, float | None] = {}
     if not args.skip_sim:
         walls["simulation"] = simulate(args, common)

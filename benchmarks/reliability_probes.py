@@ -50,14 +50,12 @@ PROBES = (
     "dropout_30",  # every client fails 30 % of its fit calls at random (seeded)
     "leave",  # the hostile partition fails every fit call
 )
-# fed settings of a SecAgg+ run (--secagg): the server-side guards cannot see a
-# single update, and the weight bound sits just above the smoke clients' ~97
+# Settings of a SecAgg+ run (--secagg), per section: the server-side guards cannot
+# see a single update, and the weight bound sits just above the smoke clients' ~97
 # examples so the quantisation keeps its precision.
-SECAGG = {
-    "secagg": True,
-    "norm_guard": "off",
-    "weight_cap": 0.0,
-    "secagg_max_weight": 100.0,
+SECAGG: dict[str, dict[str, Any]] = {
+    "secagg": {"enabled": True, "max_weight": 100.0},
+    "guards": {"norm_guard": "off", "weight_cap": 0.0},
 }
 # History counts that run_probe also sums over the run (``<count>_total``).
 COUNTS = (WEIGHT_CAPPED, NORM_CLIPPED, NORM_REJECTED, FIT_DROPPED, FIT_FAILED, FIT_OK)
@@ -111,37 +109,54 @@ def probe_config(
     guards: bool = True,
     robust: str = "none",
     base_path: Path = SMOKE,
-    fed_set: Mapping[str, Any] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
     tag: str = "",
 ) -> ExperimentConfig:
     """The probe's config: the smoke config at 3 clients (every client trained and
-    evaluated), or another config (``base_path``) as it is; ``fed_set`` replaces
-    fed fields (named by ``tag`` in the run name).
+    evaluated), or another config (``base_path``) as it is; ``sets`` replaces
+    fields per section, e.g. ``{"fed": {"num_rounds": 1}}`` (named by ``tag`` in
+    the run name).
     """
     base = ExperimentConfig.from_toml(base_path)
-    fed = base.fed
+    changes: dict[str, dict[str, Any]] = {}
     if base_path == SMOKE:
-        fed = dataclasses.replace(
-            base.fed,
-            num_clients=3,
-            fraction_fit=1.0,
-            fraction_evaluate=1.0,
-            min_fit_clients=3,
-            min_evaluate_clients=3,
-            min_available_clients=3,
+        _merge(
+            changes,
+            {
+                "fed": {"num_clients": 3},
+                "sampling": {"fraction": 1.0, "min_clients": 3, "min_available": 3},
+                "eval": {"fraction": 1.0, "min_clients": 3},
+            },
         )
     if not guards:
-        fed = dataclasses.replace(fed, weight_cap=0.0, norm_guard="off")
-    fed = dataclasses.replace(fed, robust=robust, **dict(fed_set or {}))
+        _merge(changes, {"guards": {"weight_cap": 0.0, "norm_guard": "off"}})
+    _merge(changes, {"guards": {"robust": robust}})
+    _merge(changes, sets or {})
     name = (
         f"{base.name}-{probe}"
         + ("" if guards else "-noguards")
         + ("" if robust == "none" else f"-{robust}")
         + (f"-{tag}" if tag else "")
     )
+    # One replace: the refusals across sections see the finished config.
     return dataclasses.replace(
-        base, name=name, output_dir=str(out), on_existing="overwrite", fed=fed
+        base,
+        name=name,
+        output_dir=str(out),
+        on_existing="overwrite",
+        **{
+            section: dataclasses.replace(getattr(base, section), **fields)
+            for section, fields in changes.items()
+        },
     )
+
+
+def _merge(
+    into: dict[str, dict[str, Any]], sets: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Merge per-section field values ``sets`` into ``into`` (later ones win)."""
+    for section, fields in sets.items():
+        into.setdefault(section, {}).update(fields)
 
 
 def run_probe(
@@ -151,7 +166,7 @@ def run_probe(
     guards: bool = True,
     robust: str = "none",
     base_path: Path = SMOKE,
-    fed_set: Mapping[str, Any] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
     tag: str = "",
 ) -> dict[str, Any]:
     """Run one probe in the Ray simulation; return its last history record.
@@ -176,7 +191,7 @@ def run_probe(
         guards=guards,
         robust=robust,
         base_path=base_path,
-        fed_set=fed_set,
+        sets=sets,
         tag=tag,
     )
     run_dir = out / cfg.name
@@ -214,7 +229,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--no-guards", action="store_true", help="guards off")
-    parser.add_argument("--robust", default="none", help="fed.robust")
+    parser.add_argument("--robust", default="none", help="guards.robust")
     parser.add_argument("--probes", default=",".join(PROBES), help="which probes")
     parser.add_argument("--config", type=Path, default=SMOKE, help="base config")
     parser.add_argument("--secagg", action="store_true", help="fit through SecAgg+")
@@ -233,7 +248,7 @@ def main() -> None:
             guards=not args.no_guards,
             robust=args.robust,
             base_path=args.config,
-            fed_set=SECAGG if args.secagg else None,
+            sets=SECAGG if args.secagg else None,
             tag="secagg" if args.secagg else "",
         )
         rows.append(

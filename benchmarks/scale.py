@@ -2,7 +2,7 @@
 
 For each N in ``--clients`` this runs ``run_simulation.py`` on the default
 experiment (real MiniLM, real Rotten Tomatoes, Ray) with ``fed.num_clients = N``,
-10 clients sampled per round (``fed.min_fit_clients = 10``), ``data.partitioner``
+10 clients sampled per round (``sampling.min_clients = 10``), ``data.partitioner``
 ``iid`` (the natural split has 508 movies, too few for 1,000 clients) and the
 overrides given, as a child process. Every ``--interval`` seconds it reads the
 memory of the child's whole process tree (the driver, the watchdog, Ray's GCS,
@@ -145,14 +145,14 @@ def run_one(n: int, args: argparse.Namespace) -> dict[str, Any]:
     run_root.mkdir(parents=True, exist_ok=True)
     overrides = [
         f"fed.num_clients={n}",
-        f"fed.min_available_clients={n}",
+        f"sampling.min_available={n}",
         # ceil(fraction * n) must not exceed 10: the minimum then decides.
-        "fed.fraction_fit=1e-9",
-        f"fed.min_fit_clients={min(SAMPLED, n)}",
-        f"fed.min_evaluate_clients={min(2, n)}",
-        "fed.fraction_evaluate=0.0",
+        "sampling.fraction=1e-9",
+        f"sampling.min_clients={min(SAMPLED, n)}",
+        f"eval.min_clients={min(2, n)}",
+        "eval.fraction=0.0",
         f"fed.num_rounds={args.rounds}",
-        f"fed.eval_every={args.eval_every}",
+        f"eval.every={args.eval_every}",
         "data.partitioner=iid",
         *args.overrides,
         f"name=scale-n{n}",
@@ -269,7 +269,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--eval-every", type=int, default=0, help="fed.eval_every (0: last round)"
+        "--eval-every", type=int, default=0, help="eval.every (0: last round)"
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds")
     parser.add_argument("--out", default="/tmp/lora-flwr-scale")

@@ -30,8 +30,8 @@ SIZES = (97, 97, 96)  # training examples of the smoke config's 3 partitions
 
 def bound(counts: list[int], peak: float) -> float:
     """Largest quantisation error of the SecAgg+ weighted mean (see the test)."""
-    clip = float(rp.SECAGG.get("secagg_clip", 2.0))
-    weight_sum = sum(counts) / float(rp.SECAGG["secagg_max_weight"])
+    clip = float(rp.SECAGG["secagg"].get("clip", 2.0))
+    weight_sum = sum(counts) / float(rp.SECAGG["secagg"]["max_weight"])
     k = len(counts)
     step = 2 * clip / SECAGG_LEVELS
     return (k * step + 2 * k * peak / SECAGG_LEVELS) / weight_sum + 2.0**-23 * peak
@@ -48,12 +48,12 @@ def main() -> None:
     for probe, counts in (("honest", list(SIZES)), ("leave", list(SIZES[:2]))):
         runs = {}
         for secagg in (False, True):
-            fed_set = {"num_rounds": 1, **(rp.SECAGG if secagg else {})}
+            sets = {"fed": {"num_rounds": 1}, **(rp.SECAGG if secagg else {})}
             runs[secagg] = rp.run_probe(
                 out,
                 probe,
                 guards=False,
-                fed_set=fed_set,
+                sets=sets,
                 tag="secagg" if secagg else "plain",
             )
         a, b = (

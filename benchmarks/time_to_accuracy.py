@@ -62,7 +62,7 @@ def run_ours(
 ) -> dict[str, Any]:
     """Run lora_flwr's main job; return its history and process wall time."""
     start = time.perf_counter()
-    options = ["--set", f"train.precision={precision}"] if precision else []
+    options = ["--set", f"compute.precision={precision}"] if precision else []
     if seed is not None:
         options += ["--set", f"seed={seed}"]
     subprocess.run(
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/default.toml")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--target", type=float, default=0.75)
-    # Ours: the config's own train.precision unless given ("auto" is a choice).
+    # Ours: the config's own compute.precision unless given ("auto" is a choice).
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
     # Theirs: fp32, what a PEFT + Flower user gets on a CPU, unless given.
     parser.add_argument("--theirs-precision", choices=("fp32", "bf16"), default="fp32")

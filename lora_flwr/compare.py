@@ -267,8 +267,8 @@ def gather_runs(
         return (done, dirs, refs) if done else None
     if ref_steps is None:
         per_round = max(
-            math.ceil(cfg.fed.fraction_fit * cfg.fed.num_clients),
-            cfg.fed.min_fit_clients,
+            math.ceil(cfg.sampling.fraction * cfg.fed.num_clients),
+            cfg.sampling.min_clients,
         )
         ref_steps = cfg.fed.num_rounds * per_round * cfg.train.local_steps
     dirs = {spec: run_one(spec, fresh=fresh) for spec in specs}
@@ -297,7 +297,7 @@ def local_accuracy(spec: RunSpec, run_dir: Path) -> float | None:
     accuracy: float | None
     # Clients hold a part the saved adapter lacks (FedSA's B, a local head): the
     # run's own per-client evaluation is the only one there is.
-    if get_rule(cfg.fed.aggregation).personalized or cfg.fed.head == "local":
+    if get_rule(cfg.fed.aggregation).personalized or cfg.head.mode == "local":
         last = [r[PERSONAL_ACCURACY] for r in history if PERSONAL_ACCURACY in r]
         accuracy = float(last[-1]) if last else None
     else:
@@ -362,17 +362,18 @@ def _provenance(
     cfg: ExperimentConfig, specs: Sequence[RunSpec], command: str, started: float
 ) -> list[str]:
     """Return the report's opening lines: command, machine, date, task, columns."""
-    fed, train = cfg.fed, cfg.train
+    fed, train, sampling = cfg.fed, cfg.train, cfg.sampling
     return [
         f"Command: `{command}`  ",
         f"Machine: {machine()}  ",
         f"Date: {dt.date.today().isoformat()}; the comparison took "
         f"{(time.time() - started) / 60:.0f} min (reused runs not counted).  ",
         f"Task: `{cfg.model.name}` on `{cfg.data.name}`, {fed.num_clients} clients "
-        f"({cfg.data.partitioner} split), {fed.fraction_fit:g} of them per round, "
+        f"({cfg.data.partitioner} split), {sampling.fraction:g} of them per round, "
         f"{fed.num_rounds} rounds of {train.local_steps} local steps of batch "
         f"{train.batch_size}, lr {train.lr:g}, LoRA r={cfg.lora.r}, "
-        f"precision {train.precision}. Seeds {sorted({s.seed for s in specs})}: a "
+        f"precision {cfg.compute.precision}. Seeds "
+        f"{sorted({s.seed for s in specs})}: a "
         "seed fixes the init, the split and every round's clients, the same for "
         "every rule.",
         "",

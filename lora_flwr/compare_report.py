@@ -84,7 +84,7 @@ def _down(record: Mapping[str, Any]) -> float:
     """Training bytes sent to clients in a round, a head refit's payloads included.
 
     Evaluation payloads (FedSA evaluates every client) are not part of a method's
-    communication cost; the payloads of a head refit (fed.head_calibration) are.
+    communication cost; the payloads of a head refit (head.calibration) are.
     """
     return (
         float(record.get(BYTES_DOWN, 0))
@@ -120,7 +120,7 @@ def summarize(
         downs += [_down(r) for r in rounds]
         errors += [float(r[AGG_ERROR]) for r in rounds if r.get(AGG_ERROR) is not None]
         if target is not None:
-            # A head refit before round 1 (fed.head_calibration) is part of the way.
+            # A head refit before round 1 (head.calibration) is part of the way.
             elapsed = sum(
                 float(r.get(CALIB_SECONDS, 0.0))
                 for r in history

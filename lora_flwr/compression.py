@@ -1,6 +1,6 @@
 """Uplink compression of a client's reply (pure numpy and the standard library).
 
-``fed.compression`` picks how a client encodes its reply before Flower serializes
+``compression.codec`` picks how a client encodes its reply before Flower serializes
 it; the server decodes every reply back to float32 arrays before any check, so the
 validation, the guards and the rules see the same kind of reply as without
 compression. Only the uplink is compressed: what the server sends (the global
@@ -65,7 +65,7 @@ None of the lossy codecs keeps a round's aggregate a plain weighted sum of what 
 clients send: each fp16/bf16/int8 reply must be decoded on its own (int8 with its
 own scales), and top-k replies have different index sets. Secure aggregation
 (SecAgg+, which quantises on its own and sums equally shaped float vectors) needs
-that sum, so ``fed.secagg`` requires ``fed.compression = "none"``.
+that sum, so ``secagg.enabled`` requires ``compression.codec = "none"``.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class EncodedReply:
 def check_codec(codec: str) -> Codec:
     """Return ``codec`` if it is a known codec name, else raise ``ValueError``."""
     if codec not in CODECS:
-        raise ValueError(f"`fed.compression` is {codec!r}; codecs are {list(CODECS)}")
+        raise ValueError(f"`compression.codec` is {codec!r}; codecs are {list(CODECS)}")
     return codec
 
 
@@ -135,7 +135,9 @@ def check_codec(codec: str) -> Codec:
 def topk_count(total: int, fraction: float) -> int:
     """Entries top-k sends of ``total``: ``max(1, round(fraction * total))``."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"`fed.topk_fraction` should be in (0, 1] but is {fraction}")
+        raise ValueError(
+            f"`compression.topk_fraction` should be in (0, 1] but is {fraction}"
+        )
     if total == 0:
         return 0
     return max(1, min(total, round(fraction * total)))
@@ -294,7 +296,7 @@ def encode_update(
         if peak > FP16_MAX:
             raise ValueError(
                 f"update value of magnitude {peak:.4g} exceeds the fp16 range "
-                f"({FP16_MAX:g}); use fed.compression = 'bf16'"
+                f"({FP16_MAX:g}); use compression.codec = 'bf16'"
             )
         return [header, flat.astype(_F16)]
     if codec == "bf16":
@@ -404,7 +406,7 @@ def decode_update(
     if len(arrays) != 1 + len(sections):
         names = ", ".join(["header", *(n for n, _ in sections)])
         raise ValueError(
-            f"encoded reply: {len(arrays)} arrays, fed.compression={codec!r} sends "
+            f"encoded reply: {len(arrays)} arrays, compression.codec={codec!r} sends "
             f"{1 + len(sections)} ({names})"
         )
     sizes = [int(np.prod(s)) for s in shapes]
@@ -417,7 +419,7 @@ def decode_update(
         raise ValueError(f"{codec} header: magic {magic:#x}, expected {MAGIC:#x}")
     if codec_id != CODEC_IDS[codec]:
         sent = {v: k for k, v in CODEC_IDS.items()}.get(codec_id, f"id {codec_id}")
-        raise ValueError(f"reply encoded as {sent!r} but fed.compression={codec!r}")
+        raise ValueError(f"reply encoded as {sent!r} but compression.codec={codec!r}")
     if count != len(shapes):
         raise ValueError(
             f"{codec} header: {count} tensors, the plan expects {len(shapes)}"

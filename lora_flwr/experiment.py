@@ -18,7 +18,14 @@ import numpy as np
 import numpy.typing as npt
 
 from lora_flwr.assets import cache_dir
-from lora_flwr.config import ExperimentConfig, LoraConfig, ModelConfig, TrainConfig
+from lora_flwr.config import (
+    ComputeConfig,
+    ExperimentConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from lora_flwr.data import (
     DatasetSplits,
     TextDataset,
@@ -38,6 +45,10 @@ _LOCK = threading.RLock()
 logger = logging.getLogger(__name__)
 
 
+# What a trainer is built from: train, loss, compute and the eval batch size.
+_TrainerKey = tuple[TrainConfig, LossConfig, ComputeConfig, int]
+
+
 @dataclass
 class _Shared:
     """What every workspace of one (model, LoRA config, seed) shares in a process."""
@@ -45,7 +56,8 @@ class _Shared:
     bundle: ModelBundle
     adapter: LoRAAdapter
     initial: dict[str, npt.NDArray[np.float32]]
-    trainers: dict[TrainConfig, LoRATrainer] = field(default_factory=dict)
+    # one trainer per (train, loss, compute, eval batch size) it was built with
+    trainers: dict[_TrainerKey, LoRATrainer] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,10 +190,18 @@ def get_workspace(cfg: ExperimentConfig) -> Workspace:
             adapter.apply(bundle.model)
             shared = _Shared(bundle, adapter, adapter.get_named_weights())
             _SHARED[key] = shared
-        trainer = shared.trainers.get(cfg.train)
+        settings = (cfg.train, cfg.loss, cfg.compute, cfg.eval.batch_size)
+        trainer = shared.trainers.get(settings)
         if trainer is None:
-            trainer = LoRATrainer(shared.adapter, shared.bundle.task, cfg.train)
-            shared.trainers[cfg.train] = trainer
+            trainer = LoRATrainer(
+                shared.adapter,
+                shared.bundle.task,
+                cfg.train,
+                loss=cfg.loss,
+                compute=cfg.compute,
+                eval_batch_size=cfg.eval.batch_size,
+            )
+            shared.trainers[settings] = trainer
         return Workspace(shared.bundle, shared.adapter, trainer, shared.initial)
 
 
@@ -217,8 +237,8 @@ def centralized_train_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDat
 
 
 def heldout_data(ws: Workspace, cfg: ExperimentConfig) -> TokenizedDataset:
-    """Return the global held-out set (capped by ``data.eval_max_examples``)."""
-    subset = eval_subset(splits(cfg).test, cfg.data, seed=cfg.seed)
+    """Return the global held-out set (capped by ``eval.max_examples``)."""
+    subset = eval_subset(splits(cfg).test, cfg.eval.max_examples, seed=cfg.seed)
     return _tokenized(ws, cfg, ("test",), subset)
 
 

@@ -14,7 +14,7 @@ guarantee with sampling then holds only if the server keeps the seed secret, and
 :func:`epsilon` also reports the bound without amplification (every round counts).
 
 ``dp-accounting`` (and the scipy it pulls) is the ``dp`` extra, needed only when
-``fed.dp_noise_multiplier > 0``: :func:`require_accountant` refuses such a run in
+``privacy.noise_multiplier > 0``: :func:`require_accountant` refuses such a run in
 one line before it starts when the extra is missing.
 """
 
@@ -33,7 +33,7 @@ class AccountantMissingError(ImportError, ValueError):
 def require_accountant() -> None:
     """Refuse differential privacy before a run starts if its accountant is missing.
 
-    Call it for a run with ``fed.dp_noise_multiplier > 0`` before any engine
+    Call it for a run with ``privacy.noise_multiplier > 0`` before any engine
     starts; without it the missing package would show only after round 1 trained.
 
     Raises
@@ -46,7 +46,7 @@ def require_accountant() -> None:
         import dp_accounting.rdp  # noqa: F401 (imports the package too)
     except ImportError as exc:
         raise AccountantMissingError(
-            "`fed.dp_noise_multiplier` > 0 needs the privacy accountant "
+            "`privacy.noise_multiplier` > 0 needs the privacy accountant "
             f"`dp-accounting`, which cannot be imported ({exc}); install it with: "
             f"{INSTALL_DP}"
         ) from None

@@ -1,4 +1,4 @@
-"""Profile mode (``train.profile = true``): where the time of a round goes.
+"""Profile mode (``compute.profile = true``): where the time of a round goes.
 
 Pure standard library, so the server, the client and the trainer all use it. Off by
 default; when off nothing here runs but a module import (no timers, no CUDA syncs).

@@ -29,7 +29,7 @@ weights (``fold_mode``). It then trains ``train``, stores ``keep`` and sends
                    A and B cut to the plan's rank
 
 and the reply is the adapter weights of the ``send`` groups in the same form, or,
-under ``fed.compression``, their update encoded as :mod:`lora_flwr.compression`
+under ``compression.codec``, their update encoded as :mod:`lora_flwr.compression`
 describes (decoded on the server into that form before any check).
 """
 
@@ -56,7 +56,7 @@ PROX_MU = "prox_mu"
 # top-k's share of entries. The server decodes with the same two values.
 COMPRESSION = "compression"
 TOPK_FRACTION = "topk_fraction"
-# Evaluate instruction (fed.head_calibration): instead of testing, return the
+# Evaluate instruction (head.calibration): instead of testing, return the
 # class statistics of the head's inputs on the local training split, encoded by
 # lora_flwr.aggregation.lda.encode_stats under the same key.
 HEAD_STATS = "head_stats"

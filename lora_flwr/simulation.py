@@ -157,8 +157,8 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
         cfg = dataclasses.replace(cfg, on_existing="overwrite")
     # The rule is built inside the ServerApp; check it (and DP's accountant)
     # before Ray starts.
-    get_rule(cfg.fed.aggregation).check_config(cfg.fed)
-    if cfg.fed.dp_noise_multiplier > 0:
+    get_rule(cfg.fed.aggregation).check_config(cfg)
+    if cfg.privacy.noise_multiplier > 0:
         require_accountant()
     run_dir = Path(cfg.output_dir) / cfg.name
     check_run_dir(run_dir, cfg.on_existing)

@@ -8,7 +8,7 @@ head treatment, ...), read from a TOML file of tables::
 
     [fedlc]
     about = "logit calibration by the client's label counts"
-    overrides = ["train.loss=fedlc", "train.loss_tau=1.0"]
+    overrides = ["loss.name=fedlc", "loss.tau=1.0"]
 
 A split is ``natural``, ``iid`` or a Dirichlet concentration over labels such as
 ``0.1``. Every (split, variant, seed) is one ``lora_flwr.simulation`` process, run
@@ -197,7 +197,7 @@ def report_body(
     started: float,
 ) -> str:
     """Build the generated block: provenance, variants, one table per split, a plot."""
-    fed, train = cfg.fed, cfg.train
+    fed, train, sampling = cfg.fed, cfg.train, cfg.sampling
     seeds = sorted({s.seed for s in specs})
     lines = [
         f"Command: `{command}`  ",
@@ -205,7 +205,7 @@ def report_body(
         f"Date: {dt.date.today().isoformat()}; the sweep took "
         f"{(time.time() - started) / 60:.0f} min (reused runs not counted).  ",
         f"Task: `{cfg.model.name}` on `{cfg.data.name}`, {fed.num_clients} clients, "
-        f"{fed.fraction_fit:g} of them per round, {fed.num_rounds} rounds of "
+        f"{sampling.fraction:g} of them per round, {fed.num_rounds} rounds of "
         f"{train.local_steps} local steps of batch {train.batch_size}, lr "
         f"{train.lr:g}, rule `{fed.aggregation}` (unless a variant says otherwise). "
         f"Seeds {seeds}: a seed fixes the init, the split and every round's "
@@ -222,7 +222,7 @@ def report_body(
         "Columns as in the rule comparison: final and best held-out accuracy (mean "
         "± std over seeds), rounds and seconds to the target over the seeds that "
         "reached it, bytes per round, wall time; local splits: the final model on "
-        "every client's own test split, example-weighted (with `fed.head=local` "
+        "every client's own test split, example-weighted (with `head.mode=local` "
         "each client's own head; the held-out columns then use the seeded head).",
     ]
     figures = out.parent / "results"

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,8 @@ BASE_REF = "cb028f3"  # the last commit before the server refactor
 ROOT_ENV = "CHECK_EQUIVALENCE_ROOT"
 LOG_ENV = "CHECK_EQUIVALENCE_IMPORT_LOG"
 PIN_ENV = "CHECK_EQUIVALENCE_PIN"
+# Where a checkout lists the config keys it moved (old dotted key -> new one).
+RENAMES = Path("lora_flwr/config/renames.py")
 
 IGNORE_RULE = (
     "timing: a `_`-separated part of the name is `seconds` or `wall`, or it ends in "
@@ -189,9 +192,12 @@ def compare_tensor_files(base_dir: Path, new_dir: Path) -> tuple[bool, str]:
     return True, f"yes: {len(common)} files, tensors and bytes"
 
 
-def compare_configs(paths: Sequence[Path], outs: Sequence[str]) -> list[str]:
+def compare_configs(
+    paths: Sequence[Path], outs: Sequence[str], moved: Mapping[str, str] = {}
+) -> list[str]:
     """Say where two ``config.toml`` differ, each side's output folder (``outs``)
-    read as ``<OUT>`` wherever it appears in a value."""
+    read as ``<OUT>`` wherever it appears in a value; the base's keys in the new
+    side's spelling (``moved``: new key -> base key)."""
 
     def flat(table: dict[str, Any], pre: str, old: str) -> Iterator[tuple[str, Any]]:
         for k, v in table.items():
@@ -202,6 +208,8 @@ def compare_configs(paths: Sequence[Path], outs: Sequence[str]) -> list[str]:
 
     tables = [tomllib.loads(p.read_text()) for p in paths]
     b, n = (dict(flat(t, "", o)) for t, o in zip(tables, outs, strict=True))
+    spelled_as = {old: new for new, old in moved.items()}
+    b = {spelled_as.get(k, k): v for k, v in b.items()}
     return [
         f"`{k}` base {b.get(k)!r} != new {n.get(k)!r}"
         for k in sorted(set(b) | set(n))
@@ -237,7 +245,7 @@ CASES: tuple[Case, ...] = (
         Case(f"smoke_{rule}", SMOKE, (f"fed.aggregation={rule}",), timeout_s=600)
         for rule in ("fedit", "fedex", "flora", "fedsa")
     ),
-    Case("smoke_int8", SMOKE, ("fed.compression=int8",), timeout_s=600),
+    Case("smoke_int8", SMOKE, ("compression.codec=int8",), timeout_s=600),
     Case("resume", SMOKE, ("fed.num_rounds=4",), kill_after_round=2, timeout_s=900),
     Case("default_r2", "configs/default.toml", ("fed.num_rounds=2",), timeout_s=900),
     Case("label_skew_r2", "configs/label_skew.toml", ("fed.num_rounds=2",)),
@@ -314,11 +322,30 @@ if "dp_entropy" in _PINS:
 
 @dataclass(frozen=True)
 class Side:
-    """One checkout: its name (``base``/``new``), its root and its extra --set."""
+    """One checkout: its name (``base``/``new``), its root and its extra --set.
+
+    ``moved`` maps a key as the new side spells it to this side's spelling (the
+    base of a commit that moved config keys); cases and ``config.toml`` are
+    written and compared in the new side's spelling.
+    """
 
     name: str
     root: Path
     sets: tuple[str, ...] = ()
+    moved: Mapping[str, str] = field(default_factory=dict)
+
+    def spell(self, setting: str) -> str:
+        """Return a ``key=value`` setting with the key as this side spells it."""
+        key, eq, value = setting.partition("=")
+        return f"{self.moved.get(key, key)}{eq}{value}"
+
+
+def moved_keys(base_root: Path, new_root: Path) -> dict[str, str]:
+    """New key -> base key for the keys the new side moved and the base still has."""
+    if (base_root / RENAMES).is_file() or not (new_root / RENAMES).is_file():
+        return {}
+    renamed: dict[str, str] = runpy.run_path(str(new_root / RENAMES))["RENAMED"]
+    return {new: old for old, new in renamed.items()}
 
 
 @dataclass
@@ -397,7 +424,8 @@ def run_side(
     env.update({ROOT_ENV: str(side.root), LOG_ENV: str(imports)})
     env[PIN_ENV] = ",".join(case.pins)
     own = case.base_sets if side.name == "base" else case.new_sets
-    sets = [*case.sets, *own, *side.sets, f"output_dir={out}", f"name={case.name}"]
+    sets = [side.spell(s) for s in (*case.sets, *own)]
+    sets += [*side.sets, f"output_dir={out}", f"name={case.name}"]
     head = [python, "-c", BOOTSTRAP, "run_simulation.py"]
     cmd = [*head, "--config", case.config, *(a for s in sets for a in ("--set", s))]
     log = out / "run.log"
@@ -485,7 +513,7 @@ def compare_case(
     cb, cn = base.run_dir / "config.toml", new.run_dir / "config.toml"
     if cb.is_file() and cn.is_file():
         outs = [str(base.run_dir.parent), str(new.run_dir.parent)]
-        diffs = compare_configs([cb, cn], outs)
+        diffs = compare_configs([cb, cn], outs, sides[0].moved)
         res.config = "yes" if not diffs else f"NO ({len(diffs)} keys)"
         res.details += [f"config: {d}" for d in diffs]
     return res
@@ -574,7 +602,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             print(f"base {args.base} in {base_root}; new {args.new}; out {out}")
             sides = (
-                Side("base", base_root, tuple(args.set + args.base_set)),
+                Side(
+                    "base",
+                    base_root,
+                    tuple(args.set + args.base_set),
+                    moved_keys(base_root, args.new),
+                ),
                 Side("new", args.new, tuple(args.set + args.new_set)),
             )
             probe = Path(tmp)

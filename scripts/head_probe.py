@@ -5,7 +5,7 @@
 For each run (a directory ``run_simulation.py`` wrote): load its final adapter,
 evaluate it on the held-out split, then replace only the head by the LDA head
 fitted to every client's exact class statistics under that adapter (what
-``fed.head_calibration = "lda"`` does each round, here once, after training) and
+``head.calibration = "lda"`` does each round, here once, after training) and
 evaluate again. ``--base`` keeps the seeded adapter instead (no trained factors):
 what the pretrained features alone give. Prints one JSON line per run.
 """

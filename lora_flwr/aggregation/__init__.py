@@ -1,7 +1,7 @@
 """LoRA-aware aggregation rules and server optimizers: pure numpy, no Flower.
 
 Select a rule by name with ``fed.aggregation`` and an optimizer with
-``fed.server_optimizer``. Each rule is one module whose class docstring states its
+``server_opt.name``. Each rule is one module whose class docstring states its
 formula and cites its paper; :mod:`lora_flwr.aggregation.base` describes the API,
 :mod:`lora_flwr.aggregation.state` the values it passes around.
 """

@@ -266,7 +266,7 @@ class Rule(RuleOptions):
     ) -> F64:
         """``sum_k p_k X_k`` of one weight (float64); ``pad`` zero-pads to rank r.
 
-        With ``fed.robust`` set (:meth:`use_robust`) the coordinate-wise median or
+        With ``guards.robust`` set (:meth:`use_robust`) the coordinate-wise median or
         trimmed mean of the ``X_k`` instead (unweighted); with differential privacy
         (:meth:`use_dp`) their plain mean plus Gaussian noise.
         """

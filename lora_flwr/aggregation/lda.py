@@ -219,14 +219,14 @@ def lda_head(stats: ClassStats, shrinkage: float = 1e-3) -> tuple[F64, F64]:
     except np.linalg.LinAlgError as exc:
         raise ValueError(
             f"the pooled feature covariance is singular ({exc}); raise "
-            "`fed.lda_shrinkage` above 0"
+            "`head.lda_shrinkage` above 0"
         ) from exc
     bias: F64 = -np.einsum("cd,cd->c", weight, mean + (mu - mean) / 2)
     bias = bias + np.log(counts / n)
     if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
         raise ValueError(
             "the LDA head is not finite (ill-conditioned covariance); raise "
-            "`fed.lda_shrinkage`"
+            "`head.lda_shrinkage`"
         )
     return weight, bias
 

@@ -77,17 +77,17 @@ class ServerOptimizer:
         """Validate the hyper-parameters."""
         if self.name not in OPTIMIZERS or self.name == "none":
             raise ValueError(
-                f"`fed.server_optimizer` should be one of {list(OPTIMIZERS[1:])} but "
+                f"`server_opt.name` should be one of {list(OPTIMIZERS[1:])} but "
                 f"the value passed is {self.name!r}"
             )
         if not self.lr > 0:
-            raise ValueError(f"`fed.server_lr` should be > 0 but is {self.lr}")
+            raise ValueError(f"`server_opt.lr` should be > 0 but is {self.lr}")
         if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
             raise ValueError(
-                "`fed.server_beta1` and `fed.server_beta2` must be in [0, 1)"
+                "`server_opt.beta1` and `server_opt.beta2` must be in [0, 1)"
             )
         if not self.tau > 0:
-            raise ValueError(f"`fed.server_tau` should be > 0 but is {self.tau}")
+            raise ValueError(f"`server_opt.tau` should be > 0 but is {self.tau}")
 
     def step(
         self,

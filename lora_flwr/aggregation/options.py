@@ -19,10 +19,10 @@ from lora_flwr.aggregation.state import GroupPlan
 from lora_flwr.protocol import AdapterLayout, Group, group_of
 
 if TYPE_CHECKING:  # annotations only: the rules do not depend on the config
-    from lora_flwr.config import FedConfig
+    from lora_flwr.config import ExperimentConfig
 
 # How the saved modules ("M": e.g. a new classifier head) are treated, on top of
-# any rule (``fed.head``; config.HEAD_MODES lists the same names).
+# any rule (``head.mode``; config.HEAD_MODES lists the same names).
 HEAD_MODES: tuple[str, ...] = ("averaged", "frozen", "local", "reinit")
 _M: frozenset[Group] = frozenset({"M"})
 
@@ -54,14 +54,14 @@ class RuleOptions:
 
     def __init__(self) -> None:
         """Start with every option off: weighted mean, no noise, averaged head."""
-        # fed.robust: the averaging :meth:`Rule.weighted_mean` performs.
+        # guards.robust: the averaging :meth:`Rule.weighted_mean` performs.
         self.robust: RobustMode = "none"
         self.trim_fraction = 0.2
         # Differential privacy (:meth:`use_dp`): equal weights and Gaussian noise.
         self.dp_noise_multiplier = 0.0
         self.dp_clip_norm = 0.0
         self._dp_rng: np.random.Generator | None = None
-        # fed.head (:meth:`use_head`).
+        # head.mode (:meth:`use_head`).
         self.head = "averaged"
         self.head_warmup_rounds = 0
 
@@ -121,17 +121,17 @@ class RuleOptions:
         """
         if mode not in HEAD_MODES:
             raise ValueError(
-                f"`fed.head` should be one of {', '.join(map(repr, HEAD_MODES))} "
+                f"`head.mode` should be one of {', '.join(map(repr, HEAD_MODES))} "
                 f"but is {mode!r}"
             )
         if warmup_rounds < 0 or (warmup_rounds and mode != "frozen"):
             raise ValueError(
-                f"`fed.head_warmup_rounds` = {warmup_rounds} should be >= 0, and 0 "
-                "unless `fed.head` = 'frozen'"
+                f"`head.warmup_rounds` = {warmup_rounds} should be >= 0, and 0 "
+                "unless `head.mode` = 'frozen'"
             )
         if mode != "averaged" and not self.head_names:
             raise ValueError(
-                f"`fed.head` = {mode!r} needs saved modules (`lora.modules_to_save`, "
+                f"`head.mode` = {mode!r} needs saved modules (`lora.modules_to_save`, "
                 "e.g. 'classifier') but the adapter has none"
             )
         self.head = mode
@@ -144,7 +144,7 @@ class RuleOptions:
 
     @property
     def local_head(self) -> bool:
-        """Whether each client keeps its own head (``fed.head = 'local'``)."""
+        """Whether each client keeps its own head (``head.mode = 'local'``)."""
         return self.head == "local"
 
     def head_groups(self, g: GroupPlan, server_round: int) -> GroupPlan:
@@ -186,18 +186,18 @@ class RuleOptions:
             )
         if server_optimizer != "none" and not cls.supports_server_optimizer:
             raise ValueError(
-                f"`fed.server_optimizer`={server_optimizer!r} cannot be combined with "
+                f"`server_opt.name`={server_optimizer!r} cannot be combined with "
                 f"`fed.aggregation`={cls.name!r}: {cls.optimizer_refusal}"
             )
         if robust != "none" and not cls.supports_robust:
             raise ValueError(
-                f"`fed.robust`={robust!r} cannot be combined with "
+                f"`guards.robust`={robust!r} cannot be combined with "
                 f"`fed.aggregation`={cls.name!r}: its aggregate is not a plain "
                 "average of what clients send; use fedit, ffa, fedsa, rolora or fedsvd"
             )
         if dp and not cls.supports_robust:
             raise ValueError(
-                f"differential privacy (`fed.dp_noise_multiplier` > 0) cannot be "
+                f"differential privacy (`privacy.noise_multiplier` > 0) cannot be "
                 f"combined with `fed.aggregation`={cls.name!r}: its aggregate is not "
                 "a noisy mean of clipped updates; use ffa or fedsvd (as their papers "
                 "do under DP), fedit, fedsa or rolora"
@@ -205,21 +205,21 @@ class RuleOptions:
 
         if secagg and not cls.plain_weighted_sum:
             raise ValueError(
-                f"`fed.secagg` = true cannot be combined with `fed.aggregation`="
+                f"`secagg.enabled` = true cannot be combined with `fed.aggregation`="
                 f"{cls.name!r}: SecAgg+ reveals only a weighted sum of what clients "
                 "send, and this rule needs each reply; use fedit, ffa, fedsa, rolora, "
                 "fedsvd or hetlora"
             )
         if secagg and len(set(rank_tiers)) > 1:
             raise ValueError(
-                "`fed.secagg` = true needs one rank for every client (SecAgg+ sums "
+                "`secagg.enabled` = true needs one rank for every client (SecAgg+ sums "
                 f"equally shaped vectors) but `fed.rank_tiers` is "
                 f"{','.join(map(str, rank_tiers))!r}"
             )
 
     @classmethod
-    def check_config(cls, fed: FedConfig) -> None:
-        """:meth:`check_setup` for the ``[fed]`` section of a config.
+    def check_config(cls, cfg: ExperimentConfig) -> None:
+        """:meth:`check_setup` for an experiment's config.
 
         Raises
         ------
@@ -227,9 +227,9 @@ class RuleOptions:
             As :meth:`check_setup`.
         """
         cls.check_setup(
-            rank_tiers=fed.rank_tiers,
-            server_optimizer=fed.server_optimizer,
-            robust=fed.robust,
-            dp=fed.dp_noise_multiplier > 0,
-            secagg=fed.secagg,
+            rank_tiers=cfg.fed.rank_tiers,
+            server_optimizer=cfg.server_opt.name,
+            robust=cfg.guards.robust,
+            dp=cfg.privacy.noise_multiplier > 0,
+            secagg=cfg.secagg.enabled,
         )

@@ -16,7 +16,10 @@ The package imports only the standard library:
 * :mod:`~lora_flwr.config.choices`: the allowed values (``Literal`` aliases);
 * :mod:`~lora_flwr.config.fields`: checks derived from annotations and metadata;
 * :mod:`~lora_flwr.config.refusals`: the one table of cross-feature refusals;
-* :mod:`~lora_flwr.config.schema` and :mod:`~lora_flwr.config.fed`: the sections;
+* :mod:`~lora_flwr.config.sections` (model, LoRA, data, training, loss, compute,
+  evaluation) and :mod:`~lora_flwr.config.fed` (the federation's sections);
+  :mod:`~lora_flwr.config.schema`: the tree they form;
+* :mod:`~lora_flwr.config.renames`: keys that moved, refused with their new name;
 * :mod:`~lora_flwr.config.load`: TOML, flat run configs, overrides;
 * :mod:`~lora_flwr.config.app_config`: ``[tool.flwr.app.config]`` from the schema
   (``python -m lora_flwr.config --app-config``).
@@ -36,7 +39,16 @@ from lora_flwr.config.choices import (
     Task,
 )
 from lora_flwr.config.cli import add_config_arguments, config_from_arguments
-from lora_flwr.config.fed import FedConfig
+from lora_flwr.config.fed import (
+    CompressionConfig,
+    FedConfig,
+    GuardsConfig,
+    HeadConfig,
+    PrivacyConfig,
+    SamplingConfig,
+    SecAggConfig,
+    ServerOptConfig,
+)
 from lora_flwr.config.load import FlatValue, parse_value, unflatten
 from lora_flwr.config.owners import parse_partition_owners
 from lora_flwr.config.refusals import (
@@ -45,10 +57,14 @@ from lora_flwr.config.refusals import (
     check_cross_feature,
     cross_feature_errors,
 )
-from lora_flwr.config.schema import (
+from lora_flwr.config.renames import RENAMED
+from lora_flwr.config.schema import ExperimentConfig
+from lora_flwr.config.sections import (
+    ComputeConfig,
     DataConfig,
-    ExperimentConfig,
+    EvalConfig,
     LoraConfig,
+    LossConfig,
     ModelConfig,
     TrainConfig,
 )
@@ -61,17 +77,28 @@ __all__ = [
     "NATIVE_MODEL_NAMES",
     "REFUSALS",
     "REGEX_PREFIX",
+    "RENAMED",
     "Compression",
+    "CompressionConfig",
+    "ComputeConfig",
     "DataConfig",
+    "EvalConfig",
     "ExperimentConfig",
     "FedConfig",
     "FlatValue",
+    "GuardsConfig",
     "HeadCalibration",
+    "HeadConfig",
     "HeadMode",
     "LoraConfig",
     "Loss",
+    "LossConfig",
     "ModelConfig",
+    "PrivacyConfig",
     "Refusal",
+    "SamplingConfig",
+    "SecAggConfig",
+    "ServerOptConfig",
     "Task",
     "TrainConfig",
     "add_config_arguments",

@@ -20,25 +20,25 @@ Implementation = Literal["auto", "native", "transformers"]
 InitLoraWeights = Literal["kaiming", "gaussian"]
 # data.partitioner: how the training split is shared across clients.
 Partitioner = Literal["iid", "dirichlet", "natural"]
-# train.optimizer, train.lr_schedule, train.precision.
+# train.optimizer, train.lr_schedule, compute.precision.
 Optimizer = Literal["adamw", "sgd"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # Local classification losses (lora_flwr.training.losses.LOSSES; a test keeps the
 # two equal).
 Loss = Literal["ce", "fedlc", "fedrs", "logit_adjust", "balanced"]
-# fed.server_optimizer: the optimizer on the server's pseudo-gradient.
+# server_opt.name: the optimizer on the server's pseudo-gradient.
 ServerOptimizer = Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"]
-# fed.norm_guard: what happens to an update far above the round's median norm.
+# guards.norm_guard: what happens to an update far above the round's median norm.
 NormGuard = Literal["clip", "reject", "off"]
-# fed.robust: the coordinate-wise average that replaces the weighted mean.
+# guards.robust: the coordinate-wise average that replaces the weighted mean.
 Robust = Literal["none", "median", "trimmed_mean"]
 # Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
 Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
 # How the saved modules (e.g. a new classifier head) are treated
 # (lora_flwr.aggregation.base.Rule.use_head; a test keeps the two equal).
 HeadMode = Literal["averaged", "frozen", "local", "reinit"]
-# How the server refits the head between rounds (fed.head_calibration).
+# How the server refits the head between rounds (head.calibration).
 HeadCalibration = Literal["none", "lda"]
 # on_existing: what a run does with an output folder that already holds results.
 OnExisting = Literal["refuse", "overwrite", "resume"]

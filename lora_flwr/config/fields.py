@@ -4,8 +4,7 @@ A schema field states what it accepts once, where it is declared:
 
 * its annotation gives the type (``int``, ``float``, ``bool``, ``str``, a tuple of
   them, or a ``Literal`` alias whose values are the allowed ones);
-* :func:`bounded` adds an interval, written as in maths (``"[0, 1)"``), whose ends
-  may name another field of the same section (``"[1, num_clients]"``);
+* :func:`bounded` adds an interval, written as in maths (``"[0, 1)"``);
 * :func:`nonempty` and :func:`pattern` constrain strings.
 
 :func:`check_fields` checks every field of a section from those alone, and
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from lora_flwr.config.choices import REGEX_PREFIX
+from lora_flwr.config.refusals import check_refusals
 
 T = TypeVar("T")
 
@@ -47,8 +47,8 @@ _ITEMS: dict[type, str] = {str: "non-empty strings", int: "integers"}
 class Bounds:
     """An interval a number (or each item of a tuple of numbers) must lie in."""
 
-    lo: float | str  # a number, or the name of another field of the section
-    hi: float | str
+    lo: float
+    hi: float
     lo_open: bool
     hi_open: bool
     off: float | None = None  # one value outside the interval that means "off"
@@ -59,57 +59,37 @@ class Bounds:
     def parse(
         cls, text: str, off: float | None = None, why: str = "", said: str = ""
     ) -> Bounds:
-        """Read ``"[lo, hi)"``; an end is a number, ``inf`` or a field name."""
+        """Read ``"[lo, hi)"``; an end is a number or ``inf``."""
         match = _INTERVAL.fullmatch(text.strip())
         if match is None:
             raise ValueError(f"bad interval {text!r}; write e.g. '[0, 1)'")
         left, lo, hi, right = match.groups()
-        return cls(_end(lo), _end(hi), left == "(", right == ")", off, why, said)
+        try:
+            ends = float(lo), float(hi)
+        except ValueError:
+            raise ValueError(f"bad interval {text!r}: its ends are numbers") from None
+        return cls(*ends, left == "(", right == ")", off, why, said)
 
-    def holds(self, value: float, section: object) -> bool:
+    def holds(self, value: float) -> bool:
         """Whether ``value`` lies in the interval (or is the ``off`` value)."""
         if self.off is not None and value == self.off:
             return True
-        lo, hi = _resolve(self.lo, section), _resolve(self.hi, section)
-        above = value > lo if self.lo_open else value >= lo
-        below = value < hi if self.hi_open else value <= hi
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
         return above and below
 
-    def describe(self, section: object, prefix: str) -> str:
-        """Say the interval as an error does: ``>= 0``, ``in [1, fed.x=4]``."""
+    def describe(self) -> str:
+        """Say the interval as an error does: ``>= 0``, ``in [0, 1)``."""
         if self.said:
             return self.said
-        lo, hi = (
-            self._show(self.lo, section, prefix),
-            self._show(self.hi, section, prefix),
-        )
         if self.hi == math.inf:
-            text = f"{'>' if self.lo_open else '>='} {lo}"
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
         else:
             left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-            text = f"in {left}{lo}, {hi}{right}"
+            text = f"in {left}{self.lo:g}, {self.hi:g}{right}"
         if self.off is not None:
             text = f"{self.off:g} (off) or {text}"
         return f"{text} ({self.why})" if self.why else text
-
-    @staticmethod
-    def _show(end: float | str, section: object, prefix: str) -> str:
-        if isinstance(end, str):
-            return f"{prefix}{end}={getattr(section, end)!r}"
-        return f"{end:g}"
-
-
-def _end(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        if not text.isidentifier():
-            raise ValueError(f"bad interval end {text!r}") from None
-        return text
-
-
-def _resolve(end: float | str, section: object) -> float:
-    return float(getattr(section, end)) if isinstance(end, str) else end
 
 
 def bounded(
@@ -128,7 +108,7 @@ def bounded(
         The field's default.
     interval
         ``"[lo, hi]"`` with ``(`` / ``)`` for open ends; ``inf`` for no upper
-        bound; an end may name another field of the same section.
+        bound.
     off
         A value outside the interval that is accepted too (it switches the
         feature off), e.g. ``0`` for a cap that must otherwise be ``>= 1``.
@@ -180,9 +160,7 @@ def check_fields(section: object, prefix: str) -> None:
     hints = field_types(type(section))
     for f in dataclasses.fields(section):  # type: ignore[arg-type]
         value = getattr(section, f.name)
-        wanted = type_problem(hints[f.name], value) or _meta_problem(
-            f.metadata, value, section, prefix
-        )
+        wanted = type_problem(hints[f.name], value) or _meta_problem(f.metadata, value)
         if wanted:
             raise ValueError(
                 f"`{prefix}{f.name}` should be {wanted} but the value passed is "
@@ -220,15 +198,13 @@ def type_problem(hint: Any, value: object) -> str:
     raise TypeError(f"the schema has an unsupported annotation {hint!r}")
 
 
-def _meta_problem(
-    meta: Mapping[str, Any], value: Any, section: object, prefix: str
-) -> str:
+def _meta_problem(meta: Mapping[str, Any], value: Any) -> str:
     """Say what the field's metadata asks that ``value`` misses; "" if nothing."""
     bounds: Bounds | None = meta.get(_BOUNDS)
     if bounds is not None:
         items = value if isinstance(value, tuple) else (value,)
-        if not all(bounds.holds(v, section) for v in items):
-            what = bounds.describe(section, prefix)
+        if not all(bounds.holds(v) for v in items):
+            what = bounds.describe()
             return (
                 f"a list of numbers each {what}" if isinstance(value, tuple) else what
             )
@@ -294,3 +270,15 @@ def _is_int(value: object) -> bool:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_section(section: object, name: str) -> None:
+    """Check a section's fields, then the refusals that read only that section.
+
+    Raises
+    ------
+    ValueError
+        For the first field or refusal that does not pass, naming the key.
+    """
+    check_fields(section, name + ".")
+    check_refusals(section, name)

@@ -18,6 +18,7 @@ from typing import Any
 
 from lora_flwr.config.choices import REGEX_PREFIX
 from lora_flwr.config.fields import convert, field_types, is_pattern_field
+from lora_flwr.config.renames import unknown_key_error
 
 FlatValue = bool | int | float | str
 
@@ -42,7 +43,7 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
-            raise ValueError(f"Unknown config key: {full}")
+            raise unknown_key_error(full)
         hint = hints[key]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             kwargs[key] = build(hint, value, prefix=full + ".")
@@ -183,6 +184,6 @@ def apply_overrides(
         key, raw = item.split("=", 1)
         key = key.strip()
         if key not in out:
-            raise ValueError(f"Unknown config key: {key}")
+            raise unknown_key_error(key)
         out[key] = parse_value(raw.strip())
     return out

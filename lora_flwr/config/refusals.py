@@ -2,7 +2,7 @@
 
 Each row names the keys it reads, says when the combination is refused and what
 would work instead. A row whose keys all lie in one section is applied when that
-section is built (``FedConfig(secagg=True)`` alone is refused); a row across
+section is built (``HeadConfig(warmup_rounds=2)`` alone is refused); a row across
 sections when the whole :class:`~lora_flwr.config.ExperimentConfig` is built.
 :func:`cross_feature_errors` applies every row to a whole config, for checks such
 as the preflight that want them all at once.
@@ -73,7 +73,16 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-_HIDDEN = "with fed.secagg = true: the server sees no single update"
+def _over_clients(key: str) -> Refusal:
+    """Refuse a client count ``key`` above fed.num_clients (it cannot be met)."""
+    return Refusal(
+        (key, "fed.num_clients"),
+        lambda c: typing.cast(int, _value(c, key)) > c.fed.num_clients,
+        "at most fed.num_clients={fed.num_clients} (no more clients exist)",
+    )
+
+
+_HIDDEN = "with secagg.enabled = true: the server sees no single update"
 _NATIVE = " or ".join(NATIVE_MODEL_NAMES)
 
 # In the order they are checked: the first refusal that applies is reported.
@@ -99,107 +108,111 @@ REFUSALS: tuple[Refusal, ...] = (
         lambda c: c.train.momentum != 0 and c.train.optimizer != "sgd",
         "0 unless train.optimizer = 'sgd' (momentum is sgd's)",
     ),
-    # --------------------------------------------------------------------- fed
+    # ----------------------------------------------------------- client counts
+    _over_clients("sampling.min_clients"),
+    _over_clients("sampling.min_available"),
+    _over_clients("sampling.min_replies"),
+    _over_clients("eval.min_clients"),
+    # ------------------------------------------ guards, privacy and the head
     Refusal(
-        ("fed.robust", "fed.dp_noise_multiplier"),
-        lambda c: c.fed.dp_noise_multiplier != 0 and c.fed.robust != "none",
-        "'none' with differential privacy (fed.dp_noise_multiplier > 0: its noise "
+        ("guards.robust", "privacy.noise_multiplier"),
+        lambda c: c.privacy.noise_multiplier != 0 and c.guards.robust != "none",
+        "'none' with differential privacy (privacy.noise_multiplier > 0: its noise "
         "is calibrated to a mean)",
     ),
     Refusal(
-        ("fed.head", "fed.head_calibration"),
+        ("head.mode", "head.calibration"),
         lambda c: (
-            c.fed.head_calibration != "none"
-            and c.fed.head not in ("averaged", "frozen")
+            c.head.calibration != "none" and c.head.mode not in ("averaged", "frozen")
         ),
-        "'averaged' or 'frozen' with fed.head_calibration = 'lda' (the server's "
+        "'averaged' or 'frozen' with head.calibration = 'lda' (the server's "
         "head must reach the clients)",
     ),
     Refusal(
-        ("fed.head_calibration", "fed.secagg", "fed.dp_noise_multiplier"),
+        ("head.calibration", "secagg.enabled", "privacy.noise_multiplier"),
         lambda c: (
-            c.fed.head_calibration != "none"
-            and (c.fed.secagg or c.fed.dp_noise_multiplier != 0)
+            c.head.calibration != "none"
+            and (c.secagg.enabled or c.privacy.noise_multiplier != 0)
         ),
-        "'none' with fed.secagg or differential privacy (fed.dp_noise_multiplier "
+        "'none' with secagg.enabled or differential privacy (privacy.noise_multiplier "
         "> 0): they do not cover the class statistics the clients would send",
     ),
     Refusal(
-        ("fed.head_calibration", "fed.robust"),
-        lambda c: c.fed.head_calibration != "none" and c.fed.robust != "none",
-        "'none' with fed.robust (a median or trimmed mean of class statistics is "
+        ("head.calibration", "guards.robust"),
+        lambda c: c.head.calibration != "none" and c.guards.robust != "none",
+        "'none' with guards.robust (a median or trimmed mean of class statistics is "
         "not implemented; the statistics are checked for consistency only)",
     ),
     Refusal(
-        ("fed.head_warmup_rounds", "fed.head"),
-        lambda c: c.fed.head_warmup_rounds != 0 and c.fed.head != "frozen",
-        "0 unless fed.head = 'frozen' (rounds the head trains before it is frozen)",
+        ("head.warmup_rounds", "head.mode"),
+        lambda c: c.head.warmup_rounds != 0 and c.head.mode != "frozen",
+        "0 unless head.mode = 'frozen' (rounds the head trains before it is frozen)",
     ),
-    # ------------------------------------------------------------ fed: secagg
+    # ------------------------------------------------------------------ secagg
     Refusal(
-        ("fed.min_fit_clients", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.min_fit_clients < 2,
-        ">= 2 with fed.secagg = true (a sum of one update reveals it)",
+        ("sampling.min_clients", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.sampling.min_clients < 2,
+        ">= 2 with secagg.enabled = true (a sum of one update reveals it)",
     ),
     Refusal(
-        ("fed.norm_guard", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.norm_guard != "off",
+        ("guards.norm_guard", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.guards.norm_guard != "off",
         f"'off' {_HIDDEN}",
     ),
     Refusal(
-        ("fed.weight_cap", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.weight_cap != 0,
+        ("guards.weight_cap", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.guards.weight_cap != 0,
         f"0 {_HIDDEN}",
     ),
     Refusal(
-        ("fed.max_update_norm", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.max_update_norm != 0,
+        ("guards.max_update_norm", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.guards.max_update_norm != 0,
         f"0 {_HIDDEN}",
     ),
     Refusal(
-        ("fed.robust", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.robust != "none",
+        ("guards.robust", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.guards.robust != "none",
         f"'none' {_HIDDEN}",
     ),
     Refusal(
-        ("fed.compression", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.compression != "none",
-        "'none' with fed.secagg = true (SecAgg+ sums equally shaped float vectors "
+        ("compression.codec", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.compression.codec != "none",
+        "'none' with secagg.enabled = true (SecAgg+ sums equally shaped float vectors "
         "and quantises them itself; a per-client encoding cannot be decoded inside "
         "that sum)",
     ),
     Refusal(
-        ("fed.dp_noise_multiplier", "fed.secagg"),
-        lambda c: c.fed.secagg and c.fed.dp_noise_multiplier != 0,
+        ("privacy.noise_multiplier", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.privacy.noise_multiplier != 0,
         f"0 {_HIDDEN} (DP clips each update)",
     ),
     Refusal(
-        ("fed.rank_tiers", "fed.secagg"),
-        lambda c: c.fed.secagg and len(set(c.fed.rank_tiers)) > 1,
-        "one rank for every client with fed.secagg = true (SecAgg+ sums equally "
+        ("fed.rank_tiers", "secagg.enabled"),
+        lambda c: c.secagg.enabled and len(set(c.fed.rank_tiers)) > 1,
+        "one rank for every client with secagg.enabled = true (SecAgg+ sums equally "
         "shaped vectors)",
     ),
-    # ---------------------------------------------------------- across sections
+    # ---------------------------------------------------------- LoRA and loss
     Refusal(
         ("fed.rank_tiers", "lora.r"),
         lambda c: bool(c.fed.rank_tiers) and max(c.fed.rank_tiers) != c.lora.r,
         "ranks whose largest equals lora.r={lora.r} (the allocated rank)",
     ),
     Refusal(
-        ("fed.head_calibration", "lora.modules_to_save"),
-        lambda c: c.fed.head_calibration != "none" and not c.lora.modules_to_save,
+        ("head.calibration", "lora.modules_to_save"),
+        lambda c: c.head.calibration != "none" and not c.lora.modules_to_save,
         "'none' when lora.modules_to_save is empty (there is no head to refit; set "
         "lora.modules_to_save, e.g. 'classifier')",
     ),
     Refusal(
-        ("fed.head", "lora.modules_to_save"),
-        lambda c: c.fed.head != "averaged" and not c.lora.modules_to_save,
+        ("head.mode", "lora.modules_to_save"),
+        lambda c: c.head.mode != "averaged" and not c.lora.modules_to_save,
         "'averaged' when lora.modules_to_save is empty (there is no head to treat; "
         "set lora.modules_to_save, e.g. 'classifier')",
     ),
     Refusal(
-        ("train.loss", "model.task"),
-        lambda c: c.model.task == "causal_lm" and c.train.loss != "ce",
+        ("loss.name", "model.task"),
+        lambda c: c.model.task == "causal_lm" and c.loss.name != "ce",
         "'ce' with model.task = 'causal_lm' (the other losses act on class logits)",
     ),
 )

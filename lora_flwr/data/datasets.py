@@ -121,25 +121,25 @@ def load_splits(cfg: DataConfig, *, seed: int) -> DatasetSplits:
     return _load_splits_cached(cfg, seed, source_stamp(cfg.name))
 
 
-def eval_subset(test: TextDataset, cfg: DataConfig, *, seed: int) -> TextDataset:
-    """Cap the held-out set at ``cfg.eval_max_examples`` examples.
+def eval_subset(test: TextDataset, max_examples: int, *, seed: int) -> TextDataset:
+    """Cap the held-out set at ``max_examples`` examples (``eval.max_examples``).
 
     Parameters
     ----------
     test
         The held-out set.
-    cfg
-        The data section; ``eval_max_examples == 0`` keeps every example.
+    max_examples
+        How many to keep; 0 keeps every example.
     seed
         Seed of the permutation whose first examples are kept.
 
     Returns
     -------
     TextDataset
-        ``test`` itself when no cap applies, else the first ``eval_max_examples``
+        ``test`` itself when no cap applies, else the first ``max_examples``
         examples of a seeded permutation.
     """
-    k = cfg.eval_max_examples
+    k = max_examples
     if k == 0 or k >= len(test):
         return test
     perm = np.random.default_rng([seed, _EVAL_STREAM]).permutation(len(test))

@@ -336,15 +336,15 @@ def deploy_from_options(options: DeployOptions) -> Path:
     Raises
     ------
     DeployError
-        If fewer SuperNodes than ``fed.min_available_clients`` are asked for
+        If fewer SuperNodes than ``sampling.min_available`` are asked for
         (the run would wait forever), or as :func:`deploy` does.
     """
     cfg = resolve_config(options.config, options.overrides, options.output_dir)
     num = options.num_supernodes or cfg.fed.num_clients
-    if num < cfg.fed.min_available_clients:
+    if num < cfg.sampling.min_available:
         raise DeployError(
-            f"--num-supernodes={num} < fed.min_available_clients="
-            f"{cfg.fed.min_available_clients}: the run would wait forever"
+            f"--num-supernodes={num} < sampling.min_available="
+            f"{cfg.sampling.min_available}: the run would wait forever"
         )
     cfg, num = with_supernodes(cfg, num)
     return deploy(

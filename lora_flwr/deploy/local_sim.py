@@ -47,10 +47,10 @@ SUPERLINK_START_TIMEOUT = 180.0  # seconds; flwr itself waits 15 s
 
 def federation_config(cfg: ExperimentConfig, num_supernodes: int) -> str:
     """``--federation-config`` of the simulation: its size and client resources."""
-    cpus = max(1, int(cfg.fed.client_num_cpus))
+    cpus = max(1, int(cfg.compute.client_cpus))
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
-    if cfg.fed.client_num_gpus > 0:
-        federation += f" client-resources-num-gpus={cfg.fed.client_num_gpus}"
+    if cfg.compute.client_gpus > 0:
+        federation += f" client-resources-num-gpus={cfg.compute.client_gpus}"
     return federation
 
 

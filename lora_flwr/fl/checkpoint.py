@@ -170,9 +170,9 @@ def resume_checkpoint(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None
             "that client's Context.state, which a restarted run does not have; it "
             "cannot be resumed"
         )
-    if cfg.fed.head == "local":
+    if cfg.head.mode == "local":
         raise ValueError(
-            "`fed.head`='local' keeps each client's head in that client's "
+            "`head.mode`='local' keeps each client's head in that client's "
             "Context.state, which a restarted run does not have; it cannot be resumed"
         )
     path = latest_checkpoint(run_dir)

@@ -73,7 +73,7 @@ NDArrays = list[NDArray]
 STATE_KEY = "lora_flwr"
 PRIVATE_KEY = "lora_flwr.private"
 DELTA_KEY = "lora_flwr.base_delta"
-RESIDUAL_KEY = "lora_flwr.residual"  # top-k error feedback (fed.compression)
+RESIDUAL_KEY = "lora_flwr.residual"  # top-k error feedback (compression.codec)
 
 
 def client_train_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -209,12 +209,12 @@ class LoRAClient(NumPyClient):
         return self.ws.adapter.get_weights()
 
     def _profile(self) -> CallProfile | None:
-        """Start timing this call (``train.profile``), model and data first.
+        """Start timing this call (``compute.profile``), model and data first.
 
         The workspace and the partition are built here, before the payload is
         read, so that their cost is charged to their own phases.
         """
-        if not self.cfg.train.profile:
+        if not self.cfg.compute.profile:
             return None
         prof = CallProfile(take_startup())
         with prof.phase("startup_model"):
@@ -242,7 +242,7 @@ class LoRAClient(NumPyClient):
             ``compression`` says, see :mod:`lora_flwr.compression`), the number of
             local training examples (the aggregation weight ``n_k``), and metrics
             ``train_loss``, ``seconds``, ``num_tokens``, ``num_steps``,
-            ``base_version`` (and, with ``train.profile``, the call's phases:
+            ``base_version`` (and, with ``compute.profile``, the call's phases:
             :mod:`lora_flwr.profiling`).
         """
         from lora_flwr.models import model_load_count  # loaded with the model
@@ -266,10 +266,10 @@ class LoRAClient(NumPyClient):
         )
         with maybe_phase(prof, "serialization"):
             reply = finish(self.ws.adapter, plan, self.store)
-        fed = self.cfg.fed
-        if fed.secagg:
+        secagg = self.cfg.secagg
+        if secagg.enabled:
             check_secagg_range(
-                reply, len(self.train_data), fed.secagg_clip, fed.secagg_max_weight
+                reply, len(self.train_data), secagg.clip, secagg.max_weight
             )
         names = [n for n, _ in layout_of(self.ws.adapter).reply_spec(plan)]
         with maybe_phase(prof, "serialization"):
@@ -334,9 +334,9 @@ class LoRAClient(NumPyClient):
     def head_stats(self, server_round: int = 0) -> bytes:
         """Class statistics of the head's inputs on the local training split.
 
-        What the server's LDA head is fitted to (``fed.head_calibration``):
+        What the server's LDA head is fitted to (``head.calibration``):
         counts, per-class sums and second moments, encoded for the wire; with
-        ``fed.lda_max_examples`` set, estimated from a stratified sample of the
+        ``head.lda_max_examples`` set, estimated from a stratified sample of the
         split (seeded per round and partition), the counts exact.
         """
         from lora_flwr.aggregation.lda import class_stats, encode_stats, stats_sample
@@ -347,7 +347,7 @@ class LoRAClient(NumPyClient):
         labels = np.zeros(0, np.int64) if data.labels is None else data.labels.numpy()
         counts = np.bincount(labels, minlength=num_labels)
         seed = client_train_seed(self.cfg.seed, server_round, self.partition_id)
-        keep = stats_sample(labels, self.cfg.fed.lda_max_examples, seed)
+        keep = stats_sample(labels, self.cfg.head.lda_max_examples, seed)
         x, y = self.ws.trainer.head_inputs(data.subset(keep.tolist()), layer)
         if len(y) == 0:
             x = np.zeros((0, layer.in_features), np.float32)
@@ -382,7 +382,7 @@ def node_threads(context: Context) -> int | None:
 
     Several SuperNodes on one machine each run torch with every core by default;
     an operator gives each its share with ``--node-config "... num-threads=N"``.
-    None when the node does not set it (``train.num_threads`` then applies).
+    None when the node does not set it (``compute.num_threads`` then applies).
 
     Raises
     ------
@@ -421,9 +421,9 @@ def make_client_fn(
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
         pid, num = node_partition(context, exp.fed.num_clients)
         threads = node_threads(context)
-        if threads is not None and threads != exp.train.num_threads:
+        if threads is not None and threads != exp.compute.num_threads:
             exp = dataclasses.replace(
-                exp, train=dataclasses.replace(exp.train, num_threads=threads)
+                exp, compute=dataclasses.replace(exp.compute, num_threads=threads)
             )
         client: Client = LoRAClient(exp, pid, num, context.state).to_client()
         return client

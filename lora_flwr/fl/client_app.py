@@ -16,7 +16,7 @@ from lora_flwr.fl.client import make_client_fn
 from lora_flwr.fl.compat import ClientAppCallable, Mod
 
 # In a deployed node's fresh ClientApp process the imports above are the first
-# of this package (profiling's import notes their start): train.profile reports
+# of this package (profiling's import notes their start): compute.profile reports
 # how long they took (torch, transformers).
 profiling.mark_app_imports_done()
 
@@ -27,13 +27,13 @@ def make_secagg_mod(
     """Return a mod that runs Flower's SecAgg+ protocol when the run asks for it.
 
     ``secaggplus_mod`` cannot sit on a plain run's fit messages (it expects its
-    protocol stages), so whether it runs follows ``fed.secagg`` of the run's
+    protocol stages), so whether it runs follows ``secagg.enabled`` of the run's
     config: the closure's ``cfg``, or else the node's ``run_config``.
     """
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
-        if exp.fed.secagg:
+        if exp.secagg.enabled:
             return secaggplus_mod(msg, context, call_next)
         return call_next(msg, context)
 

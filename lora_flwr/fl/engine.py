@@ -38,8 +38,8 @@ def backend_config(cfg: ExperimentConfig, verbose: bool) -> dict[str, Any]:
     """Return the Ray backend's settings: resources per client, Ray's log level."""
     return {
         "client_resources": {
-            "num_cpus": cfg.fed.client_num_cpus,
-            "num_gpus": cfg.fed.client_num_gpus,
+            "num_cpus": cfg.compute.client_cpus,
+            "num_gpus": cfg.compute.client_gpus,
         },
         "init_args": {
             "logging_level": logging.INFO if verbose else logging.ERROR,

@@ -85,7 +85,7 @@ class Handshake:
         """Learn the partition of every node not seen before."""
         nodes = self.core.nodes
         # Virtual nodes register asynchronously: wait for the ones we mean to use.
-        client_manager.wait_for(self.cfg.fed.min_available_clients, timeout=3600)
+        client_manager.wait_for(self.cfg.sampling.min_available, timeout=3600)
         proxies = client_manager.all()
         # A node that left frees its partition: it may come back under a new id.
         nodes.forget_absent(proxies)

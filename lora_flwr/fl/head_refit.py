@@ -42,7 +42,7 @@ def refit_head(
         client_manager,
         server_round,
         1.0,
-        core.fed.min_available_clients,
+        core.cfg.sampling.min_available,
         EVALUATE_STREAM,
     )
     instructions, sent = send_plans(core, clients, server_round, evaluate=True)

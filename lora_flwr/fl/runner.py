@@ -5,7 +5,7 @@ starts from: it folds the base-weight delta, sets every factor group from the
 payload, the node's private store or the seeded init, sets the rank and which
 groups train, and returns what the client starts from. :func:`finish` stores the
 kept groups and returns the reply in wire order; :func:`compress_reply` encodes it
-for the uplink (``fed.compression``), keeping top-k's residual in the node's store.
+for the uplink (``compression.codec``), keeping top-k's residual in the node's store.
 Keeping this apart from ``client.py`` lets tests drive it without Flower.
 """
 
@@ -244,7 +244,7 @@ def compress_reply(
     store
         The node's store (holds the top-k residual).
     codec, fraction
-        ``fed.compression`` and ``fed.topk_fraction`` as the server sent them.
+        ``compression.codec`` and ``compression.topk_fraction`` as the server sent them.
     """
     if codec == "none":
         return list(reply)
@@ -285,13 +285,13 @@ def check_secagg_range(
     if num_examples > max_weight:
         raise ValueError(
             f"SecAgg+: this client has {num_examples} training examples, more than "
-            f"fed.secagg_max_weight={max_weight:g}; raise fed.secagg_max_weight"
+            f"secagg.max_weight={max_weight:g}; raise secagg.max_weight"
         )
     ratio = num_examples / max_weight
     peak = max((float(np.abs(a).max()) for a in reply if a.size), default=0.0)
     if not math.isfinite(peak) or peak * ratio > clip:
         raise ValueError(
             f"SecAgg+: a reply value of magnitude {peak:.4g} x weight {ratio:.4g} "
-            f"exceeds fed.secagg_clip={clip:g} and would be clipped; raise "
-            "fed.secagg_clip"
+            f"exceeds secagg.clip={clip:g} and would be clipped; raise "
+            "secagg.clip"
         )

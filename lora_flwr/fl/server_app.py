@@ -23,7 +23,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from lora_flwr.aggregation import get_rule
 from lora_flwr.aggregation.state import Arrays
-from lora_flwr.config import ExperimentConfig, FedConfig
+from lora_flwr.config import ExperimentConfig, SecAggConfig
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
 from lora_flwr.fl.compat import prompt_grid
@@ -164,11 +164,11 @@ def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
         "bytes_down": 0,
         "round_seconds": 0.0,
     }
-    if cfg.fed.head == "local" and task == "seq_cls":
+    if cfg.head.mode == "local" and task == "seq_cls":
         # The global adapter with the seeded head on the held-out split, and each
         # client's own head on its local split.
         row["personal_accuracy"] = 0.0
-    elif cfg.fed.fraction_evaluate > 0:
+    elif cfg.eval.fraction > 0:
         row["fed_loss"] = 0.0
     return [row]
 
@@ -193,18 +193,18 @@ def make_server_fn(
     return server_fn
 
 
-def secagg_workflow(fed: FedConfig) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit workflow with the quantisation of ``fed``.
+def secagg_workflow(secagg: SecAggConfig) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ fit workflow with the quantisation of ``secagg``.
 
-    Values are clipped to ``+-fed.secagg_clip`` and quantised to ``2**22`` levels
+    Values are clipped to ``+-secagg.clip`` and quantised to ``2**22`` levels
     (Flower's default), so one value's error is at most ``2 clip / 2**22`` per
     client before averaging; the masks live modulo ``2**32``.
     """
     return SecAggPlusWorkflow(
-        num_shares=fed.secagg_shares,
-        reconstruction_threshold=fed.secagg_threshold,
-        max_weight=fed.secagg_max_weight,
-        clipping_range=fed.secagg_clip,
+        num_shares=secagg.shares,
+        reconstruction_threshold=secagg.threshold,
+        max_weight=secagg.max_weight,
+        clipping_range=secagg.clip,
         quantization_range=SECAGG_LEVELS,
         modulus_range=SECAGG_MODULUS,
     )
@@ -218,7 +218,7 @@ def make_server_app(
     """Build a ServerApp for ``cfg`` (or for the run_config when ``cfg`` is None).
 
     A plain run is Flower's legacy server loop over the strategy; with
-    ``fed.secagg`` the fit rounds go through Flower's SecAgg+ workflow instead,
+    ``secagg.enabled`` the fit rounds go through Flower's SecAgg+ workflow instead,
     which hands the strategy only the unmasked weighted mean.
     """
     app = ServerApp()
@@ -230,13 +230,13 @@ def make_server_app(
         components = server_fn(context)
         strategy = components.strategy
         assert isinstance(strategy, FedLoRA)
-        if not strategy.fed.secagg:
+        if not strategy.cfg.secagg.enabled:
             start_grid(grid=grid, config=components.config, strategy=strategy)
             return
         legacy = LegacyContext(
             context=context, config=components.config, strategy=strategy
         )
-        DefaultWorkflow(fit_workflow=secagg_workflow(strategy.fed))(grid, legacy)
+        DefaultWorkflow(fit_workflow=secagg_workflow(strategy.cfg.secagg))(grid, legacy)
 
     return app
 

@@ -175,10 +175,10 @@ class FedLoRA(Strategy):
         rnd = self._round(server_round)
         self._client_manager = client_manager
         self.core.begin_round(rnd)
-        fed = self.fed
+        sampling = self.cfg.sampling
         with self.core.phase("server_other"):
             clients = self.handshake.sample(
-                client_manager, rnd, fed.fraction_fit, fed.min_fit_clients, FIT_STREAM
+                client_manager, rnd, sampling.fraction, sampling.min_clients, FIT_STREAM
             )
             instructions, sent = send_plans(self.core, clients, rnd, evaluate=False)
         handshake = (self.handshake.seconds, self.handshake.asked)
@@ -253,7 +253,7 @@ class FedLoRA(Strategy):
                 client_manager,
                 rnd,
                 fraction,
-                self.fed.min_evaluate_clients,
+                self.cfg.eval.min_clients,
                 EVALUATE_STREAM,
             )
             instructions, sent = send_plans(self.core, clients, rnd, evaluate=True)

@@ -77,36 +77,36 @@ def build_rule(cfg: ExperimentConfig, layout: AdapterLayout, initial: Arrays) ->
         robust average or DP it cannot use (one line naming the keys).
     """
     rule = get_rule(cfg.fed.aggregation)(layout, initial, cfg.lora.scaling)
-    rule.check_config(cfg.fed)
-    if cfg.fed.robust != "none":
-        rule.use_robust(cfg.fed.robust, cfg.fed.trim_fraction)
-    if cfg.fed.dp_noise_multiplier > 0:
-        rule.use_dp(cfg.fed.dp_noise_multiplier, cfg.fed.dp_clip_norm)
-    rule.use_head(cfg.fed.head, cfg.fed.head_warmup_rounds)
+    rule.check_config(cfg)
+    if cfg.guards.robust != "none":
+        rule.use_robust(cfg.guards.robust, cfg.guards.trim_fraction)
+    if cfg.privacy.noise_multiplier > 0:
+        rule.use_dp(cfg.privacy.noise_multiplier, cfg.privacy.clip_norm)
+    rule.use_head(cfg.head.mode, cfg.head.warmup_rounds)
     return rule
 
 
 def build_optimizer(cfg: ExperimentConfig) -> ServerOptimizer | None:
     """Return the configured server optimizer, or None."""
-    fed = cfg.fed
-    if fed.server_optimizer == "none":
+    server_opt = cfg.server_opt
+    if server_opt.name == "none":
         return None
     return ServerOptimizer(
-        fed.server_optimizer,
-        lr=fed.server_lr,
-        beta1=fed.server_beta1,
-        beta2=fed.server_beta2,
-        tau=fed.server_tau,
+        server_opt.name,
+        lr=server_opt.lr,
+        beta1=server_opt.beta1,
+        beta2=server_opt.beta2,
+        tau=server_opt.tau,
     )
 
 
 def build_hooks(cfg: ExperimentConfig) -> list[RoundHook]:
     """Return the side protocols a config turns on, in the order they run."""
     hooks: list[RoundHook] = []
-    if cfg.fed.secagg:
+    if cfg.secagg.enabled:
         hooks.append(SecAggHook())
-    if cfg.fed.dp_noise_multiplier > 0:
-        hooks.append(DPHook(cfg.fed))
+    if cfg.privacy.noise_multiplier > 0:
+        hooks.append(DPHook(cfg))
     return hooks
 
 
@@ -150,26 +150,26 @@ class RoundCore:
         )
         self.nodes = NodeBook(cfg.fed.num_clients, ranks)
         self.checks = ReplyChecks(
-            compression=cfg.fed.compression,
-            topk_fraction=cfg.fed.topk_fraction,
-            secagg=cfg.fed.secagg,
-            max_update_norm=cfg.fed.max_update_norm,
+            compression=cfg.compression.codec,
+            topk_fraction=cfg.compression.topk_fraction,
+            secagg=cfg.secagg.enabled,
+            max_update_norm=cfg.guards.max_update_norm,
         )
         self.runlog = History(self, evaluate_fn, on_round_end)
         self.head: HeadRefit | None = None
-        if self.fed.head_calibration == "lda":
+        if self.cfg.head.calibration == "lda":
             if self.rule.personalized:
                 raise ValueError(
-                    f"fed.head_calibration = 'lda' needs a global model; "
+                    f"head.calibration = 'lda' needs a global model; "
                     f"fed.aggregation = {self.fed.aggregation!r} keeps part of it "
                     "on the clients"
                 )
-            self.head = HeadRefit(self.fed, layout, cfg.model.num_labels)
+            self.head = HeadRefit(cfg, layout)
         self.record: RoundRecord | None = None  # the round in progress
         self.fit_sent: dict[str, Sent] = {}
         self.eval_sent: dict[str, Sent] = {}
         self._round_start = 0.0
-        # train.profile: the round's server phases and the clients' call profiles.
+        # compute.profile: the round's server phases and the clients' call profiles.
         self.prof: PhaseTimer | None = None
         self.prof_calls: list[ClientCall] = []
 
@@ -222,7 +222,7 @@ class RoundCore:
 
     # ------------------------------------------------------------ profiling
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Time a block as a server phase of the round (``train.profile`` only)."""
+        """Time a block as a server phase of the round (``compute.profile`` only)."""
         return maybe_phase(self.prof, name)
 
     def note_calls(self, stage: str, metrics: Sequence[Mapping[str, Scalar]]) -> None:
@@ -244,7 +244,7 @@ class RoundCore:
         """Open ``server_round``'s record and start its clock."""
         self._round_start = time.perf_counter()
         self.record = RoundRecord(round=server_round, started_at=time.time())
-        self.prof = PhaseTimer() if self.cfg.train.profile else None
+        self.prof = PhaseTimer() if self.cfg.compute.profile else None
         self.prof_calls = []
 
     def plans(
@@ -265,8 +265,8 @@ class RoundCore:
                 config[PROX_MU] = self.fed.prox_mu
                 if self.cfg.train.local_epochs == 0:
                     config[LOCAL_STEPS] = self.cfg.train.local_steps
-                config[COMPRESSION] = self.fed.compression
-                config[TOPK_FRACTION] = self.fed.topk_fraction
+                config[COMPRESSION] = self.cfg.compression.codec
+                config[TOPK_FRACTION] = self.cfg.compression.topk_fraction
             start = self.rule.start_arrays(self.state, plan)
             out.append(Outgoing(pid, plan, payload, config, start))
         return out
@@ -364,7 +364,7 @@ class RoundCore:
         A personalised rule is evaluated on every client unless a share is set.
         """
         personal = self.personal() and self.eval_round(server_round)
-        fraction = self.fed.fraction_evaluate
+        fraction = self.cfg.eval.fraction
         return 1.0 if personal and fraction == 0 else fraction
 
     def eval_outcome(
@@ -395,6 +395,6 @@ class RoundCore:
 
     def eval_round(self, server_round: int) -> bool:
         """Whether ``server_round`` is evaluated centrally (0, every k, the last)."""
-        every = self.fed.eval_every
+        every = self.cfg.eval.every
         last = server_round == self.fed.num_rounds
         return server_round == 0 or last or (every > 0 and server_round % every == 0)

@@ -1,6 +1,6 @@
 """Centralised evaluation of the global adapter, in turn or overlapped.
 
-Under ``fed.eval_overlap`` a round's evaluation runs in a background thread
+Under ``eval.overlap`` a round's evaluation runs in a background thread
 while the next round trains; the round's history row (and its checkpoint,
 through the row's callback) waits for it and is reported with the state the
 round ended with, kept in a :class:`RoundSnapshot`.
@@ -27,7 +27,7 @@ EvaluateFn = Callable[[int, Arrays, Arrays], dict[str, float]]
 class RoundView(Protocol):
     """What ``on_round_end`` reads: the history so far and the round's state.
 
-    The round core itself, or (under ``fed.eval_overlap``) a
+    The round core itself, or (under ``eval.overlap``) a
     :class:`RoundSnapshot` of the state a round ended with.
     """
 

@@ -127,16 +127,16 @@ def guard_replies(
     replies
         Replies that passed validation (names, shapes, dtype, finite).
     weight_cap
-        ``fed.weight_cap``: a count is capped at this multiple of the lower median
+        ``guards.weight_cap``: a count is capped at this multiple of the lower median
         count of the replies kept (0: off).
     norm_guard
-        ``fed.norm_guard``: an update ``reply - start`` whose norm exceeds
+        ``guards.norm_guard``: an update ``reply - start`` whose norm exceeds
         ``norm_factor`` times the lower median norm of the non-zero updates is
         scaled back to that bound (``"clip"``) or removed (``"reject"``). With
         fewer than two non-zero updates there is no honest scale to compare with,
         and nothing is clipped.
     norm_factor
-        ``fed.norm_guard_factor``.
+        ``guards.norm_guard_factor``.
 
     Returns
     -------
@@ -147,7 +147,7 @@ def guard_replies(
     kept = list(replies)
     norms = [update_norm(r.arrays, r.start) for r in kept] if kept else []
     # Only clients that moved set the scale: a client that sent its start back
-    # unchanged (one class under train.loss=logit_adjust, nothing to train) says
+    # unchanged (one class under loss.name=logit_adjust, nothing to train) says
     # nothing about how far an honest update goes, and a median of zeros would
     # clip every real update to nothing.
     moved = [n for n in norms if n > 0]

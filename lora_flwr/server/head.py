@@ -1,4 +1,4 @@
-"""The label-skew head refit (``fed.head_calibration = "lda"``) on the server side.
+"""The label-skew head refit (``head.calibration = "lda"``) on the server side.
 
 Every node gets the global adapter with a ``head_stats`` evaluate instruction and
 answers with the class statistics of the head's inputs on its training split
@@ -25,7 +25,7 @@ from lora_flwr.aggregation.lda import (
     lda_head,
     merge_stats,
 )
-from lora_flwr.config import FedConfig
+from lora_flwr.config import ExperimentConfig
 from lora_flwr.protocol import BASE_VERSION, HEAD_STATS, AdapterLayout
 from lora_flwr.server.guards import MetricValue, clean_metrics
 from lora_flwr.server.nodes import NodeBook
@@ -72,18 +72,19 @@ def read_stats(answer: StatsAnswer, num_labels: int, dim: int) -> ClassStats:
 class HeadRefit:
     """Refit the global classifier head by LDA on the clients' class statistics."""
 
-    def __init__(self, fed: FedConfig, layout: AdapterLayout, num_labels: int) -> None:
-        self.fed = fed
+    def __init__(self, cfg: ExperimentConfig, layout: AdapterLayout) -> None:
+        self.head = cfg.head
+        self.num_rounds = cfg.fed.num_rounds
         self.layout = layout
         self.weight_name, self.bias_name = head_weight_names(
-            layout.names, layout.shapes, num_labels
+            layout.names, layout.shapes, cfg.model.num_labels
         )
         self.num_labels, self.dim = dict(layout.items())[self.weight_name]
 
     def due(self, server_round: int) -> bool:
         """Whether the head is refitted after ``server_round`` (0: before round 1)."""
-        every = self.fed.lda_every
-        return server_round % every == 0 or server_round == self.fed.num_rounds
+        every = self.head.lda_every
+        return server_round % every == 0 or server_round == self.num_rounds
 
     def refit(
         self,
@@ -120,7 +121,7 @@ class HeadRefit:
                 raise ValueError("no client sent usable statistics")
             total = merge_stats(parts)
             out["calib_examples"] = total.total
-            weight, bias = lda_head(total, self.fed.lda_shrinkage)
+            weight, bias = lda_head(total, self.head.lda_shrinkage)
         except ValueError as exc:
             log.warning("round %d: head kept as it was: %s", server_round, exc)
             out["calib_error"] = str(exc)

@@ -3,7 +3,7 @@
 A round's record is closed once (:meth:`History.finish_round`), whichever
 Flower callback ends the round; it becomes a history row and goes to the
 ``on_round_end`` callback, after its centralised evaluation when that runs in
-the background (``fed.eval_overlap``).
+the background (``eval.overlap``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class History:
         self.last_failure = ""
         self.background = (
             BackgroundEval(evaluate_fn)
-            if evaluate_fn is not None and core.fed.eval_overlap
+            if evaluate_fn is not None and core.cfg.eval.overlap
             else None
         )
         self.held: list[tuple[RoundRecord, RoundSnapshot]] = []
@@ -88,7 +88,7 @@ class History:
         """Evaluate centrally: round 0, every ``eval_every`` rounds and the last.
 
         A personalised rule has no global model: its evaluation is federated.
-        Under ``fed.eval_overlap`` every round but the last is evaluated in the
+        Under ``eval.overlap`` every round but the last is evaluated in the
         background and None is returned (the metrics go to the history).
         """
         core = self.core

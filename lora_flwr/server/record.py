@@ -7,7 +7,7 @@ their own. A field that was never set in a round (no DP, no evaluation that
 round) is absent from the row; one set to ``None`` (a ``train_loss`` no client
 reported) is written as ``null``. Fields not known here (a metric of
 ``evaluate_fn`` beyond loss/accuracy/perplexity, the ``prof_*`` phase split of
-``train.profile``) go to :attr:`RoundRecord.extra`, written after the rest.
+``compute.profile``) go to :attr:`RoundRecord.extra`, written after the rest.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class RoundRecord:
     fit_ok: int | None = None  # replies that passed validation and the guards
     fit_failed: int | None = None
     fit_dropped: int | None = None  # malformed replies
-    weight_capped: int | None = None  # replies whose count fed.weight_cap cut
+    weight_capped: int | None = None  # replies whose count guards.weight_cap cut
     # Share of the aggregation weight the cap moved: 1/2 sum_k |p_k - p'_k|.
     weight_cap_moved: float | None = None
     norm_clipped: int | None = None
@@ -68,7 +68,7 @@ class RoundRecord:
     test_accuracy: float | None = None
     test_perplexity: float | None = None
     eval_seconds: float | None = None
-    calib_clients: int | None = None  # fed.head_calibration = "lda"
+    calib_clients: int | None = None  # head.calibration = "lda"
     bytes_down_calib: int | None = None
     bytes_up_calib: int | None = None
     calib_examples: int | None = None

@@ -106,7 +106,7 @@ def check_reply(
         if norm > checks.max_update_norm:
             raise ValueError(
                 f"update norm {norm:.4g} exceeds "
-                f"fed.max_update_norm={checks.max_update_norm:g}"
+                f"guards.max_update_norm={checks.max_update_norm:g}"
             )
     return ClientReply(sent.partition, sent.plan, typed, n, sent.start)
 

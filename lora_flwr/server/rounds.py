@@ -69,9 +69,9 @@ def fit_outcome(
     replies, metrics, dropped = _valid_replies(core, server_round, incoming)
     replies, report = guard_replies(
         replies,
-        weight_cap=core.fed.weight_cap,
-        norm_guard=core.fed.norm_guard,
-        norm_factor=core.fed.norm_guard_factor,
+        weight_cap=core.cfg.guards.weight_cap,
+        norm_guard=core.cfg.guards.norm_guard,
+        norm_factor=core.cfg.guards.norm_guard_factor,
     )
     for warning in report.warnings:
         log.warning("round %d: %s", server_round, warning)
@@ -90,13 +90,13 @@ def fit_outcome(
         replies = hook.on_replies(fit, replies)
     rec.update(fit_metrics(metrics))
     fit_ok = rec.fit_ok
-    if not replies or fit_ok < core.fed.min_fit_replies:
+    if not replies or fit_ok < core.cfg.sampling.min_replies:
         log.warning(
-            "round %d: %d valid replies < fed.min_fit_replies=%d; the global "
+            "round %d: %d valid replies < sampling.min_replies=%d; the global "
             "adapter is kept unchanged",
             server_round,
             fit_ok,
-            core.fed.min_fit_replies,
+            core.cfg.sampling.min_replies,
         )
         rec.aggregated = False
         return False

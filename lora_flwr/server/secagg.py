@@ -55,12 +55,12 @@ class SecAggHook:
         first = fit.incoming[0].arrays
         if any(not _same(first, res.arrays) for res in fit.incoming):
             raise RuntimeError(
-                "fed.secagg: results carry different parameters; Flower's SecAgg+ "
+                "secagg: results carry different parameters; Flower's SecAgg+ "
                 "workflow did not run (is the ServerApp built by make_server_app?)"
             )
         plan = replies[0].plan
         if any(r.plan != plan for r in replies):
-            raise RuntimeError("fed.secagg: the clients of a round had different plans")
+            raise RuntimeError("secagg: the clients of a round had different plans")
         mean = {
             n: np.asarray(a, dtype=np.float32) for n, a in replies[0].arrays.items()
         }

@@ -1,4 +1,4 @@
-r"""Classification losses for clients whose labels are skewed (``train.loss``).
+r"""Classification losses for clients whose labels are skewed (``loss.name``).
 
 Every loss takes the logits ``z`` (batch x classes), the labels ``y`` and the
 counts ``n_c`` of each class in the client's *local training data* (what the client
@@ -122,17 +122,17 @@ def skew_loss(
         return nn.functional.cross_entropy(logits, labels)
     if name == "fedlc":
         if not tau >= 0:
-            raise ValueError(f"`train.loss_tau` should be >= 0, not {tau}")
+            raise ValueError(f"`loss.tau` should be >= 0, not {tau}")
         shift = tau * counts.clamp(min=1).float().pow(-0.25)
         return nn.functional.cross_entropy(logits - shift, labels)
     if name == "fedrs":
         if not 0 <= alpha <= 1:
-            raise ValueError(f"`train.fedrs_alpha` should be in [0, 1], not {alpha}")
+            raise ValueError(f"`loss.fedrs_alpha` should be in [0, 1], not {alpha}")
         scale = torch.where(counts > 0, 1.0, alpha).to(logits.dtype)
         return nn.functional.cross_entropy(logits * scale, labels)
     if name == "logit_adjust":
         if not tau >= 0:
-            raise ValueError(f"`train.loss_tau` should be >= 0, not {tau}")
+            raise ValueError(f"`loss.tau` should be >= 0, not {tau}")
         present = counts > 0
         log_prior = torch.log(counts.clamp(min=1).float() / counts.sum().float())
         # Absent classes out of the softmax (exp(-inf) = 0), whatever tau is.
@@ -140,10 +140,10 @@ def skew_loss(
         return nn.functional.cross_entropy(logits + shift, labels)
     if name == "balanced":
         if not 0 <= beta < 1:
-            raise ValueError(f"`train.balanced_beta` should be in [0, 1), not {beta}")
+            raise ValueError(f"`loss.balanced_beta` should be in [0, 1), not {beta}")
         n = counts.clamp(min=1).double()
         weight = ((1 - beta) / (1 - beta**n)).float()
         per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
         w = weight[labels]
         return (w * per_example).sum() / w.sum()
-    raise ValueError(f"`train.loss` is {name!r}; use one of {', '.join(LOSSES)}")
+    raise ValueError(f"`loss.name` is {name!r}; use one of {', '.join(LOSSES)}")

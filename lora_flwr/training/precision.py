@@ -1,4 +1,4 @@
-"""Which autocast precision to train and evaluate in (``train.precision``).
+"""Which autocast precision to train and evaluate in (``compute.precision``).
 
 ``"auto"`` picks bf16 autocast only where the hardware runs it natively:
 
@@ -35,7 +35,7 @@ def resolve_precision(
     flags: frozenset[str] | None = None,
     cuda_bf16: bool | None = None,
 ) -> str:
-    """Turn ``train.precision`` into the precision actually used on ``device``.
+    """Turn ``compute.precision`` into the precision actually used on ``device``.
 
     Parameters
     ----------
@@ -63,7 +63,7 @@ def resolve_precision(
         return precision
     if precision != "auto":
         raise ValueError(
-            f"`train.precision` is {precision!r}; use one of "
+            f"`compute.precision` is {precision!r}; use one of "
             "'auto', 'fp32', 'bf16', 'fp16'"
         )
     if device.type == "cuda":

@@ -23,7 +23,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from lora_flwr.config import TrainConfig
+from lora_flwr.config import ComputeConfig, LossConfig, TrainConfig
 from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
 from lora_flwr.lora import LoRAAdapter, save_peft
 from lora_flwr.profiling import NULL_TIMER, PhaseTimer, Timer, key
@@ -59,7 +59,7 @@ def resolve_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            f"`train.device` is {device!r} but CUDA is not available; "
+            f"`compute.device` is {device!r} but CUDA is not available; "
             "use 'auto' or 'cpu'"
         )
     return dev
@@ -69,7 +69,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("`train.precision`='fp16' needs a GPU; use 'bf16' or 'fp32'")
+        raise ValueError("`compute.precision`='fp16' needs a GPU; use 'bf16' or 'fp32'")
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -128,7 +128,13 @@ class LoRATrainer:
     task
         ``"seq_cls"`` (accuracy) or ``"causal_lm"`` (perplexity).
     config
-        Optimiser, schedule, batch size, steps, device and precision.
+        Optimiser, schedule, batch size and steps.
+    loss
+        The local loss (default: cross-entropy).
+    compute
+        Device, precision, threads and profiling (default: ``ComputeConfig()``).
+    eval_batch_size
+        Batch size of :meth:`evaluate` and the head statistics.
     work_dir
         Where :meth:`save_adapter` and the metrics log (``metrics.jsonl``) go.
     """
@@ -139,29 +145,37 @@ class LoRATrainer:
         task: str,
         config: TrainConfig,
         *,
+        loss: LossConfig | None = None,
+        compute: ComputeConfig | None = None,
+        eval_batch_size: int = 64,
         work_dir: str | Path | None = None,
     ) -> None:
+        loss = loss if loss is not None else LossConfig()
+        compute = compute if compute is not None else ComputeConfig()
         if task not in ("seq_cls", "causal_lm"):
             raise ValueError(f"`task` should be 'seq_cls' or 'causal_lm', not {task!r}")
-        if task != "seq_cls" and config.loss != "ce":
+        if task != "seq_cls" and loss.name != "ce":
             raise ValueError(
-                f"`train.loss` = {config.loss!r} needs a classification task; "
+                f"`loss.name` = {loss.name!r} needs a classification task; "
                 f"this model's task is {task!r}: use 'ce'"
             )
         self.adapter = adapter
         self.model: nn.Module = adapter.model
         self.task = task
         self.config = config
-        self.device = resolve_device(config.device)
+        self.loss = loss
+        self.compute = compute
+        self.eval_batch_size = eval_batch_size
+        self.device = resolve_device(compute.device)
         # "auto" becomes bf16 only where the hardware runs it natively.
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = resolve_precision(compute.precision, self.device)
         self.autocast_dtype = _autocast_dtype(self.precision, self.device)
-        if config.precision == "auto":
+        if compute.precision == "auto":
             logger.info(
-                "train.precision 'auto' -> %s on %s", self.precision, self.device
+                "compute.precision 'auto' -> %s on %s", self.precision, self.device
             )
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
+        if compute.num_threads > 0:
+            torch.set_num_threads(compute.num_threads)
         self.model.to(self.device)
         self.work_dir: Path | None = None
         if work_dir is not None:
@@ -244,7 +258,7 @@ class LoRATrainer:
         -------
         dict
             ``train_loss`` (mean over steps), ``num_examples``, ``num_steps``,
-            ``num_tokens``, ``seconds``, ``tokens_per_s``; with ``train.profile``
+            ``num_tokens``, ``seconds``, ``tokens_per_s``; with ``compute.profile``
             also ``prof_data_s``, ``prof_forward_s``, ``prof_backward_s`` and
             ``prof_optimizer_s`` (:mod:`lora_flwr.profiling`).
         """
@@ -359,10 +373,10 @@ class LoRATrainer:
         return loss
 
     def _batch_loss(self, run: _Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward ``batch`` and return its ``train.loss``."""
-        cfg = self.config
+        """Forward ``batch`` and return its ``loss.name``."""
+        cfg = self.loss
         with self._autocast():
-            if cfg.loss == "ce":
+            if cfg.name == "ce":
                 loss: torch.Tensor = self.model(**batch).loss
                 return loss
             logits = self.model(
@@ -372,11 +386,11 @@ class LoRATrainer:
                 assert run.labels is not None, "seq_cls has labels"
                 run.counts = class_counts(run.labels, logits.shape[-1])
             return skew_loss(
-                cfg.loss,
+                cfg.name,
                 logits,
                 batch["labels"],
                 run.counts,
-                tau=cfg.loss_tau,
+                tau=cfg.tau,
                 alpha=cfg.fedrs_alpha,
                 beta=cfg.balanced_beta,
             )
@@ -423,7 +437,7 @@ class LoRATrainer:
 
     def _phase_timer(self) -> Timer:
         """Return the clock of a ``train`` call: a no-op one unless profiling."""
-        if not self.config.profile:
+        if not self.compute.profile:
             return NULL_TIMER
         # Profile mode only: CUDA runs asynchronously, so each reading of the
         # clock waits for the queued kernels; otherwise a phase would be charged
@@ -456,7 +470,7 @@ class LoRATrainer:
         for batch in _progress(
             iter_batches(
                 data,
-                self.config.eval_batch_size,
+                self.eval_batch_size,
                 shuffle=False,
                 sort_by_length=True,
             ),
@@ -505,7 +519,7 @@ class LoRATrainer:
 
         The model runs in eval mode (no dropout) over ``data``; returns the inputs
         ``(n, d)`` in float32 and the labels ``(n,)`` (seq_cls only): the
-        features the server's LDA head is fitted to (``fed.head_calibration``).
+        features the server's LDA head is fitted to (``head.calibration``).
         """
         if self.task != "seq_cls":
             raise ValueError("head features exist for classification (seq_cls) only")
@@ -522,7 +536,7 @@ class LoRATrainer:
         handle = layer.register_forward_pre_hook(grab)
         try:
             for batch in iter_batches(
-                data, self.config.eval_batch_size, shuffle=False, sort_by_length=True
+                data, self.eval_batch_size, shuffle=False, sort_by_length=True
             ):
                 batch = self._to_device(batch)
                 with self._autocast():

@@ -28,7 +28,7 @@ def assert_head_is_lda(cfg: ExperimentConfig, run_dir: Path, num_clients: int) -
         client = LoRAClient(cfg, pid, num_clients)
         dim = client.ws.adapter.head_layer(2)[1].in_features
         parts.append(decode_stats(client.head_stats(), 2, dim))
-    weight, bias = lda_head(merge_stats(parts), cfg.fed.lda_shrinkage)
+    weight, bias = lda_head(merge_stats(parts), cfg.head.lda_shrinkage)
     np.testing.assert_allclose(saved["classifier.weight"], weight, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(saved["classifier.bias"], bias, rtol=1e-3, atol=1e-4)
     ws.reset_adapter()

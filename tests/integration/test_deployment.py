@@ -73,10 +73,10 @@ def _processes_left(deploy_dir: Path) -> dict[str, Any]:
 # What each deployment run sets on top of the smoke config.
 VARIANTS = {
     # The server evaluates round t while round t + 1 travels and trains.
-    "fedit": ["fed.aggregation=fedit", "fed.eval_overlap=true"],
+    "fedit": ["fed.aggregation=fedit", "eval.overlap=true"],
     "fedsa": ["fed.aggregation=fedsa"],
     # The server's head refit asks every SuperNode for its class statistics.
-    "lda": ["fed.aggregation=fedit", "fed.head_calibration=lda"],
+    "lda": ["fed.aggregation=fedit", "head.calibration=lda"],
 }
 
 
@@ -187,7 +187,7 @@ def test_deploy_local_two_supernodes_smoke(
     assert b_names and all(n in changed for n in b_names)  # B starts at 0, is trained
     if variant == "lda":
         _check_lda(cfg, history, run_dir)
-    if cfg.fed.eval_overlap:
+    if cfg.eval.overlap:
         # Round 1's checkpoint holds round 1's adapter, written after round 2 began.
         ws.adapter.load(run_dir / "checkpoints" / "round-001")
         first = ws.adapter.get_weights()

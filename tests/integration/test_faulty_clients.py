@@ -50,16 +50,11 @@ def test_round_survives_a_crashing_and_a_malformed_client(tmp_path: Path) -> Non
         base,
         name="faulty",
         output_dir=str(tmp_path),
-        fed=dataclasses.replace(
-            base.fed,
-            num_rounds=1,
-            num_clients=3,
-            fraction_fit=1.0,
-            fraction_evaluate=0.0,
-            min_fit_clients=1,
-            min_evaluate_clients=1,
-            min_available_clients=3,
+        fed=dataclasses.replace(base.fed, num_rounds=1, num_clients=3),
+        sampling=dataclasses.replace(
+            base.sampling, fraction=1.0, min_clients=1, min_available=3
         ),
+        eval=dataclasses.replace(base.eval, fraction=0.0, min_clients=1),
     )
 
     def client_fn(context: Context):  # type: ignore[no-untyped-def]

@@ -46,9 +46,9 @@ def _config(tmp_path: Path, name: str, *overrides: str) -> ExperimentConfig:
         [
             "fed.num_rounds=3",
             "fed.num_clients=3",
-            "fed.min_available_clients=3",
-            "fed.fraction_fit=0.6",
-            "fed.fraction_evaluate=0.0",
+            "sampling.min_available=3",
+            "sampling.fraction=0.6",
+            "eval.fraction=0.0",
             *overrides,
         ]
     )
@@ -182,8 +182,8 @@ def test_head_treatments_run_end_to_end(head: str, tmp_path: Path) -> None:
     cfg = _config(
         tmp_path,
         f"head-{head}",
-        f"fed.head={head}",
-        "train.loss=logit_adjust",
+        f"head.mode={head}",
+        "loss.name=logit_adjust",
         "data.partitioner=dirichlet",
         "data.dirichlet_alpha=0.5",
     )
@@ -221,8 +221,8 @@ def test_the_saved_lda_head_is_the_discriminant_of_the_final_features(
     cfg = _config(
         tmp_path,
         "lda",
-        "fed.head_calibration=lda",
-        "train.loss=logit_adjust",
+        "head.calibration=lda",
+        "loss.name=logit_adjust",
         "data.partitioner=dirichlet",
         "data.dirichlet_alpha=0.5",
     )

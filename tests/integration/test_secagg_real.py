@@ -33,15 +33,15 @@ def _adapter(last: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _run(out: Path, probe: str, secagg: bool) -> dict[str, Any]:
     probes = _probes()
-    fed_set: dict[str, Any] = {"num_rounds": 1}
+    sets: dict[str, dict[str, Any]] = {"fed": {"num_rounds": 1}}
     if secagg:
-        fed_set.update(probes.SECAGG)
+        sets.update(probes.SECAGG)
     return dict(
         probes.run_probe(
             out,
             probe,
             guards=False,  # the plain run averages exactly what SecAgg+ sums
-            fed_set=fed_set,
+            sets=sets,
             tag="secagg" if secagg else "plain",
         )
     )
@@ -55,8 +55,8 @@ def _quantisation_bound(counts: list[int], peak: float) -> float:
     divided by ``sum r_k``. Plus float32 rounding of the mean.
     """
     probes = _probes()
-    clip = float(probes.SECAGG.get("secagg_clip", 2.0))
-    max_weight = float(probes.SECAGG["secagg_max_weight"])
+    clip = float(probes.SECAGG["secagg"].get("clip", 2.0))
+    max_weight = float(probes.SECAGG["secagg"]["max_weight"])
     k = len(counts)
     weight_sum = sum(counts) / max_weight
     step = 2 * clip / SECAGG_LEVELS
@@ -95,7 +95,7 @@ def test_secagg_under_flwr_run_reads_the_switch_from_the_run_config(
     tmp_path: Path,
 ) -> None:
     # Prepare: the module-level apps that `flwr run` loads have no closure config;
-    # fed.secagg reaches the ServerApp and every node through --run-config.
+    # secagg.enabled reaches the ServerApp and every node through --run-config.
     import json
     import subprocess
 
@@ -103,10 +103,10 @@ def test_secagg_under_flwr_run_reads_the_switch_from_the_run_config(
     sets = [
         f"name={name}",
         "fed.num_rounds=1",
-        "fed.secagg=true",
-        "fed.norm_guard=off",
-        "fed.weight_cap=0",
-        "fed.secagg_max_weight=200",
+        "secagg.enabled=true",
+        "guards.norm_guard=off",
+        "guards.weight_cap=0",
+        "secagg.max_weight=200",
     ]
     args = [a for s in sets for a in ("--set", s)]
 

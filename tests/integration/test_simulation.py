@@ -108,7 +108,7 @@ def test_overlapped_evaluation_gives_the_same_run(tmp_path: Path) -> None:
     for overlap in (False, True):
         clear_caches()
         cfg = base.with_overrides(
-            [f"name=overlap-{overlap}", f"fed.eval_overlap={overlap}"]
+            [f"name=overlap-{overlap}", f"eval.overlap={overlap}"]
         )
         runs[overlap] = run(cfg)
 

@@ -248,6 +248,31 @@ def test_configs_are_compared_with_output_folders_normalised(tmp_path: Path) -> 
     assert diffs == ["`fed.num_rounds` base 2 != new 3"]
 
 
+def test_a_base_that_spells_keys_the_old_way_is_compared_by_key(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the base wrote the flat layout, the new side moved the keys
+    (tmp_path / "base").mkdir()
+    new_root = tmp_path / "new"
+    (new_root / ce.RENAMES).parent.mkdir(parents=True)
+    (new_root / ce.RENAMES).write_text('RENAMED = {"fed.secagg": "secagg.enabled"}\n')
+    moved = ce.moved_keys(tmp_path / "base", new_root)
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text("[fed]\nnum_rounds = 2\nsecagg = true\n")
+    b.write_text("[fed]\nnum_rounds = 2\n[secagg]\nenabled = false\n")
+
+    # Execute
+    side = ce.Side("base", tmp_path / "base", moved=moved)
+    diffs = ce.compare_configs([a, b], ["/o", "/o"], moved)
+
+    # Assert
+    assert moved == {"secagg.enabled": "fed.secagg"}
+    assert side.spell("secagg.enabled=true") == "fed.secagg=true"
+    assert side.spell("fed.num_rounds=2") == "fed.num_rounds=2"
+    assert diffs == ["`secagg.enabled` base True != new False"]
+    assert ce.moved_keys(new_root, new_root) == {}  # both sides spell them alike
+
+
 def test_a_field_the_new_side_adds_on_purpose_is_not_a_difference() -> None:
     # Prepare: the new rows carry weight_cap_moved; an unknown addition stays a diff.
     base = [{"round": 1, "fit_ok": 2}]

@@ -21,10 +21,12 @@ from lora_flwr.aggregation import ClientInfo, ClientReply, get_rule
 from lora_flwr.compression import decode_reply
 from lora_flwr.config import (
     DataConfig,
+    EvalConfig,
     ExperimentConfig,
     FedConfig,
     LoraConfig,
     ModelConfig,
+    SamplingConfig,
     TrainConfig,
 )
 from lora_flwr.data import client_data
@@ -89,12 +91,9 @@ def _cfg(
             local_test_fraction=local_test_fraction,
         ),
         train=TrainConfig(lr=1e-2, batch_size=8, local_steps=local_steps),
-        fed=FedConfig(
-            num_clients=num_clients,
-            min_fit_clients=1,
-            min_evaluate_clients=1,
-            min_available_clients=1,
-        ),
+        eval=EvalConfig(min_clients=1),
+        fed=FedConfig(num_clients=num_clients),
+        sampling=SamplingConfig(min_clients=1, min_available=1),
     )
 
 
@@ -614,7 +613,7 @@ def test_client_fn_gives_the_node_its_thread_count() -> None:
 
     # Assert: the trainer of this client runs torch with one thread.
     numpy_client = client.numpy_client  # type: ignore[attr-defined]
-    assert numpy_client.cfg.train.num_threads == 1
+    assert numpy_client.cfg.compute.num_threads == 1
 
 
 def test_client_fn_reads_the_run_config_without_a_closure() -> None:

@@ -30,7 +30,7 @@ from lora_flwr.compression import (
     topk_count,
     wire_nbytes,
 )
-from lora_flwr.config import COMPRESSIONS, FedConfig
+from lora_flwr.config import COMPRESSIONS, CompressionConfig
 from lora_flwr.fl.client import RESIDUAL_KEY, ContextStore
 from lora_flwr.fl.runner import MemoryStore, compress_reply
 
@@ -67,7 +67,7 @@ def _float_arrays() -> st.SearchStrategy[np.ndarray]:
 def test_config_and_codec_module_list_the_same_codecs() -> None:
     # Assert
     assert COMPRESSIONS == CODECS == ("none", "fp16", "bf16", "int8", "topk")
-    hint = typing.get_type_hints(FedConfig)["compression"]
+    hint = typing.get_type_hints(CompressionConfig)["codec"]
     assert typing.get_args(hint) == CODECS
 
 
@@ -425,7 +425,7 @@ def _bad_int8() -> list[tuple[str, Any, str]]:
     low = values.copy()
     low[3] = -128
     return [
-        ("too few", arrays[:2], "2 arrays, fed.compression='int8' sends 3"),
+        ("too few", arrays[:2], "2 arrays, compression.codec='int8' sends 3"),
         ("dtype", _with(arrays, 2, values.astype(np.int16)), "dtype int16"),
         ("length", _with(arrays, 2, values[:-1]), r"shape \(26,\), expected \(27,\)"),
         ("2-D", _with(arrays, 1, scales.reshape(1, -1)), "int8 scales: shape"),

@@ -11,11 +11,15 @@ from typing import Any
 import pytest
 
 from lora_flwr.config import (
+    RENAMED,
+    ComputeConfig,
     DataConfig,
     ExperimentConfig,
     FedConfig,
+    GuardsConfig,
     LoraConfig,
     ModelConfig,
+    SamplingConfig,
     TrainConfig,
     parse_value,
     unflatten,
@@ -43,12 +47,11 @@ def _custom() -> ExperimentConfig:
             modules_to_save=("classifier", "score"),
         ),
         data=DataConfig(name="synthetic", partitioner="dirichlet", dirichlet_alpha=0.1),
-        train=TrainConfig(lr=5e-5, local_epochs=1.5, precision="bf16", device="cuda:1"),
-        fed=FedConfig(
-            num_rounds=3,
-            num_clients=4,
-            min_fit_clients=4,
-            lr_decay=0.99,
+        train=TrainConfig(lr=5e-5, local_epochs=1.5),
+        compute=ComputeConfig(precision="bf16", device="cuda:1"),
+        fed=FedConfig(num_rounds=3, num_clients=4, lr_decay=0.99),
+        sampling=SamplingConfig(min_clients=4),
+        guards=GuardsConfig(
             weight_cap=2.5,
             norm_guard="reject",
             robust="trimmed_mean",
@@ -137,9 +140,9 @@ def test_from_flat_reads_dotted_keys_and_comma_lists() -> None:
         "lora.modules_to_save": "",
         "train.lr": 0.01,
         "fed.num_clients": 3,
-        "fed.min_fit_clients": 3,
-        "fed.min_available_clients": 3,
-        "fed.min_evaluate_clients": 1,
+        "sampling.min_clients": 3,
+        "sampling.min_available": 3,
+        "eval.min_clients": 1,
     }
 
     # Execute
@@ -166,7 +169,7 @@ def test_with_overrides_parses_literals_and_leaves_the_original() -> None:
             "lora.use_rslora=true",
             "lora.target_modules=q_proj,k_proj",
             "lora.modules_to_save=['score']",
-            "train.device=cuda:0",
+            "compute.device=cuda:0",
             "model.name='tiny-bert'",
             "lora.lora_alpha=32",
         ]
@@ -178,7 +181,7 @@ def test_with_overrides_parses_literals_and_leaves_the_original() -> None:
     assert cfg.lora.use_rslora is True
     assert cfg.lora.target_modules == ("q_proj", "k_proj")
     assert cfg.lora.modules_to_save == ("score",)
-    assert cfg.train.device == "cuda:0"
+    assert cfg.compute.device == "cuda:0"
     assert cfg.model.name == "tiny-bert"
     assert cfg.lora.lora_alpha == 32.0
     assert base == ExperimentConfig()
@@ -302,46 +305,46 @@ BAD_VALUES = [
     ("data.max_examples", -1),
     ("data.partitioner", "random"),
     ("data.dirichlet_alpha", 0.0),
-    ("data.eval_max_examples", -5),
+    ("eval.max_examples", -5),
     ("train.lr", 0.0),
     ("train.lr", "fast"),
     ("train.batch_size", 0),
-    ("train.eval_batch_size", 0),
+    ("eval.batch_size", 0),
     ("train.local_steps", -1),
     ("train.local_steps", 0),  # with local_epochs = 0: nothing would train
     ("train.warmup_steps", -1),
     ("train.lr_schedule", "linear"),
     ("train.weight_decay", -0.1),
     ("train.max_grad_norm", -1.0),
-    ("train.device", "tpu"),
-    ("train.precision", "fp8"),
-    ("train.num_threads", -1),
+    ("compute.device", "tpu"),
+    ("compute.precision", "fp8"),
+    ("compute.num_threads", -1),
     ("train.optimizer", "adam"),
     ("train.momentum", 0.9),  # with adamw: momentum is sgd's
     ("train.momentum", 1.0),
     ("fed.num_rounds", 0),
     ("fed.num_clients", 0),
-    ("fed.fraction_fit", 0.0),
-    ("fed.fraction_fit", 1.5),
-    ("fed.fraction_evaluate", -0.5),
-    ("fed.min_fit_clients", 11),
-    ("fed.min_evaluate_clients", 0),
-    ("fed.min_available_clients", 11),
+    ("sampling.fraction", 0.0),
+    ("sampling.fraction", 1.5),
+    ("eval.fraction", -0.5),
+    ("sampling.min_clients", 11),
+    ("eval.min_clients", 0),
+    ("sampling.min_available", 11),
     ("fed.aggregation", ""),
     ("fed.lr_decay", 0.0),
     ("fed.lr_decay", 1.5),
-    ("fed.eval_every", -1),
-    ("fed.max_update_norm", -1.0),
-    ("fed.compression", "int4"),
-    ("fed.head", "shared"),
-    ("fed.head_warmup_rounds", 2),  # with head = averaged
-    ("fed.head_warmup_rounds", -1),
-    ("fed.compression", "FP16"),
-    ("fed.topk_fraction", 0.0),
-    ("fed.topk_fraction", 1.5),
-    ("fed.topk_fraction", -0.1),
-    ("fed.client_num_cpus", 0.0),
-    ("fed.client_num_gpus", -1.0),
+    ("eval.every", -1),
+    ("guards.max_update_norm", -1.0),
+    ("compression.codec", "int4"),
+    ("head.mode", "shared"),
+    ("head.warmup_rounds", 2),  # with head = averaged
+    ("head.warmup_rounds", -1),
+    ("compression.codec", "FP16"),
+    ("compression.topk_fraction", 0.0),
+    ("compression.topk_fraction", 1.5),
+    ("compression.topk_fraction", -0.1),
+    ("compute.client_cpus", 0.0),
+    ("compute.client_gpus", -1.0),
     ("seed", -1),
     ("seed", 1.5),
     ("name", ""),
@@ -363,12 +366,12 @@ def test_bad_value_raises_naming_the_field(key: str, value: object) -> None:
     assert repr(value) in str(info.value) or key == "lora.target_modules"
 
 
-def test_min_fit_clients_above_num_clients_is_rejected() -> None:
+def test_min_clients_above_num_clients_is_rejected() -> None:
     # Prepare
-    flat = {"fed.num_clients": 3, "fed.min_fit_clients": 4}
+    flat = {"fed.num_clients": 3, "sampling.min_clients": 4}
 
     # Execute / Assert
-    with pytest.raises(ValueError, match=r"`fed\.min_fit_clients`.*num_clients=3"):
+    with pytest.raises(ValueError, match=r"`sampling\.min_clients`.*num_clients=3"):
         ExperimentConfig.from_flat(flat)
 
 
@@ -498,3 +501,57 @@ def test_default_toml_keeps_the_seed_lora_hyper_parameters() -> None:
 
     # Assert: rank, alpha and dropout are the seed's; targets follow the model
     assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (8, 16.0, 0.1)
+
+
+# ------------------------------------------------------------- moved keys
+@pytest.mark.parametrize("old", sorted(RENAMED))
+def test_a_moved_key_is_refused_naming_its_new_key(old: str) -> None:
+    # Prepare
+    new = RENAMED[old]
+    section, name = new.split(".")
+    wanted = (
+        f"Config key `{old}` has moved to `{new}`: write it under [{section}] as "
+        f"`{name} = ...` (or --set {new}=...)"
+    )
+    value = ExperimentConfig().to_flat()[new]
+
+    # Execute / Assert: in a TOML table, a flat run config and a --set override
+    for build in (
+        lambda: ExperimentConfig.from_dict(unflatten({old: value})),
+        lambda: ExperimentConfig.from_flat({old: value}),
+        lambda: ExperimentConfig().with_overrides([f"{old}={value}"]),
+    ):
+        with pytest.raises(ValueError) as info:
+            build()
+        assert str(info.value) == wanted
+
+
+def test_moved_keys_point_at_keys_the_schema_has() -> None:
+    # Prepare
+    keys = set(ExperimentConfig().to_flat())
+
+    # Execute / Assert: every target exists, no old key survives, none collide
+    assert set(RENAMED.values()) <= keys
+    assert not set(RENAMED) & keys
+    assert len(set(RENAMED.values())) == len(RENAMED)
+
+
+def test_an_old_layout_file_fails_on_its_first_moved_key(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "old.toml"
+    path.write_text("[fed]\nnum_rounds = 2\ndp_noise_multiplier = 1.0\n")
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"^Config key `fed\.dp_noise_multiplier` "):
+        ExperimentConfig.from_toml(path)
+
+
+def test_every_section_has_about_ten_keys_or_fewer() -> None:
+    # Prepare
+    plain = ExperimentConfig().to_dict()
+
+    # Execute
+    sizes = {name: len(v) for name, v in plain.items() if isinstance(v, dict)}
+
+    # Assert
+    assert max(sizes.values()) <= 11, sizes

@@ -10,7 +10,7 @@ import pytest
 from lora_flwr.config import (
     REFUSALS,
     ExperimentConfig,
-    FedConfig,
+    HeadConfig,
     Refusal,
     check_cross_feature,
     cross_feature_errors,
@@ -20,8 +20,8 @@ from lora_flwr.config.fields import field_types
 from lora_flwr.config.load import build
 
 HEAD = {"lora.modules_to_save": "classifier"}
-SECAGG = {"fed.secagg": True, "fed.norm_guard": "off", "fed.weight_cap": 0.0}
-LDA = {**HEAD, "fed.head_calibration": "lda"}
+SECAGG = {"secagg.enabled": True, "guards.norm_guard": "off", "guards.weight_cap": 0.0}
+LDA = {**HEAD, "head.calibration": "lda"}
 
 # Row keys -> (flat settings that trigger the row, nearby settings that do not).
 CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
@@ -37,46 +37,71 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
         {"train.momentum": 0.9},
         {"train.momentum": 0.9, "train.optimizer": "sgd"},
     ),
-    ("fed.robust", "fed.dp_noise_multiplier"): (
-        {"fed.dp_noise_multiplier": 1.0, "fed.robust": "median"},
-        {"fed.dp_noise_multiplier": 1.0},
+    ("sampling.min_clients", "fed.num_clients"): (
+        {"fed.num_clients": 3, "sampling.min_clients": 4},
+        {"fed.num_clients": 4, "sampling.min_clients": 4},
     ),
-    ("fed.head", "fed.head_calibration"): (
-        {**LDA, "fed.head": "local"},
-        {**LDA, "fed.head": "frozen"},
+    ("sampling.min_available", "fed.num_clients"): (
+        {"fed.num_clients": 3, "sampling.min_available": 4},
+        {"fed.num_clients": 4, "sampling.min_available": 4},
     ),
-    ("fed.head_calibration", "fed.secagg", "fed.dp_noise_multiplier"): (
-        {**LDA, "fed.dp_noise_multiplier": 1.0},
-        {**HEAD, "fed.dp_noise_multiplier": 1.0},
+    ("sampling.min_replies", "fed.num_clients"): (
+        {"fed.num_clients": 3, "sampling.min_replies": 4},
+        {"fed.num_clients": 4, "sampling.min_replies": 4},
     ),
-    ("fed.head_calibration", "fed.robust"): (
-        {**LDA, "fed.robust": "median"},
-        {**HEAD, "fed.robust": "median"},
+    ("eval.min_clients", "fed.num_clients"): (
+        {"fed.num_clients": 3, "eval.min_clients": 4},
+        {"fed.num_clients": 4, "eval.min_clients": 4},
     ),
-    ("fed.head_warmup_rounds", "fed.head"): (
-        {**HEAD, "fed.head": "local", "fed.head_warmup_rounds": 2},
-        {**HEAD, "fed.head": "frozen", "fed.head_warmup_rounds": 2},
+    ("guards.robust", "privacy.noise_multiplier"): (
+        {"privacy.noise_multiplier": 1.0, "guards.robust": "median"},
+        {"privacy.noise_multiplier": 1.0},
     ),
-    ("fed.min_fit_clients", "fed.secagg"): (
-        {**SECAGG, "fed.min_fit_clients": 1},
+    ("head.mode", "head.calibration"): (
+        {**LDA, "head.mode": "local"},
+        {**LDA, "head.mode": "frozen"},
+    ),
+    ("head.calibration", "secagg.enabled", "privacy.noise_multiplier"): (
+        {**LDA, "privacy.noise_multiplier": 1.0},
+        {**HEAD, "privacy.noise_multiplier": 1.0},
+    ),
+    ("head.calibration", "guards.robust"): (
+        {**LDA, "guards.robust": "median"},
+        {**HEAD, "guards.robust": "median"},
+    ),
+    ("head.warmup_rounds", "head.mode"): (
+        {**HEAD, "head.mode": "local", "head.warmup_rounds": 2},
+        {**HEAD, "head.mode": "frozen", "head.warmup_rounds": 2},
+    ),
+    ("sampling.min_clients", "secagg.enabled"): (
+        {**SECAGG, "sampling.min_clients": 1},
         SECAGG,
     ),
-    ("fed.norm_guard", "fed.secagg"): ({**SECAGG, "fed.norm_guard": "clip"}, SECAGG),
-    ("fed.weight_cap", "fed.secagg"): ({**SECAGG, "fed.weight_cap": 1.5}, SECAGG),
-    ("fed.max_update_norm", "fed.secagg"): (
-        {**SECAGG, "fed.max_update_norm": 5.0},
-        {"fed.max_update_norm": 5.0},
-    ),
-    ("fed.robust", "fed.secagg"): ({**SECAGG, "fed.robust": "median"}, SECAGG),
-    ("fed.compression", "fed.secagg"): (
-        {**SECAGG, "fed.compression": "int8"},
-        {"fed.compression": "int8"},
-    ),
-    ("fed.dp_noise_multiplier", "fed.secagg"): (
-        {**SECAGG, "fed.dp_noise_multiplier": 1.0},
+    ("guards.norm_guard", "secagg.enabled"): (
+        {**SECAGG, "guards.norm_guard": "clip"},
         SECAGG,
     ),
-    ("fed.rank_tiers", "fed.secagg"): (
+    ("guards.weight_cap", "secagg.enabled"): (
+        {**SECAGG, "guards.weight_cap": 1.5},
+        SECAGG,
+    ),
+    ("guards.max_update_norm", "secagg.enabled"): (
+        {**SECAGG, "guards.max_update_norm": 5.0},
+        {"guards.max_update_norm": 5.0},
+    ),
+    ("guards.robust", "secagg.enabled"): (
+        {**SECAGG, "guards.robust": "median"},
+        SECAGG,
+    ),
+    ("compression.codec", "secagg.enabled"): (
+        {**SECAGG, "compression.codec": "int8"},
+        {"compression.codec": "int8"},
+    ),
+    ("privacy.noise_multiplier", "secagg.enabled"): (
+        {**SECAGG, "privacy.noise_multiplier": 1.0},
+        SECAGG,
+    ),
+    ("fed.rank_tiers", "secagg.enabled"): (
         {**SECAGG, "fed.rank_tiers": "4,8"},
         {**SECAGG, "fed.rank_tiers": "8"},
     ),
@@ -84,17 +109,17 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
         {"fed.rank_tiers": "4,16"},
         {"fed.rank_tiers": "4,8"},
     ),
-    ("fed.head_calibration", "lora.modules_to_save"): (
-        {"fed.head_calibration": "lda"},
+    ("head.calibration", "lora.modules_to_save"): (
+        {"head.calibration": "lda"},
         LDA,
     ),
-    ("fed.head", "lora.modules_to_save"): (
-        {"fed.head": "reinit"},
-        {**HEAD, "fed.head": "reinit"},
+    ("head.mode", "lora.modules_to_save"): (
+        {"head.mode": "reinit"},
+        {**HEAD, "head.mode": "reinit"},
     ),
-    ("train.loss", "model.task"): (
-        {"model.task": "causal_lm", "train.loss": "fedlc"},
-        {"model.task": "seq_cls", "train.loss": "fedlc"},
+    ("loss.name", "model.task"): (
+        {"model.task": "causal_lm", "loss.name": "fedlc"},
+        {"model.task": "seq_cls", "loss.name": "fedlc"},
     ),
 }
 
@@ -157,11 +182,11 @@ def test_a_row_within_one_section_refuses_that_section_alone(row: Refusal) -> No
 
 def test_rows_across_sections_are_applied_to_the_whole_config() -> None:
     # Prepare: valid alone, refused together with an empty lora.modules_to_save
-    fed = FedConfig(head="local")
+    head = HeadConfig(mode="local")
 
     # Execute / Assert
-    with pytest.raises(ValueError, match="`fed.head` should be 'averaged' when"):
-        ExperimentConfig(fed=fed)
+    with pytest.raises(ValueError, match="`head.mode` should be 'averaged' when"):
+        ExperimentConfig(head=head)
 
 
 def _unchecked(**sections: dict[str, Any]) -> Any:
@@ -180,15 +205,17 @@ def _unchecked(**sections: dict[str, Any]) -> Any:
 def test_cross_feature_errors_lists_every_refusal_in_table_order() -> None:
     # Prepare: two refusals at once (building a config would stop at the first)
     cfg = _unchecked(
-        fed={"secagg": True, "norm_guard": "off", "weight_cap": 1.5, "head": "local"}
+        secagg={"enabled": True},
+        guards={"norm_guard": "off", "weight_cap": 1.5},
+        head={"mode": "local"},
     )
 
     # Execute
     errors = cross_feature_errors(cfg)
 
     # Assert
-    assert [e.split("`")[1] for e in errors] == ["fed.weight_cap", "fed.head"]
-    assert "(with fed.secagg = true)" in errors[0]
+    assert [e.split("`")[1] for e in errors] == ["guards.weight_cap", "head.mode"]
+    assert "(with secagg.enabled = true)" in errors[0]
     assert "(with lora.modules_to_save = [])" in errors[1]
     with pytest.raises(ValueError) as info:
         check_cross_feature(cfg)

@@ -154,11 +154,9 @@ def test_eval_subset_caps_and_is_seeded() -> None:
     test = load_splits(DataConfig(name="synthetic"), seed=0).test
 
     # Execute
-    capped = eval_subset(
-        test, DataConfig(name="synthetic", eval_max_examples=7), seed=5
-    )
-    again = eval_subset(test, DataConfig(name="synthetic", eval_max_examples=7), seed=5)
-    full = eval_subset(test, DataConfig(name="synthetic", eval_max_examples=0), seed=5)
+    capped = eval_subset(test, 7, seed=5)
+    again = eval_subset(test, 7, seed=5)
+    full = eval_subset(test, 0, seed=5)
 
     # Assert
     assert len(capped) == 7

@@ -112,7 +112,7 @@ def test_the_deploy_script_refuses_too_few_supernodes_before_starting_any(
     # Assert
     assert proc.returncode == 1, proc.stderr
     assert (
-        "ERROR: --num-supernodes=1 < fed.min_available_clients=2: the run would "
+        "ERROR: --num-supernodes=1 < sampling.min_available=2: the run would "
         "wait forever"
     ) in proc.stderr
     assert proc.stdout == ""

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_backend_gets_the_clients_resources_and_rays_log_level() -> None:
     # Prepare
     cfg = ExperimentConfig().with_overrides(
-        ["fed.client_num_cpus=2.0", "fed.client_num_gpus=0.5"]
+        ["compute.client_cpus=2.0", "compute.client_gpus=0.5"]
     )
 
     # Execute

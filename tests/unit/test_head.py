@@ -1,4 +1,4 @@
-"""Tests of ``fed.head``: how the saved modules (a new classifier head) are treated."""
+"""Tests of ``head.mode``: how the saved modules (a new classifier head) are treated."""
 
 from __future__ import annotations
 
@@ -36,20 +36,30 @@ from lora_flwr.protocol import AdapterLayout, Plan, group_of
 HEAD = "classifier.bias"
 
 
-def _head_cfg(**fed: Any) -> ExperimentConfig:
+def _head_cfg(**sections: dict[str, Any]) -> ExperimentConfig:
+    """``_cfg(**sections)`` with the classifier as a saved module."""
     cfg = _cfg()
     lora = LoraConfig(
         r=R, lora_alpha=2.0 * R, lora_dropout=0.0, modules_to_save=("classifier",)
     )
-    return dataclasses.replace(cfg, lora=lora, fed=dataclasses.replace(cfg.fed, **fed))
+    changed = {
+        name: dataclasses.replace(getattr(cfg, name), **fields)
+        for name, fields in sections.items()
+    }
+    return dataclasses.replace(cfg, lora=lora, **changed)
 
 
-def _head_strategy(**fed: Any) -> FedLoRA:
-    evaluate_fn = fed.pop("evaluate_fn", None)
+def _head_strategy(
+    evaluate_fn: Callable[[int, Any, Any], dict[str, float]] | None = None,
+    **sections: dict[str, Any],
+) -> FedLoRA:
     initial = _initial()
     initial[HEAD] = np.array([0.5, -0.5], np.float32)  # a seeded, non-zero head
     return FedLoRA(
-        cfg=_head_cfg(**fed), layout=LAYOUT, initial=initial, evaluate_fn=evaluate_fn
+        cfg=_head_cfg(**sections),
+        layout=LAYOUT,
+        initial=initial,
+        evaluate_fn=evaluate_fn,
     )
 
 
@@ -86,7 +96,7 @@ def test_each_head_mode_gives_its_plan(
     head: str, warmup: int, server_round: int, want: tuple[str, ...]
 ) -> None:
     # Prepare
-    strategy = _head_strategy(head=head, head_warmup_rounds=warmup)
+    strategy = _head_strategy(head={"mode": head, "warmup_rounds": warmup})
 
     # Execute
     plans = _plans(strategy, server_round)
@@ -98,7 +108,7 @@ def test_each_head_mode_gives_its_plan(
 @pytest.mark.parametrize("rule", ["ffa", "fedsa", "rolora", "flora"])
 def test_head_modes_apply_on_top_of_any_rule(rule: str) -> None:
     # Prepare
-    strategy = _head_strategy(aggregation=rule, head="local")
+    strategy = _head_strategy(fed={"aggregation": rule}, head={"mode": "local"})
 
     # Execute
     plans = _plans(strategy, 1)
@@ -115,7 +125,7 @@ def test_head_modes_apply_on_top_of_any_rule(rule: str) -> None:
 @pytest.mark.parametrize("optimizer", ["none", "fedavgm"])
 def test_a_head_nobody_sent_stays_exactly_as_it_was(head: str, optimizer: str) -> None:
     # Prepare: two rounds, so that FedAvgM's momentum would move an averaged M.
-    strategy = _head_strategy(head=head, server_optimizer=optimizer)
+    strategy = _head_strategy(head={"mode": head}, server_opt={"name": optimizer})
     head_before = strategy.global_arrays()[HEAD].copy()
     means = []
     for server_round, (x, y) in enumerate([(1.0, 3.0), (5.0, 7.0)], start=1):
@@ -139,7 +149,7 @@ def test_a_head_nobody_sent_stays_exactly_as_it_was(head: str, optimizer: str) -
 
 def test_reinit_starts_every_client_from_the_seeded_head_and_averages_it() -> None:
     # Prepare: round 1 moves the global head away from its init.
-    strategy = _head_strategy(head="reinit")
+    strategy = _head_strategy(head={"mode": "reinit"})
     seeded = strategy.global_arrays()[HEAD].copy()
     for server_round, values in ((1, (1.0, 3.0)), (2, (2.0, 4.0))):
         instructions = strategy.configure_fit(server_round, NO_PARAMS, _manager())
@@ -175,7 +185,7 @@ def test_a_local_head_is_evaluated_per_client_and_globally(tmp_path: Path) -> No
         calls.append(server_round)
         return {"loss": 0.5, "accuracy": 0.5}
 
-    strategy = _head_strategy(head="local", evaluate_fn=evaluate_fn)
+    strategy = _head_strategy(head={"mode": "local"}, evaluate_fn=evaluate_fn)
 
     # Execute
     strategy.evaluate(0, NO_PARAMS)
@@ -194,7 +204,7 @@ def test_a_local_head_is_evaluated_per_client_and_globally(tmp_path: Path) -> No
 def test_a_local_head_survives_on_the_client_and_is_never_sent(
     build: Callable[..., tuple[LoRAAdapter, dict[str, np.ndarray]]],
 ) -> None:
-    # Prepare: the plan of fed.head = 'local' on the tiny adapter.
+    # Prepare: the plan of head.mode = 'local' on the tiny adapter.
     adapter, initial = build()
     layout = layout_of(adapter)
     plan = _plan(receive="AB", train="ABM", send="AB", keep=frozenset("M"))
@@ -217,19 +227,19 @@ def test_a_local_head_survives_on_the_client_and_is_never_sent(
 
 
 @pytest.mark.parametrize(
-    ("fed", "lora_saved", "match"),
+    ("head", "lora_saved", "match"),
     [
-        ({"head": "sideways"}, True, "fed.head"),
-        ({"head": "local"}, False, "modules_to_save"),
-        ({"head": "reinit", "head_warmup_rounds": 2}, True, "unless fed.head"),
-        ({"head": "frozen", "head_warmup_rounds": -1}, True, ">= 0"),
+        ({"mode": "sideways"}, True, "head.mode"),
+        ({"mode": "local"}, False, "modules_to_save"),
+        ({"mode": "reinit", "warmup_rounds": 2}, True, "unless head.mode"),
+        ({"mode": "frozen", "warmup_rounds": -1}, True, ">= 0"),
     ],
 )
 def test_bad_head_settings_are_clear_errors(
-    fed: dict[str, Any], lora_saved: bool, match: str
+    head: dict[str, Any], lora_saved: bool, match: str
 ) -> None:
     with pytest.raises(ValueError, match=match):
-        cfg = _head_cfg(**fed) if lora_saved else _cfg(**fed)
+        cfg = _head_cfg(head=head) if lora_saved else _cfg(head=head)
         ExperimentConfig.from_dict(cfg.to_dict())
 
 
@@ -244,7 +254,7 @@ def test_the_rule_refuses_a_head_mode_without_saved_modules() -> None:
 
 
 def test_a_run_with_local_heads_cannot_be_resumed(tmp_path: Path) -> None:
-    cfg = dataclasses.replace(_head_cfg(head="local"), on_existing="resume")
+    cfg = dataclasses.replace(_head_cfg(head={"mode": "local"}), on_existing="resume")
     with pytest.raises(ValueError, match="cannot be resumed"):
         resume_checkpoint(cfg, tmp_path)
 

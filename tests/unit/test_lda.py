@@ -1,4 +1,4 @@
-"""The server-fitted LDA head (fed.head_calibration = 'lda'): maths, wire, strategy."""
+"""The server-fitted LDA head (head.calibration = 'lda'): maths, wire, strategy."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from lora_flwr.aggregation.lda import (
 from lora_flwr.config import (
     HEAD_CALIBRATIONS,
     ExperimentConfig,
-    FedConfig,
+    HeadConfig,
     LoraConfig,
 )
 from lora_flwr.fl.strategy import FedLoRA
@@ -290,42 +290,48 @@ def test_the_config_lists_the_calibrations() -> None:
     assert HEAD_CALIBRATIONS == ("none", "lda")
 
 
+LDA = {"calibration": "lda"}
+
+
 @pytest.mark.parametrize(
-    ("fed", "match"),
+    ("sections", "match"),
     [
-        ({"head_calibration": "bayes"}, "fed.head_calibration"),
-        ({"head_calibration": "lda", "head": "local"}, "fed.head"),
-        ({"head_calibration": "lda", "head": "reinit"}, "fed.head"),
-        ({"head_calibration": "lda", "secagg": True}, "secagg"),
-        ({"head_calibration": "lda", "dp_noise_multiplier": 1.0}, "privacy"),
-        ({"head_calibration": "lda", "robust": "median"}, "fed.robust"),
-        ({"lda_shrinkage": -0.1}, "fed.lda_shrinkage"),
-        ({"lda_every": 0}, "fed.lda_every"),
-        ({"lda_max_examples": -1}, "fed.lda_max_examples"),
+        ({"head": {"calibration": "bayes"}}, "head.calibration"),
+        ({"head": {**LDA, "mode": "local"}}, "head.mode"),
+        ({"head": {**LDA, "mode": "reinit"}}, "head.mode"),
+        ({"head": LDA, "secagg": {"enabled": True}}, "secagg"),
+        ({"head": LDA, "privacy": {"noise_multiplier": 1.0}}, "privacy"),
+        ({"head": LDA, "guards": {"robust": "median"}}, "guards.robust"),
+        ({"head": {"lda_shrinkage": -0.1}}, "head.lda_shrinkage"),
+        ({"head": {"lda_every": 0}}, "head.lda_every"),
+        ({"head": {"lda_max_examples": -1}}, "head.lda_max_examples"),
     ],
 )
 def test_config_refuses_a_calibration_that_cannot_work(
-    fed: dict[str, Any], match: str
+    sections: dict[str, dict[str, Any]], match: str
 ) -> None:
+    # A head to refit, so that only the setting under test is refused.
     with pytest.raises(ValueError, match=match):
-        FedConfig(**fed)
+        ExperimentConfig.from_dict(
+            {"lora": {"modules_to_save": ["classifier"]}, **sections}
+        )
 
 
 def test_config_refuses_lda_without_a_head() -> None:
     with pytest.raises(ValueError, match="modules_to_save is empty"):
         ExperimentConfig(
             lora=LoraConfig(modules_to_save=()),
-            fed=FedConfig(head_calibration="lda"),
+            head=HeadConfig(calibration="lda"),
         )
 
 
 # ----------------------------------------------------------------- strategy
-def _lda_strategy(**fed: Any) -> FedLoRA:
-    cfg = _cfg(**fed)
+def _lda_strategy(**sections: dict[str, Any]) -> FedLoRA:
+    cfg = _cfg(**sections)
     cfg = dataclasses.replace(
         cfg,
         lora=dataclasses.replace(cfg.lora, modules_to_save=("classifier",)),
-        fed=dataclasses.replace(cfg.fed, head_calibration="lda"),
+        head=dataclasses.replace(cfg.head, calibration="lda"),
     )
     rng = np.random.default_rng(0)
     initial = {
@@ -367,7 +373,7 @@ def test_the_server_sets_the_head_to_the_lda_of_all_clients() -> None:
     shares = np.array_split(order, 4)
     parts = [class_stats(x[i], y[i], 2) for i in shares]
     nodes = [_stats_node(f"n{k}", k, _stats_res(p)) for k, p in enumerate(parts)]
-    strategy = _lda_strategy(min_available_clients=4)
+    strategy = _lda_strategy(sampling={"min_available": 4})
     manager = _manager(*nodes)
     strategy.initialize_parameters(manager)
     before = strategy.global_arrays()
@@ -419,7 +425,7 @@ def test_a_malformed_or_missing_reply_is_left_out(
         ),
         _stats_node("e", 4, RuntimeError("node gone")),
     ]
-    strategy = _lda_strategy(num_clients=5, min_available_clients=5)
+    strategy = _lda_strategy(fed={"num_clients": 5}, sampling={"min_available": 5})
     manager = _manager(*nodes)
     strategy.initialize_parameters(manager)
 
@@ -464,7 +470,7 @@ def test_lda_every_sets_which_rounds_refit() -> None:
         _stats_node(f"n{k}", k, _stats_res(class_stats(x[k::2], y[k::2], 2)))
         for k in range(2)
     ]
-    strategy = _lda_strategy(num_rounds=5, lda_every=2)
+    strategy = _lda_strategy(fed={"num_rounds": 5}, head={"lda_every": 2})
     manager = _manager(*nodes)
     strategy.initialize_parameters(manager)
 
@@ -481,7 +487,7 @@ def test_lda_every_sets_which_rounds_refit() -> None:
 
 def test_a_personalised_rule_cannot_take_the_lda_head() -> None:
     with pytest.raises(ValueError, match="needs a global model"):
-        _lda_strategy(aggregation="fedsa")
+        _lda_strategy(fed={"aggregation": "fedsa"})
 
 
 # ------------------------------------------------------------------ client
@@ -498,7 +504,7 @@ def test_a_client_sends_the_statistics_of_its_heads_inputs(cap: int) -> None:
     cfg = dataclasses.replace(
         cfg,
         lora=dataclasses.replace(cfg.lora, modules_to_save=("classifier",)),
-        fed=dataclasses.replace(cfg.fed, head_calibration="lda", lda_max_examples=cap),
+        head=dataclasses.replace(cfg.head, calibration="lda", lda_max_examples=cap),
     )
     client = LoRAClient(cfg, 0, 2)
     name, layer = client.ws.adapter.head_layer(2)

@@ -1,4 +1,4 @@
-"""Label-skew losses (train.loss): formulas checked against hand computations."""
+"""Label-skew losses (loss.name): formulas checked against hand computations."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_trainer import _setup
 
 from lora_flwr.config import LOSSES as CONFIG_LOSSES
-from lora_flwr.config import TrainConfig
+from lora_flwr.config import LossConfig
 from lora_flwr.data import TokenizedDataset
 from lora_flwr.training.losses import LOSSES, class_counts, skew_loss
 
@@ -123,11 +123,11 @@ def test_every_loss_is_finite_and_positive(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"name": "focal"}, "`train.loss` is 'focal'"),
-        ({"name": "fedlc", "tau": -1.0}, "loss_tau"),
-        ({"name": "logit_adjust", "tau": -1.0}, "loss_tau"),
-        ({"name": "fedrs", "alpha": 1.5}, "fedrs_alpha"),
-        ({"name": "balanced", "beta": 1.0}, "balanced_beta"),
+        ({"name": "focal"}, "`loss.name` is 'focal'"),
+        ({"name": "fedlc", "tau": -1.0}, r"`loss\.tau`"),
+        ({"name": "logit_adjust", "tau": -1.0}, r"`loss\.tau`"),
+        ({"name": "fedrs", "alpha": 1.5}, r"`loss\.fedrs_alpha`"),
+        ({"name": "balanced", "beta": 1.0}, r"`loss\.balanced_beta`"),
     ],
 )
 def test_bad_loss_settings_are_refused(kwargs: dict[str, object], match: str) -> None:
@@ -145,11 +145,11 @@ def test_shapes_that_disagree_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("loss", "focal"), ("loss_tau", -0.1), ("fedrs_alpha", 2.0), ("balanced_beta", 1)],
+    [("name", "focal"), ("tau", -0.1), ("fedrs_alpha", 2.0), ("balanced_beta", 1)],
 )
 def test_config_refuses_bad_loss_values(key: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"train.{key}"):
-        TrainConfig(**{key: value})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=f"`loss.{key}`"):
+        LossConfig(**{key: value})  # type: ignore[arg-type]
 
 
 def _skewed(data: TokenizedDataset, minority: int) -> TokenizedDataset:
@@ -174,7 +174,10 @@ def test_the_trainer_trains_with_each_skew_loss(loss: str, minority: int) -> Non
     base = _setup(seed=0)
     data = _skewed(base.train, minority)
     plain = base.trainer.train(data, steps=3, seed=0, progress=False)
-    skew = _setup(seed=0, loss=loss, loss_tau=2.0, fedrs_alpha=0.0, balanced_beta=0.99)
+    skew = _setup(
+        seed=0,
+        loss={"name": loss, "tau": 2.0, "fedrs_alpha": 0.0, "balanced_beta": 0.99},
+    )
     metrics = skew.trainer.train(data, steps=3, seed=0, progress=False)
     assert math.isfinite(metrics["train_loss"])
     assert metrics["train_loss"] != pytest.approx(plain["train_loss"], abs=1e-4)
@@ -182,4 +185,4 @@ def test_the_trainer_trains_with_each_skew_loss(loss: str, minority: int) -> Non
 
 def test_a_skew_loss_on_a_causal_model_is_refused() -> None:
     with pytest.raises(ValueError, match="needs a classification task.*'ce'"):
-        _setup(model="tiny-llama", loss="fedlc")
+        _setup(model="tiny-llama", loss={"name": "fedlc"})

@@ -154,17 +154,17 @@ def test_tensors_not_in_names_and_their_moments_are_untouched(name: str) -> None
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"name": "none"}, "fed.server_optimizer"),
-        ({"name": "adam"}, "fed.server_optimizer"),
-        ({"name": "fedadam", "lr": 0.0}, "fed.server_lr"),
-        ({"name": "fedadam", "lr": -1.0}, "fed.server_lr"),
-        ({"name": "fedadam", "lr": math.nan}, "fed.server_lr"),
-        ({"name": "fedavgm", "beta1": 1.0}, "fed.server_beta1"),
-        ({"name": "fedavgm", "beta1": -0.1}, "fed.server_beta1"),
-        ({"name": "fedyogi", "beta2": 1.0}, "fed.server_beta2"),
-        ({"name": "fedyogi", "beta2": math.nan}, "fed.server_beta2"),
-        ({"name": "fedadagrad", "tau": 0.0}, "fed.server_tau"),
-        ({"name": "fedadagrad", "tau": -1e-3}, "fed.server_tau"),
+        ({"name": "none"}, "server_opt.name"),
+        ({"name": "adam"}, "server_opt.name"),
+        ({"name": "fedadam", "lr": 0.0}, "server_opt.lr"),
+        ({"name": "fedadam", "lr": -1.0}, "server_opt.lr"),
+        ({"name": "fedadam", "lr": math.nan}, "server_opt.lr"),
+        ({"name": "fedavgm", "beta1": 1.0}, "server_opt.beta1"),
+        ({"name": "fedavgm", "beta1": -0.1}, "server_opt.beta1"),
+        ({"name": "fedyogi", "beta2": 1.0}, "server_opt.beta2"),
+        ({"name": "fedyogi", "beta2": math.nan}, "server_opt.beta2"),
+        ({"name": "fedadagrad", "tau": 0.0}, "server_opt.tau"),
+        ({"name": "fedadagrad", "tau": -1e-3}, "server_opt.tau"),
     ],
 )
 def test_bad_hyper_parameters_name_the_config_key(

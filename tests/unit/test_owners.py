@@ -87,7 +87,7 @@ def test_a_node_gets_the_partition_its_key_owns_and_nothing_else(
     # has a key nobody listed, node 15 reports no key.
     (k0, f0), (k1, f1), (k2, f2), (k3, _) = (_key() for _ in range(4))
     table = f"{f0}=0,{f1}=1,{f2}=2"
-    strategy = _strategy(partition_owners=table)
+    strategy = _strategy(fed={"partition_owners": table})
     proxies = _nodes_with_keys(
         {"11": 1, "12": 0, "13": 1, "14": 3, "15": 2},
         {"11": k1, "12": k0, "13": k2, "14": k3, "15": b""},
@@ -122,7 +122,7 @@ def test_without_a_table_claims_decide_as_before() -> None:
 def test_a_grid_without_node_keys_trusts_no_node(caplog: Any) -> None:
     # Prepare: simulation proxies have no grid with keys.
     _, f0 = _key()
-    strategy = _strategy(partition_owners=f"{f0}=0")
+    strategy = _strategy(fed={"partition_owners": f"{f0}=0"})
     manager = _manager(_node("31", 0), _node("32", 1))
 
     # Execute

@@ -89,7 +89,8 @@ def test_peft_save_loads_in_ours(
         lora_dropout=0.0,
         target_modules=list(targets),
         fan_in_fan_out=is_gpt2,
-        # Sequence classification: PEFT itself adds "classifier" and "score".
+        # Sequence classification: PEFT itself adds "classifier" and "score"
+        # (0.22 also "pre_classifier", which these models do not have).
         task_type="SEQ_CLS" if saved else None,
     )
     peft_model = peft.get_peft_model(model, peft_config)
@@ -111,6 +112,6 @@ def test_peft_save_loads_in_ours(
     assert adapter.config.r == R and adapter.config.scaling == 2.0
     assert adapter.config.modules_to_save == saved
     if saved:
-        assert set(saved_config["modules_to_save"]) == {"classifier", "score"}
+        assert {"classifier", "score"} <= set(saved_config["modules_to_save"])
     assert len(adapter.module_names) == 2 * len(targets)
     torch.testing.assert_close(_logits(base_copy, token_ids), theirs, rtol=0, atol=ATOL)

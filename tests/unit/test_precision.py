@@ -1,4 +1,4 @@
-"""train.precision = "auto": bf16 only where the hardware runs it natively."""
+"""compute.precision = "auto": bf16 only where the hardware runs it natively."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trainer import _setup
 
-from lora_flwr.config import TrainConfig
+from lora_flwr.config import ComputeConfig
 from lora_flwr.training.precision import cpu_flags, resolve_precision
 
 CPU = torch.device("cpu")
@@ -62,7 +62,7 @@ def test_cpu_flags_are_read_from_the_flags_line(tmp_path: Path) -> None:
 
 
 def test_the_trainer_uses_what_auto_resolves_to_on_this_machine() -> None:
-    setup = _setup(precision="auto")
+    setup = _setup(compute={"precision": "auto"})
     expected = resolve_precision("auto", CPU)
     assert setup.trainer.precision == expected
     dtype = None if expected == "fp32" else torch.bfloat16
@@ -70,4 +70,4 @@ def test_the_trainer_uses_what_auto_resolves_to_on_this_machine() -> None:
 
 
 def test_auto_is_a_valid_config_value() -> None:
-    assert TrainConfig(precision="auto").precision == "auto"
+    assert ComputeConfig(precision="auto").precision == "auto"

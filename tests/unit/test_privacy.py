@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lora_flwr.aggregation import get_rule
-from lora_flwr.config import ExperimentConfig, FedConfig
+from lora_flwr.config import ExperimentConfig, GuardsConfig, PrivacyConfig
 from lora_flwr.privacy import (
     INSTALL_DP,
     AccountantMissingError,
@@ -74,8 +74,11 @@ def test_dp_is_refused_for_rules_that_are_not_a_mean(rule: str) -> None:
 
 
 def test_dp_with_a_robust_mean_is_refused_by_the_schema() -> None:
-    with pytest.raises(ValueError, match="`fed.robust` should be 'none' with"):
-        ExperimentConfig(fed=FedConfig(dp_noise_multiplier=1.0, robust="median"))
+    with pytest.raises(ValueError, match="`guards.robust` should be 'none' with"):
+        ExperimentConfig(
+            privacy=PrivacyConfig(noise_multiplier=1.0),
+            guards=GuardsConfig(robust="median"),
+        )
 
 
 def _hide_accountant(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,7 +100,7 @@ def test_a_missing_accountant_is_refused_in_one_line_naming_the_extra(
     # Assert: one line, the key, the install command; caught like a config error
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("`fed.dp_noise_multiplier` > 0 needs ")
+    assert message.startswith("`privacy.noise_multiplier` > 0 needs ")
     assert message.endswith("install it with: pip install 'lora_flwr[dp]'")
     assert isinstance(info.value, ValueError)
     assert isinstance(info.value, ImportError)

@@ -1,4 +1,4 @@
-"""train.profile: the phases of a call and of a round; off changes nothing."""
+"""compute.profile: the phases of a call and of a round; off changes nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from test_strategy import _Federation
 
 from lora_flwr import profiling
-from lora_flwr.config import ExperimentConfig, TrainConfig
+from lora_flwr.config import ComputeConfig, ExperimentConfig
 from lora_flwr.experiment import client_datasets, get_workspace
 from lora_flwr.profiling import (
     CLIENT_PHASES,
@@ -57,21 +57,21 @@ def test_profile_is_off_by_default_and_set_by_an_override() -> None:
     cfg = ExperimentConfig.from_toml(SMOKE)
 
     # Execute
-    on = cfg.with_overrides(["train.profile=true"])
+    on = cfg.with_overrides(["compute.profile=true"])
 
     # Assert
-    assert cfg.train.profile is False
-    assert on.train.profile is True
-    assert ExperimentConfig.from_flat(on.to_flat()).train.profile is True
+    assert cfg.compute.profile is False
+    assert on.compute.profile is True
+    assert ExperimentConfig.from_flat(on.to_flat()).compute.profile is True
 
 
 @pytest.mark.parametrize("value", ["yes", 1, 0.0, "true"])
 def test_a_profile_value_that_is_not_a_bool_is_refused(value: object) -> None:
     # Execute / Assert: from a run config (flwr run) and from code alike
-    with pytest.raises(ValueError, match="`train.profile` should be true or false"):
-        ExperimentConfig.from_flat({"train.profile": value})  # type: ignore[dict-item]
-    with pytest.raises(ValueError, match="`train.profile` should be true or false"):
-        TrainConfig(profile=value)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`compute.profile` should be true or false"):
+        ExperimentConfig.from_flat({"compute.profile": value})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="`compute.profile` should be true or false"):
+        ComputeConfig(profile=value)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------- timer
@@ -262,7 +262,7 @@ def test_a_profiled_training_run_is_the_same_run_with_its_phases_timed() -> None
     ws = get_workspace(cfg)
     data, _ = client_datasets(ws, cfg, 0, 2)
     profiled = get_workspace(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, profile=True))
+        dataclasses.replace(cfg, compute=dataclasses.replace(cfg.compute, profile=True))
     )
 
     # Execute: the same start, seed and data, profile off then on
@@ -286,7 +286,7 @@ def test_a_profiled_training_run_is_the_same_run_with_its_phases_timed() -> None
 # ------------------------------------------------------------ a federation
 def _run(profile: bool, rounds: int = 2) -> list[dict[str, Any]]:
     torch.manual_seed(0)
-    fed = _Federation([f"train.profile={profile}"])
+    fed = _Federation([f"compute.profile={profile}"])
     return [dict(fed.round(r)) for r in range(1, rounds + 1)]
 
 

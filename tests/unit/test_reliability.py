@@ -34,9 +34,9 @@ SMOKE = REPO / "configs" / "smoke.toml"
     [
         "train.lr",
         "lora.lora_alpha",
-        "fed.server_lr",
+        "server_opt.lr",
         "data.dirichlet_alpha",
-        "fed.weight_cap",
+        "guards.weight_cap",
         "train.max_grad_norm",
     ],
 )

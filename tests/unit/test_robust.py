@@ -137,7 +137,8 @@ def test_fedit_with_a_median_ignores_one_hostile_client() -> None:
 def test_robust_averaging_is_refused_where_the_aggregate_is_not_a_mean(
     name: str,
 ) -> None:
-    with pytest.raises(ValueError, match=r"`fed.robust`='median' cannot be combined"):
+    wanted = r"`guards.robust`='median' cannot be combined"
+    with pytest.raises(ValueError, match=wanted):
         get_rule(name).check_setup(
             rank_tiers=(), server_optimizer="none", robust="median"
         )

@@ -902,7 +902,7 @@ def test_check_setup_refuses_a_server_optimizer(name: str) -> None:
 
     # Execute / Assert
     if name in OPTIMIZER_REFUSED:
-        with pytest.raises(ValueError, match=r"`fed\.server_optimizer`") as info:
+        with pytest.raises(ValueError, match=r"`server_opt\.name`") as info:
             rule.check_setup(rank_tiers=[4], server_optimizer="fedadam")
         assert repr(name) in str(info.value)
     else:

@@ -178,7 +178,7 @@ def test_a_reply_from_another_partition_than_the_map_said_is_dropped(
     nodes = _numeric(_nodes(2))
     directory = PartitionDirectory()
     directory.fill({0: 1, 1: 0})
-    strategy = _strategy(num_clients=2, min_available_clients=2)
+    strategy = _strategy(fed={"num_clients": 2}, sampling={"min_available": 2})
     strategy.handshake.directory = directory
     sent = strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
     results = [(proxy, _reply(int(proxy.cid))) for proxy, _ in sent]
@@ -199,7 +199,7 @@ def test_a_reply_from_another_partition_than_the_map_said_is_dropped(
 def test_a_reply_from_the_partition_it_was_sampled_as_is_kept() -> None:
     # Prepare
     nodes = _numeric(_nodes(2))
-    strategy = _strategy(num_clients=2, min_available_clients=2)
+    strategy = _strategy(fed={"num_clients": 2}, sampling={"min_available": 2})
     strategy.handshake.directory = _directory({"node-0": 0, "node-1": 1})
     sent = strategy.configure_fit(1, NO_PARAMS, _manager(*nodes))
     results = [(proxy, _reply(int(proxy.cid))) for proxy, _ in sent]

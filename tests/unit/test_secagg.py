@@ -1,4 +1,4 @@
-"""Secure aggregation (fed.secagg): config, rule and strategy sides, client checks.
+"""Secure aggregation (secagg.enabled): config, rule and strategy sides, client checks.
 
 The SecAgg+ protocol itself runs in Flower's workflow and client mod; the
 integration test tests/integration/test_secagg_real.py runs it for real and compares
@@ -16,86 +16,112 @@ from flwr.common import MessageType, ndarrays_to_parameters, parameters_to_ndarr
 from test_strategy import LAYOUT, _configure, _manager, _res, _strategy
 
 from lora_flwr.aggregation import get_rule
-from lora_flwr.config import ExperimentConfig, FedConfig
+from lora_flwr.config import ExperimentConfig, GuardsConfig, SecAggConfig
 from lora_flwr.fl import client_app
 from lora_flwr.fl.runner import check_secagg_range
 from lora_flwr.fl.strategy import FedLoRA
 from lora_flwr.protocol import Plan
 
-SECAGG: dict[str, Any] = {"secagg": True}  # test_strategy's _cfg turns guards off
+# test_strategy's _cfg turns the guards off, as SecAgg+ requires.
+SECAGG: dict[str, Any] = {"secagg": {"enabled": True}}
 
 PLAIN_SUM_RULES = ("fedit", "ffa", "fedsa", "rolora", "fedsvd", "hetlora")
 
 
 # -------------------------------------------------------------------- config
 @pytest.mark.parametrize(
-    ("fed", "key"),
+    ("sections", "key"),
     [
-        ({}, "fed.norm_guard"),  # defaults: the norm guard is on
-        ({"norm_guard": "off"}, "fed.weight_cap"),
-        ({"norm_guard": "off", "weight_cap": 0.0, "min_fit_clients": 1}, "fed.min_fit"),
+        ({}, "guards.norm_guard"),  # defaults: the norm guard is on
+        ({"guards": {"norm_guard": "off"}}, "guards.weight_cap"),
         (
-            {"norm_guard": "off", "weight_cap": 0.0, "max_update_norm": 5.0},
-            "fed.max_update_norm",
-        ),
-        ({"norm_guard": "off", "weight_cap": 0.0, "robust": "median"}, "fed.robust"),
-        (
-            {"norm_guard": "off", "weight_cap": 0.0, "dp_noise_multiplier": 1.0},
-            "fed.dp_noise_multiplier",
+            {
+                "guards": {"norm_guard": "off", "weight_cap": 0.0},
+                "sampling": {"min_clients": 1},
+            },
+            "sampling.min_clients",
         ),
         (
-            {"norm_guard": "off", "weight_cap": 0.0, "compression": "int8"},
-            "fed.compression",
+            {
+                "guards": {
+                    "norm_guard": "off",
+                    "weight_cap": 0.0,
+                    "max_update_norm": 5.0,
+                }
+            },
+            "guards.max_update_norm",
         ),
         (
-            {"norm_guard": "off", "weight_cap": 0.0, "compression": "topk"},
-            "fed.compression",
+            {"guards": {"norm_guard": "off", "weight_cap": 0.0, "robust": "median"}},
+            "guards.robust",
+        ),
+        (
+            {
+                "guards": {"norm_guard": "off", "weight_cap": 0.0},
+                "privacy": {"noise_multiplier": 1.0},
+            },
+            "privacy.noise_multiplier",
+        ),
+        (
+            {
+                "guards": {"norm_guard": "off", "weight_cap": 0.0},
+                "compression": {"codec": "int8"},
+            },
+            "compression.codec",
+        ),
+        (
+            {
+                "guards": {"norm_guard": "off", "weight_cap": 0.0},
+                "compression": {"codec": "topk"},
+            },
+            "compression.codec",
         ),
     ],
 )
 def test_secagg_refuses_server_side_checks_it_makes_impossible(
-    fed: dict[str, Any], key: str
+    sections: dict[str, dict[str, Any]], key: str
 ) -> None:
     # Prepare / Execute / Assert: one line naming the key and saying why.
-    with pytest.raises(ValueError, match=rf"`{key}.*fed.secagg = true"):
-        FedConfig(secagg=True, **fed)
+    with pytest.raises(ValueError, match=rf"`{key}.*secagg.enabled = true"):
+        ExperimentConfig.from_dict({"secagg": {"enabled": True}, **sections})
 
 
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("secagg_clip", 0.0),
-        ("secagg_max_weight", 0.5),
-        ("secagg_shares", 0.0),
-        ("secagg_shares", 1.5),
-        ("secagg_threshold", 0.0),
+        ("clip", 0.0),
+        ("max_weight", 0.5),
+        ("shares", 0.0),
+        ("shares", 1.5),
+        ("threshold", 0.0),
     ],
 )
 def test_secagg_settings_are_checked(key: str, value: float) -> None:
     # Prepare / Execute / Assert
-    with pytest.raises(ValueError, match=f"`fed.{key}`"):
-        FedConfig(**{key: value})
+    with pytest.raises(ValueError, match=f"`secagg.{key}`"):
+        SecAggConfig(**{key: value})
 
 
 def test_a_secagg_config_round_trips_through_the_run_config() -> None:
     # Prepare
     cfg = ExperimentConfig(
-        fed=FedConfig(secagg=True, norm_guard="off", weight_cap=0.0, secagg_clip=0.5)
+        guards=GuardsConfig(norm_guard="off", weight_cap=0.0),
+        secagg=SecAggConfig(enabled=True, clip=0.5),
     )
 
     # Execute
     back = ExperimentConfig.from_flat(cfg.to_flat())
 
     # Assert
-    assert back.fed.secagg is True
-    assert back.fed.secagg_clip == 0.5
+    assert back.secagg.enabled is True
+    assert back.secagg.clip == 0.5
 
 
 # --------------------------------------------------------------------- rules
 @pytest.mark.parametrize("name", ["fedex", "flora", "flexlora"])
 def test_rules_that_need_each_reply_refuse_secagg(name: str) -> None:
     # Prepare / Execute / Assert
-    with pytest.raises(ValueError, match=f"`fed.secagg` = true cannot be.*{name}"):
+    with pytest.raises(ValueError, match=f"`secagg.enabled` = true cannot be.*{name}"):
         get_rule(name).check_setup(rank_tiers=(), server_optimizer="none", secagg=True)
 
 
@@ -133,8 +159,8 @@ def test_the_unmasked_mean_gives_the_global_of_the_plain_run(rule: str) -> None:
     # SecAgg+ workflow hands them over: every result carries the float64
     # example-weighted mean.
     counts = [3, 5, 8, 2]
-    plain = _strategy(aggregation=rule)
-    secure = _strategy(aggregation=rule, **SECAGG)
+    plain = _strategy(fed={"aggregation": rule})
+    secure = _strategy(fed={"aggregation": rule}, **SECAGG)
     sent_plain = _configure(plain, _manager())
     sent_secure = _configure(secure, _manager())
     replies = _replies(plain, sent_plain)
@@ -220,9 +246,9 @@ def test_values_within_the_range_pass() -> None:
 @pytest.mark.parametrize(
     ("value", "n", "match"),
     [
-        (2.5, 900, r"magnitude 2\.5 x weight 0\.9 exceeds fed.secagg_clip=2"),
-        (0.1, 1001, "1001 training examples, more than fed.secagg_max_weight=1000"),
-        (float("nan"), 10, "exceeds fed.secagg_clip"),
+        (2.5, 900, r"magnitude 2\.5 x weight 0\.9 exceeds secagg.clip=2"),
+        (0.1, 1001, "1001 training examples, more than secagg.max_weight=1000"),
+        (float("nan"), 10, "exceeds secagg.clip"),
     ],
 )
 def test_a_value_secagg_would_clip_is_refused(value: float, n: int, match: str) -> None:
@@ -242,8 +268,11 @@ def test_the_client_mod_runs_secagg_only_when_the_run_asks(
         "secaggplus_mod",
         lambda msg, ctx, nxt: calls.append("secagg") or nxt(msg, ctx),
     )
-    fed = FedConfig(secagg=secagg, norm_guard="off", weight_cap=0.0)
-    mod = client_app.make_secagg_mod(ExperimentConfig(fed=fed))
+    cfg = ExperimentConfig(
+        guards=GuardsConfig(norm_guard="off", weight_cap=0.0),
+        secagg=SecAggConfig(enabled=secagg),
+    )
+    mod = client_app.make_secagg_mod(cfg)
     msg = MagicMock()
     msg.metadata.message_type = MessageType.TRAIN
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lora_flwr.config import ExperimentConfig, FedConfig, LoraConfig, TrainConfig
+from lora_flwr.config import ExperimentConfig
 from lora_flwr.protocol import (
     ACCURACY,
     LOCAL_STEPS,
@@ -42,22 +42,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------- helpers
-def make_cfg(**fed: Any) -> ExperimentConfig:
-    """Three partitions, every guard off unless a test turns it on."""
-    settings: dict[str, Any] = {
-        "num_clients": 3,
-        "min_fit_replies": 2,
-        "weight_cap": 0.0,
-        "norm_guard": "off",
-        "max_failed_rounds": 100,
+# The helpers' defaults, by section: three partitions, every guard off unless a
+# test turns it on. A test's section dicts are merged over them.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"lr": 0.01, "local_steps": 7},
+    "fed": {"num_clients": 3, "max_failed_rounds": 100},
+    "sampling": {"min_replies": 2},
+    "guards": {"weight_cap": 0.0, "norm_guard": "off"},
+}
+
+
+def make_cfg(**sections: dict[str, Any]) -> ExperimentConfig:
+    """Build the test config: each section dict (``eval={"every": 2}``) on DEFAULTS."""
+    tree: dict[str, Any] = {
+        "seed": 0,
+        "lora": {"r": R, "lora_alpha": 2.0 * R, "lora_dropout": 0.0},
     }
-    settings.update(fed)
-    return ExperimentConfig(
-        seed=0,
-        lora=LoraConfig(r=R, lora_alpha=2.0 * R, lora_dropout=0.0),
-        train=TrainConfig(lr=0.01, local_steps=7),
-        fed=FedConfig(**settings),
-    )
+    for name in {**DEFAULTS, **sections}:
+        tree[name] = {**DEFAULTS.get(name, {}), **sections.get(name, {})}
+    return ExperimentConfig.from_dict(tree)
 
 
 def make_initial() -> Arrays:
@@ -72,11 +75,13 @@ def make_initial() -> Arrays:
 
 
 def make_core(
-    rows: list[Any] | None = None, evaluate_fn: Any = None, **fed: Any
+    rows: list[Any] | None = None,
+    evaluate_fn: Any = None,
+    **sections: dict[str, Any],
 ) -> RoundCore:
     """A core whose on_round_end appends ``(row, view)`` to ``rows``."""
     return RoundCore(
-        cfg=make_cfg(**fed),
+        cfg=make_cfg(**sections),
         layout=LAYOUT,
         initial=make_initial(),
         evaluate_fn=evaluate_fn,
@@ -149,7 +154,7 @@ def assert_arrays_equal(a: Arrays, b: Arrays) -> None:
 # --------------------------------------------------------------------- plans
 def test_plans_carry_the_global_payload_and_the_round_settings() -> None:
     # Prepare
-    core = make_core(lr_decay=0.5)
+    core = make_core(fed={"lr_decay": 0.5})
 
     # Execute
     fit = core.plans(3, [2, 0], evaluate=False)
@@ -295,7 +300,7 @@ def test_a_client_failure_sets_last_failure_and_forgets_its_version() -> None:
 
 def test_weight_cap_moved_is_half_the_l1_distance_of_the_weights() -> None:
     # Prepare: the cap is 1.5 x the lower median count 10 = 15.
-    core = make_core(weight_cap=1.5)
+    core = make_core(guards={"weight_cap": 1.5})
     counts, capped = [10, 10, 1000], [10, 10, 15]
     outs = open_fit(core, 1)
     values = [1.0, 2.0, 7.0]
@@ -330,7 +335,7 @@ def _open_eval(core: RoundCore, rnd: int, pids: Sequence[int]) -> None:
 
 def test_eval_outcome_returns_example_weighted_means() -> None:
     # Prepare: three valid replies and one with a NaN loss.
-    core = make_core(fraction_evaluate=1.0)
+    core = make_core(eval={"fraction": 1.0})
     open_fit(core, 1)
     _open_eval(core, 1, [0, 1, 2])
     results = [
@@ -361,7 +366,7 @@ def test_eval_outcome_returns_example_weighted_means() -> None:
 )
 def test_eval_fraction(rule: str, fraction: float, expected: float) -> None:
     # Prepare: a personalised rule (FedSA) is evaluated on every client.
-    core = make_core(aggregation=rule, fraction_evaluate=fraction)
+    core = make_core(fed={"aggregation": rule}, eval={"fraction": fraction})
 
     # Execute / Assert
     assert core.eval_fraction(1) == expected
@@ -376,7 +381,7 @@ def test_centralised_evaluation_of_round_zero_is_a_row_of_its_own() -> None:
         return {"loss": 0.5, "accuracy": 0.75}
 
     rows: list[Any] = []
-    core = make_core(rows, evaluate_fn, eval_every=2)
+    core = make_core(rows, evaluate_fn, eval={"every": 2})
 
     # Execute
     first = core.evaluate(0, {})
@@ -403,7 +408,7 @@ def _failed_round(core: RoundCore, rnd: int) -> None:
 def test_the_run_aborts_after_max_failed_rounds() -> None:
     # Prepare
     rows: list[Any] = []
-    core = make_core(rows, max_failed_rounds=1)
+    core = make_core(rows, fed={"max_failed_rounds": 1})
     _failed_round(core, 1)
 
     # Execute: the second consecutive failed round is one too many.
@@ -425,7 +430,7 @@ def test_the_run_aborts_after_max_failed_rounds() -> None:
 
 def test_the_run_aborts_at_the_last_round_when_none_aggregated() -> None:
     # Prepare
-    core = make_core(num_rounds=2, max_failed_rounds=5)
+    core = make_core(fed={"num_rounds": 2, "max_failed_rounds": 5})
     _failed_round(core, 1)
 
     # Execute / Assert

@@ -46,7 +46,7 @@ def _replies(updates: list[float], counts: list[int]) -> list[ClientReply]:
 # ------------------------------------------------------------------------ DP
 def test_dp_clips_an_update_above_the_bound_to_exactly_the_bound() -> None:
     # Prepare: 16 weights; update norms 3 * 4 = 12 and 0.1 * 4 = 0.4.
-    hook = DPHook(make_core(dp_noise_multiplier=1.0, dp_clip_norm=1.0).fed)
+    hook = DPHook(make_core(privacy={"noise_multiplier": 1.0, "clip_norm": 1.0}).cfg)
     big, small = _replies([3.0, 0.1], [1, 1])
     fit = _fit_round()
 
@@ -66,8 +66,8 @@ def test_dp_clips_an_update_above_the_bound_to_exactly_the_bound() -> None:
 def test_dp_epsilon_grows_with_the_noisy_rounds() -> None:
     # Prepare
     pytest.importorskip("dp_accounting")
-    fed = make_core(dp_noise_multiplier=1.0, dp_clip_norm=0.5).fed
-    hook = DPHook(fed)
+    cfg = make_core(privacy={"noise_multiplier": 1.0, "clip_norm": 0.5}).cfg
+    hook = DPHook(cfg)
     state = ServerState(round=1, arrays=make_initial())
     fits = [_fit_round(rnd) for rnd in (1, 2, 3)]
     for fit in fits:
@@ -86,7 +86,7 @@ def test_dp_epsilon_grows_with_the_noisy_rounds() -> None:
         unamplified = fit.record.dp_epsilon_unamplified
         assert unamplified is not None and unamplified >= fit.record.dp_epsilon
     assert hook.counters() == {"dp_rounds": 3}
-    again = DPHook(fed)
+    again = DPHook(cfg)
     again.restore(hook.counters())
     assert again.rounds == 3
 
@@ -94,7 +94,7 @@ def test_dp_epsilon_grows_with_the_noisy_rounds() -> None:
 def test_a_dp_round_in_the_core_clips_and_counts() -> None:
     # Prepare
     pytest.importorskip("dp_accounting")
-    core = make_core(dp_noise_multiplier=1.0, dp_clip_norm=0.5)
+    core = make_core(privacy={"noise_multiplier": 1.0, "clip_norm": 0.5})
     outs = open_fit(core, 1)
     updates = [3.0, 3.0, 0.01]  # norms 12, 12 and 0.04
     replies = [incoming(core, outs[k], const_update(updates[k]), 2) for k in range(3)]
@@ -117,7 +117,7 @@ def _secagg_round(
     counts: list[int], *, differ: bool = False, bad: int | None = None
 ) -> tuple[Any, Arrays, Any]:
     """A SecAgg+ round: every result carries the same unmasked float64 mean."""
-    core = make_core(secagg=True)
+    core = make_core(secagg={"enabled": True})
     outs = open_fit(core, 1)
     rng = np.random.default_rng(1)
     mean = {n: rng.normal(size=s) for n, s in LAYOUT.items()}
@@ -228,7 +228,7 @@ class Spy:
 
 def test_a_hook_sees_the_replies_and_the_new_state_and_checkpoints() -> None:
     # Prepare: the spy keeps only the first reply (partition 0, update +1).
-    core = make_core(min_fit_replies=1)
+    core = make_core(sampling={"min_replies": 1})
     spy = Spy()
     core.hooks.append(spy)
     outs = open_fit(core, 1)

@@ -13,7 +13,13 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
-from lora_flwr.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+from lora_flwr.config import (
+    ComputeConfig,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from lora_flwr.data import load_splits, tokenize
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import load_model
@@ -182,7 +188,10 @@ def test_training_and_base_deltas_never_write_the_file(tiny_llama_dir: Path) -> 
     adapter = LoRAAdapter(lora, seed=0)
     adapter.apply(bundle.model)
     trainer = LoRATrainer(
-        adapter, bundle.task, TrainConfig(lr=1e-2, batch_size=8, device="cpu")
+        adapter,
+        bundle.task,
+        TrainConfig(lr=1e-2, batch_size=8),
+        compute=ComputeConfig(device="cpu"),
     )
     data = load_splits(DataConfig(name="synthetic_lm"), seed=0).train
     q_proj = bundle.model.model.layers[0].self_attn.q_proj.base_layer

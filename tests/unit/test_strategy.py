@@ -29,7 +29,13 @@ from flwr.server.client_manager import SimpleClientManager
 
 from lora_flwr.aggregation import ClientInfo, available_rules, fold_block
 from lora_flwr.compression import decode_reply, encode_reply, wire_nbytes
-from lora_flwr.config import ExperimentConfig, FedConfig, LoraConfig, TrainConfig
+from lora_flwr.config import (
+    ExperimentConfig,
+    FedConfig,
+    LoraConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from lora_flwr.experiment import get_workspace
 from lora_flwr.fl.client import ContextStore, LoRAClient
 from lora_flwr.fl.runner import layout_of
@@ -71,26 +77,29 @@ OK = Status(code=Code.OK, message="ok")
 
 
 # ------------------------------------------------------------------- helpers
-def _cfg(*, r: int = R, seed: int = 0, **fed: Any) -> ExperimentConfig:
-    fed_cfg: dict[str, Any] = {
-        "num_rounds": 3,
-        "num_clients": 4,
-        "min_fit_clients": 2,
-        "min_evaluate_clients": 2,
-        "min_available_clients": 2,
-        # Exact-arithmetic tests: the hostile-client guards are tested on their own.
-        "min_fit_replies": 2,
-        "weight_cap": 0.0,
-        "norm_guard": "off",
-        "max_failed_rounds": 100,
+# The helpers' defaults, by section; a test's section dicts are merged over them.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"lr": 0.01, "local_steps": 7},
+    "fed": {"num_rounds": 3, "num_clients": 4, "max_failed_rounds": 100},
+    "sampling": {"min_clients": 2, "min_available": 2, "min_replies": 2},
+    "eval": {"min_clients": 2},
+    # Exact-arithmetic tests: the hostile-client guards are tested on their own.
+    "guards": {"weight_cap": 0.0, "norm_guard": "off"},
+}
+
+
+def _cfg(*, r: int = R, seed: int = 0, **sections: dict[str, Any]) -> ExperimentConfig:
+    """Build the test config: each section dict merged over ``_DEFAULTS``.
+
+    E.g. ``_cfg(sampling={"fraction": 0.5})``; ``r`` sets the LoRA rank.
+    """
+    tree: dict[str, Any] = {
+        "seed": seed,
+        "lora": {"r": r, "lora_alpha": 2.0 * r, "lora_dropout": 0.0},
     }
-    fed_cfg.update(fed)
-    return ExperimentConfig(
-        seed=seed,
-        lora=LoraConfig(r=r, lora_alpha=2.0 * r, lora_dropout=0.0),
-        train=TrainConfig(lr=0.01, local_steps=7),
-        fed=FedConfig(**fed_cfg),
-    )
+    for name in {**_DEFAULTS, **sections}:
+        tree[name] = {**_DEFAULTS.get(name, {}), **sections.get(name, {})}
+    return ExperimentConfig.from_dict(tree)
 
 
 def _initial(layout: AdapterLayout = LAYOUT) -> Arrays:
@@ -104,11 +113,16 @@ def _initial(layout: AdapterLayout = LAYOUT) -> Arrays:
     }
 
 
-def _strategy(layout: AdapterLayout = LAYOUT, **kwargs: Any) -> FedLoRA:
-    evaluate_fn = kwargs.pop("evaluate_fn", None)
-    r = layout.rank
+def _strategy(
+    layout: AdapterLayout = LAYOUT,
+    *,
+    seed: int = 0,
+    evaluate_fn: Callable[[int, Arrays, Arrays], dict[str, float]] | None = None,
+    **sections: dict[str, Any],
+) -> FedLoRA:
+    """A FedLoRA on ``layout`` built from ``_cfg(seed=seed, **sections)``."""
     return FedLoRA(
-        cfg=_cfg(r=r, **kwargs),
+        cfg=_cfg(r=layout.rank, seed=seed, **sections),
         layout=layout,
         initial=_initial(layout),
         evaluate_fn=evaluate_fn,
@@ -330,7 +344,7 @@ def test_aggregate_fit_drops_an_update_above_the_norm_limit(
 ) -> None:
     # Prepare: updates are measured from the start the client was sent; client
     # 1 moved every one of 16 weights by 100 (norm 400), the others by 0.5, 1.5.
-    strategy = _strategy(max_update_norm=10.0)
+    strategy = _strategy(guards={"max_update_norm": 10.0})
     start = [_initial()[n] for n in LAYOUT.names]
     sent = _configure(strategy, _manager())
     results = [
@@ -347,7 +361,7 @@ def test_aggregate_fit_drops_an_update_above_the_norm_limit(
     for name, value in _initial().items():
         np.testing.assert_allclose(got[name], value + 1.0, rtol=1e-6)
     assert metrics["fit_dropped"] == 1
-    assert "update norm 400 exceeds fed.max_update_norm=10" in "".join(
+    assert "update norm 400 exceeds guards.max_update_norm=10" in "".join(
         _warnings(flwr_caplog)
     )
 
@@ -400,7 +414,7 @@ def test_aggregate_fit_keeps_the_global_on_too_few_valid_replies(
     assert strategy.state is before
     for name, value in _initial().items():
         np.testing.assert_array_equal(strategy.global_arrays()[name], value)
-    assert "round 3: 1 valid replies < fed.min_fit_replies=2" in "\n".join(
+    assert "round 3: 1 valid replies < sampling.min_replies=2" in "\n".join(
         _warnings(flwr_caplog)
     )
 
@@ -453,7 +467,7 @@ def test_a_non_finite_aggregate_never_becomes_the_global(
 ) -> None:
     # Prepare: a huge server learning rate overflows float32.
     caplog.set_level(logging.ERROR, logger="flwr")
-    strategy = _strategy(server_optimizer="fedavgm", server_lr=1e38, server_beta1=0.0)
+    strategy = _strategy(server_opt={"name": "fedavgm", "lr": 1e38, "beta1": 0.0})
     before = _global(strategy)
     sent = _configure(strategy, _manager())
     results = [(sent[p][0], _res(_full(10.0), 1, pid=p)) for p in (0, 1)]
@@ -477,7 +491,7 @@ def test_a_non_finite_aggregate_never_becomes_the_global(
 def test_strategy_rejects_an_unknown_rule() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ValueError, match="'nope'"):
-        _strategy(aggregation="nope")
+        _strategy(fed={"aggregation": "nope"})
 
 
 def test_strategy_rejects_initial_arrays_that_do_not_match_the_layout() -> None:
@@ -491,31 +505,31 @@ def test_strategy_rejects_initial_arrays_that_do_not_match_the_layout() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fed", "message"),
+    ("sections", "message"),
     [
         (
-            {"aggregation": "flora", "server_optimizer": "fedadam"},
-            "`fed.server_optimizer`='fedadam' cannot be combined with "
+            {"fed": {"aggregation": "flora"}, "server_opt": {"name": "fedadam"}},
+            "`server_opt.name`='fedadam' cannot be combined with "
             "`fed.aggregation`='flora'",
         ),
         (
-            {"aggregation": "fedsvd", "server_optimizer": "fedavgm"},
-            "`fed.server_optimizer`='fedavgm' cannot be combined with "
+            {"fed": {"aggregation": "fedsvd"}, "server_opt": {"name": "fedavgm"}},
+            "`server_opt.name`='fedavgm' cannot be combined with "
             "`fed.aggregation`='fedsvd'",
         ),
         (
-            {"aggregation": "fedit", "rank_tiers": (2, 4)},
+            {"fed": {"aggregation": "fedit", "rank_tiers": (2, 4)}},
             "`fed.aggregation`='fedit' needs one rank for every client but "
             "`fed.rank_tiers` is '2,4'",
         ),
     ],
 )
 def test_strategy_refuses_an_impossible_combination(
-    fed: dict[str, Any], message: str
+    sections: dict[str, dict[str, Any]], message: str
 ) -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        _strategy(TIER_LAYOUT, **fed)
+        _strategy(TIER_LAYOUT, **sections)
 
 
 # ------------------------------------------------------------- configure_fit
@@ -550,7 +564,7 @@ def test_each_client_gets_its_own_plan_and_payload(
     rule: str, server_round: int, receive: str, send: str, keep: str
 ) -> None:
     # Prepare: lr 0.01 decayed by 0.5 per round.
-    strategy = _strategy(aggregation=rule, lr_decay=0.5, prox_mu=0.25)
+    strategy = _strategy(fed={"aggregation": rule, "lr_decay": 0.5, "prox_mu": 0.25})
     lr = 0.01 * 0.5 ** (server_round - 1)
 
     # Execute
@@ -589,7 +603,7 @@ def test_each_client_gets_its_own_plan_and_payload(
 
 def test_configure_fit_samples_at_least_min_fit_clients() -> None:
     # Prepare: fraction 0.25 of 4 is 1 client, but min_fit_clients is 3.
-    strategy = _strategy(fraction_fit=0.25, min_fit_clients=3)
+    strategy = _strategy(sampling={"fraction": 0.25, "min_clients": 3})
 
     # Execute
     sent = _configure(strategy, _manager())
@@ -604,7 +618,8 @@ def test_configure_fit_omits_steps_when_training_by_epochs() -> None:
     cfg = ExperimentConfig(
         lora=LoraConfig(r=R),
         train=TrainConfig(local_epochs=1.0),
-        fed=FedConfig(num_clients=2, min_fit_clients=1, min_available_clients=2),
+        fed=FedConfig(num_clients=2),
+        sampling=SamplingConfig(min_clients=1, min_available=2),
     )
     strategy = FedLoRA(cfg=cfg, layout=LAYOUT, initial=_initial())
 
@@ -623,7 +638,7 @@ def _payload_bytes(arrays: Sequence[np.ndarray]) -> int:
 @pytest.mark.parametrize("rule", ["fedit", "ffa", "fedsa", "flora"])
 def test_bytes_down_is_the_sum_of_each_clients_payload(rule: str) -> None:
     # Prepare
-    strategy = _strategy(aggregation=rule, fraction_fit=0.75)
+    strategy = _strategy(fed={"aggregation": rule}, sampling={"fraction": 0.75})
     plan = strategy.rule.plan(strategy.state, ClientInfo(0, R, 0), 1)
     per_client = _payload_bytes(strategy.rule.payload(strategy.state, plan))
     received = [n for n in LAYOUT.names if group_of(n) in plan.receive]
@@ -647,7 +662,7 @@ def test_bytes_down_is_the_sum_of_each_clients_payload(rule: str) -> None:
 
 def test_bytes_down_adds_the_evaluate_payloads() -> None:
     # Prepare: FFA, every client fits and evaluates.
-    strategy = _strategy(aggregation="ffa", fraction_evaluate=1.0)
+    strategy = _strategy(fed={"aggregation": "ffa"}, eval={"fraction": 1.0})
     manager = _manager()
     sent = _configure(strategy, manager)
     fit = sum(parameters_nbytes(ins.parameters) for _, ins in sent.values())
@@ -672,7 +687,7 @@ def test_the_uplink_of_ffa_and_fedsa_leaves_out_a_and_b() -> None:
 
     # Execute: each rule's reply spec, serialized.
     for rule in ("fedit", "ffa", "fedsa"):
-        strategy = _strategy(aggregation=rule)
+        strategy = _strategy(fed={"aggregation": rule})
         plan = strategy.rule.plan(strategy.state, ClientInfo(0, R, 0), 1)
         spec = strategy.rule.reply_spec(plan)
         ups[rule] = _payload_bytes([np.zeros(s, np.float32) for _, s in spec])
@@ -698,7 +713,7 @@ def test_a_reply_is_checked_against_that_clients_plan(
     rule: str, server_round: int, send: str, flwr_caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: client 0 sends the whole adapter, clients 1 and 2 only `send`.
-    strategy = _strategy(aggregation=rule)
+    strategy = _strategy(fed={"aggregation": rule})
     before = _global(strategy)
     sent = _configure(strategy, _manager(), server_round)
     results = [
@@ -734,7 +749,7 @@ def test_a_reply_is_checked_against_that_clients_plan(
 
 def test_fedsa_never_takes_a_b_from_a_client() -> None:
     # Prepare: a reply of A, B, M is the wrong count; A + M is accepted.
-    strategy = _strategy(aggregation="fedsa")
+    strategy = _strategy(fed={"aggregation": "fedsa"})
     sent = _configure(strategy, _manager())
     results = [
         (sent[0][0], _res(_full(7.0), 1, pid=0)),
@@ -754,8 +769,9 @@ def test_fedsa_never_takes_a_b_from_a_client() -> None:
     assert strategy.core.record.to_dict()["agg_error"] is None
 
 
-def _tier_strategy(**fed: Any) -> FedLoRA:
-    return _strategy(TIER_LAYOUT, aggregation="hetlora", rank_tiers=(2, 4), **fed)
+def _tier_strategy(**sections: dict[str, Any]) -> FedLoRA:
+    fed = {"aggregation": "hetlora", "rank_tiers": (2, 4), **sections.pop("fed", {})}
+    return _strategy(TIER_LAYOUT, fed=fed, **sections)
 
 
 def test_rank_tiers_cut_each_payload_to_the_clients_rank() -> None:
@@ -835,9 +851,9 @@ def test_sampling_is_seeded_by_partition_not_by_node_id_or_order() -> None:
     # Prepare: the same six partitions behind other node ids, registered in
     # another order.
     rounds = 6
-    first = _strategy(seed=3, num_clients=6, fraction_fit=0.5)
-    second = _strategy(seed=3, num_clients=6, fraction_fit=0.5)
-    other = _strategy(seed=4, num_clients=6, fraction_fit=0.5)
+    first = _strategy(seed=3, fed={"num_clients": 6}, sampling={"fraction": 0.5})
+    second = _strategy(seed=3, fed={"num_clients": 6}, sampling={"fraction": 0.5})
+    other = _strategy(seed=4, fed={"num_clients": 6}, sampling={"fraction": 0.5})
     nodes = [_node(f"node-{i}", i) for i in range(6)]
     shuffled = [_node(f"x{(7 * i) % 11}", i) for i in (4, 1, 5, 0, 3, 2)]
 
@@ -857,7 +873,7 @@ def test_evaluate_sampling_is_seeded_and_separate_from_fit() -> None:
     # Prepare
     samples = []
     for _ in range(2):
-        strategy = _strategy(seed=1, num_clients=6, fraction_evaluate=0.5)
+        strategy = _strategy(seed=1, fed={"num_clients": 6}, eval={"fraction": 0.5})
         manager = _manager(num=6)
         strategy.configure_fit(1, NO_PARAMS, manager)
 
@@ -883,7 +899,7 @@ def test_the_handshake_asks_each_node_once_and_ignores_bad_claims(
     broken = _node("x-broken", 1)
     broken.get_properties.side_effect = RuntimeError("unreachable")
     manager = _manager(*good, out_of_range, negative, duplicate, text, broken)
-    strategy = _strategy(fraction_evaluate=1.0)
+    strategy = _strategy(eval={"fraction": 1.0})
 
     # Execute: three rounds of fit and evaluate.
     used = set()
@@ -927,7 +943,7 @@ def test_a_node_that_reconnects_under_a_new_id_gets_its_partition_back() -> None
 def test_a_failed_or_silent_node_gets_the_dense_delta_next_round() -> None:
     # Prepare: FLoRA, round 1: partitions 0, 1 reply (holding version 0),
     # 2 fails, 3 replies without saying which version it holds.
-    strategy = _strategy(WIDE_LAYOUT, aggregation="flora")
+    strategy = _strategy(WIDE_LAYOUT, fed={"aggregation": "flora"})
     sent = _configure(strategy, _manager())
     rng = np.random.default_rng(5)
 
@@ -971,7 +987,7 @@ def test_a_failed_or_silent_node_gets_the_dense_delta_next_round() -> None:
 @pytest.mark.parametrize("rule", ["fedit", "ffa", "fedsa", "hetlora"])
 def test_a_failed_node_of_a_rule_that_never_merges_gets_no_delta(rule: str) -> None:
     # Prepare: partition 3 fails in round 1; nothing was ever folded.
-    strategy = _strategy(aggregation=rule)
+    strategy = _strategy(fed={"aggregation": rule})
     sent = _configure(strategy, _manager())
     plan = Plan.from_config(sent[0][1].config)
     results = [
@@ -993,7 +1009,7 @@ def test_a_failed_node_of_a_rule_that_never_merges_gets_no_delta(rule: str) -> N
 
 def test_an_evaluate_failure_also_makes_the_version_unknown() -> None:
     # Prepare
-    strategy = _strategy(fraction_evaluate=1.0)
+    strategy = _strategy(eval={"fraction": 1.0})
     manager = _manager()
     ins = strategy.configure_evaluate(1, NO_PARAMS, manager)
     by_pid = {strategy.partition_of[p.cid]: p for p, _ in ins}
@@ -1020,7 +1036,7 @@ def _two_rounds(strategy: FedLoRA) -> list[Arrays]:
 def test_fedavgm_with_lr_1_and_no_momentum_is_the_rule_itself() -> None:
     # Prepare
     plain = _strategy()
-    avgm = _strategy(server_optimizer="fedavgm", server_lr=1.0, server_beta1=0.0)
+    avgm = _strategy(server_opt={"name": "fedavgm", "lr": 1.0, "beta1": 0.0})
 
     # Execute
     want = _two_rounds(plain)
@@ -1035,7 +1051,7 @@ def test_fedavgm_with_lr_1_and_no_momentum_is_the_rule_itself() -> None:
 
 def test_fedavgm_momentum_carries_over_between_rounds() -> None:
     # Prepare
-    strategy = _strategy(server_optimizer="fedavgm", server_lr=1.0, server_beta1=0.5)
+    strategy = _strategy(server_opt={"name": "fedavgm", "lr": 1.0, "beta1": 0.5})
 
     # Execute: round 1 averages to 2, round 2 to 2 again.
     first, second = _two_rounds(strategy)
@@ -1053,7 +1069,9 @@ def test_fedavgm_momentum_carries_over_between_rounds() -> None:
 
 
 # ------------------------------------------------------------------ evaluate
-def _evaluating(**fed: Any) -> tuple[FedLoRA, list[tuple[int, Arrays, Arrays]]]:
+def _evaluating(
+    **sections: dict[str, Any],
+) -> tuple[FedLoRA, list[tuple[int, Arrays, Arrays]]]:
     calls: list[tuple[int, Arrays, Arrays]] = []
 
     def evaluate_fn(
@@ -1062,7 +1080,7 @@ def _evaluating(**fed: Any) -> tuple[FedLoRA, list[tuple[int, Arrays, Arrays]]]:
         calls.append((server_round, arrays, base_delta))
         return {"loss": 0.5 + server_round, "accuracy": 0.25}
 
-    return _strategy(evaluate_fn=evaluate_fn, **fed), calls
+    return _strategy(evaluate_fn=evaluate_fn, **sections), calls
 
 
 @pytest.mark.parametrize(
@@ -1071,7 +1089,7 @@ def _evaluating(**fed: Any) -> tuple[FedLoRA, list[tuple[int, Arrays, Arrays]]]:
 )
 def test_evaluate_cadence(eval_every: int, expected: list[int]) -> None:
     # Prepare
-    strategy, calls = _evaluating(num_rounds=5, eval_every=eval_every)
+    strategy, calls = _evaluating(fed={"num_rounds": 5}, eval={"every": eval_every})
 
     # Execute
     results = {rnd: strategy.evaluate(rnd, NO_PARAMS) for rnd in range(6)}
@@ -1097,7 +1115,7 @@ def test_evaluate_without_evaluate_fn_returns_none() -> None:
 
 def test_central_evaluation_sees_the_base_delta_of_a_merging_rule() -> None:
     # Prepare
-    strategy, calls = _evaluating(aggregation="flora")
+    strategy, calls = _evaluating(fed={"aggregation": "flora"})
     sent = _configure(strategy, _manager())
     results = [(sent[p][0], _res(_full(0.5 + p), 1, pid=p)) for p in (0, 1)]
     strategy.aggregate_fit(1, results, [])
@@ -1120,7 +1138,7 @@ def test_central_evaluation_sees_the_base_delta_of_a_merging_rule() -> None:
 def test_round_record_holds_test_and_fit_metrics() -> None:
     # Prepare: no federated evaluation, so configure_evaluate closes the round.
     records: list[dict[str, Any]] = []
-    strategy, _ = _evaluating(num_rounds=1)
+    strategy, _ = _evaluating(fed={"num_rounds": 1})
     strategy.on_round_end = lambda rec, s: records.append(dict(rec, strategy=s))
     manager = _manager(num=2)
 
@@ -1163,7 +1181,7 @@ def test_round_record_holds_test_and_fit_metrics() -> None:
 
 def test_aggregate_evaluate_weights_loss_and_accuracy() -> None:
     # Prepare
-    strategy = _strategy(fraction_evaluate=1.0)
+    strategy = _strategy(eval={"fraction": 1.0})
     results: list[tuple[Any, EvaluateRes]] = [
         (_node("a", 0), EvaluateRes(OK, 1.0, 1, {ACCURACY: 1.0})),
         (_node("b", 1), EvaluateRes(OK, 2.0, 3, {ACCURACY: 0.0})),
@@ -1181,7 +1199,7 @@ def test_aggregate_evaluate_weights_loss_and_accuracy() -> None:
 
 def test_aggregate_evaluate_reports_perplexity_of_the_mean_loss() -> None:
     # Prepare
-    strategy = _strategy(fraction_evaluate=1.0)
+    strategy = _strategy(eval={"fraction": 1.0})
     results: list[tuple[Any, EvaluateRes]] = [
         (_node("a", 0), EvaluateRes(OK, 1.0, 1, {PERPLEXITY: 2.7})),
         (_node("b", 1), EvaluateRes(OK, 3.0, 1, {PERPLEXITY: 20.0})),
@@ -1197,7 +1215,7 @@ def test_aggregate_evaluate_reports_perplexity_of_the_mean_loss() -> None:
 
 def test_fedsa_has_no_central_evaluation_and_evaluates_every_client() -> None:
     # Prepare
-    strategy, calls = _evaluating(aggregation="fedsa", fraction_evaluate=0.0)
+    strategy, calls = _evaluating(fed={"aggregation": "fedsa"}, eval={"fraction": 0.0})
     manager = _manager()
     strategy.configure_fit(1, NO_PARAMS, manager)
 
@@ -1229,7 +1247,7 @@ def test_fedsa_has_no_central_evaluation_and_evaluates_every_client() -> None:
 def test_fedsa_aggregate_evaluate_writes_personal_metrics() -> None:
     # Prepare
     records: list[dict[str, Any]] = []
-    strategy = _strategy(aggregation="fedsa")
+    strategy = _strategy(fed={"aggregation": "fedsa"})
     strategy.on_round_end = lambda rec, s: records.append(rec)
     manager = _manager()
     strategy.configure_fit(1, NO_PARAMS, manager)
@@ -1255,7 +1273,9 @@ def test_fedsa_aggregate_evaluate_writes_personal_metrics() -> None:
 def test_on_round_end_sees_every_history_record_once() -> None:
     # Prepare: FedSA has no central evaluation, yet round 0 opens the table.
     seen: list[tuple[int, int]] = []
-    strategy = _strategy(aggregation="fedsa", fraction_evaluate=0.0, eval_every=2)
+    strategy = _strategy(
+        fed={"aggregation": "fedsa"}, eval={"fraction": 0.0, "every": 2}
+    )
     strategy.on_round_end = lambda rec, s: seen.append((rec["round"], len(s.history)))
     manager = _manager()
 
@@ -1283,7 +1303,7 @@ def test_on_round_end_sees_every_history_record_once() -> None:
 def test_fedsa_skips_personal_evaluation_between_eval_rounds() -> None:
     # Prepare: eval_every = 2: round 1 is not an evaluation round.
     records: list[dict[str, Any]] = []
-    strategy = _strategy(aggregation="fedsa", eval_every=2)
+    strategy = _strategy(fed={"aggregation": "fedsa"}, eval={"every": 2})
     strategy.on_round_end = lambda rec, s: records.append(rec)
     manager = _manager()
     strategy.configure_fit(1, NO_PARAMS, manager)
@@ -1314,7 +1334,7 @@ class _Federation:
 
     def __init__(self, overrides: Sequence[str]) -> None:
         self.cfg = ExperimentConfig.from_toml(SMOKE).with_overrides(
-            ["fed.num_clients=3", "fed.min_available_clients=3", "train.local_steps=2"]
+            ["fed.num_clients=3", "sampling.min_available=3", "train.local_steps=2"]
             + list(overrides)
         )
         ws = get_workspace(self.cfg)
@@ -1363,9 +1383,9 @@ def test_flora_with_rank_tiers_keeps_every_node_on_the_servers_base_weights() ->
         [
             "fed.aggregation=flora",
             "fed.rank_tiers=2,4",
-            "fed.fraction_fit=0.6",
-            "fed.min_fit_clients=2",
-            "fed.fraction_evaluate=0.0",
+            "sampling.fraction=0.6",
+            "sampling.min_clients=2",
+            "eval.fraction=0.0",
             "fed.num_rounds=4",
         ]
     )
@@ -1404,8 +1424,8 @@ def test_fedsa_keeps_each_nodes_b_private_and_reports_personal_accuracy() -> Non
     fed = _Federation(
         [
             "fed.aggregation=fedsa",
-            "fed.fraction_evaluate=0.0",
-            "fed.min_fit_clients=3",
+            "eval.fraction=0.0",
+            "sampling.min_clients=3",
             "fed.num_rounds=2",
         ]
     )
@@ -1499,8 +1519,8 @@ def test_run_simulation_rejects_a_bad_config_with_exit_code_2(
     ("overrides", "message"),
     [
         (
-            ["fed.aggregation=flora", "fed.server_optimizer=fedadam"],
-            "error: `fed.server_optimizer`='fedadam' cannot be combined with "
+            ["fed.aggregation=flora", "server_opt.name=fedadam"],
+            "error: `server_opt.name`='fedadam' cannot be combined with "
             "`fed.aggregation`='flora'",
         ),
         (
@@ -1509,8 +1529,8 @@ def test_run_simulation_rejects_a_bad_config_with_exit_code_2(
             "`fed.rank_tiers` is '2,4'",
         ),
         (
-            ["fed.aggregation=flora", "fed.dp_noise_multiplier=1.0"],
-            "error: differential privacy (`fed.dp_noise_multiplier` > 0) cannot be "
+            ["fed.aggregation=flora", "privacy.noise_multiplier=1.0"],
+            "error: differential privacy (`privacy.noise_multiplier` > 0) cannot be "
             "combined with `fed.aggregation`='flora'",
         ),
     ],
@@ -1577,7 +1597,7 @@ def test_a_malformed_fit_metric_is_dropped_not_fatal(
 def test_a_malformed_evaluate_reply_is_dropped_not_fatal(
     flwr_caplog: pytest.LogCaptureFixture,
 ) -> None:
-    strategy = _strategy(fraction_evaluate=1.0)
+    strategy = _strategy(eval={"fraction": 1.0})
     results = [
         (_node("a", 0), EvaluateRes(OK, 1.0, 1, {ACCURACY: "abc"})),
         (_node("b", 1), EvaluateRes(OK, 2.0, 3, {ACCURACY: 0.5})),
@@ -1595,7 +1615,9 @@ def test_a_malformed_evaluate_reply_is_dropped_not_fatal(
 def test_default_guards_bound_a_scaled_update_and_a_lying_count() -> None:
     # Prepare: the default guards on; partition 2 scales its update by 1e6 and
     # claims 10**9 examples (the reliability probes).
-    strategy = _strategy(weight_cap=4.0, norm_guard="clip", norm_guard_factor=3.0)
+    strategy = _strategy(
+        guards={"weight_cap": 4.0, "norm_guard": "clip", "norm_guard_factor": 3.0}
+    )
     sent = _configure(strategy, _manager())
     honest = [
         (sent[0][0], _res(_full(1.0), 100, pid=0)),
@@ -1634,7 +1656,7 @@ def _failed_round(strategy: FedLoRA, manager: Any, server_round: int) -> None:
 
 def test_the_run_stops_after_too_many_failed_rounds() -> None:
     # Prepare: 10 rounds, at most 2 consecutive rounds without an aggregate.
-    strategy = _strategy(num_rounds=10, max_failed_rounds=2)
+    strategy = _strategy(fed={"num_rounds": 10, "max_failed_rounds": 2})
     manager = _manager()
     _failed_round(strategy, manager, 1)
     _failed_round(strategy, manager, 2)
@@ -1650,7 +1672,7 @@ def test_the_run_stops_after_too_many_failed_rounds() -> None:
 
 
 def test_a_run_without_any_aggregate_does_not_finish_quietly() -> None:
-    strategy = _strategy(num_rounds=2, max_failed_rounds=5)
+    strategy = _strategy(fed={"num_rounds": 2, "max_failed_rounds": 5})
     manager = _manager()
     _failed_round(strategy, manager, 1)
     with pytest.raises(RunAborted, match="none of the 2 rounds produced an aggregate"):
@@ -1682,7 +1704,7 @@ def test_a_resumed_strategy_continues_the_round_numbers() -> None:
 
 def test_dp_clips_every_update_and_reports_epsilon() -> None:
     # Prepare: noise small enough to see the clipped mean; C = 1.
-    strategy = _strategy(dp_noise_multiplier=1e-9, dp_clip_norm=1.0)
+    strategy = _strategy(privacy={"noise_multiplier": 1e-9, "clip_norm": 1.0})
     start = _global(strategy)
     sent = _configure(strategy, _manager())
     results = [
@@ -1711,7 +1733,7 @@ def test_dp_noise_has_the_calibrated_std() -> None:
     layout = AdapterLayout(
         ("q.lora_A.weight", "q.lora_B.weight"), ((R, 4000), (4000, R))
     )
-    strategy = _strategy(layout, dp_noise_multiplier=2.0, dp_clip_norm=0.5)
+    strategy = _strategy(layout, privacy={"noise_multiplier": 2.0, "clip_norm": 0.5})
     start = _global(strategy)
     sent = _configure(strategy, _manager())
     same = [start[n] for n in layout.names]
@@ -1726,7 +1748,7 @@ def test_dp_noise_has_the_calibrated_std() -> None:
     )
     assert noise.std() == pytest.approx(1.0 / 3.0, rel=0.05)
     assert abs(noise.mean()) < 0.01
-    again = _strategy(layout, dp_noise_multiplier=2.0, dp_clip_norm=0.5)
+    again = _strategy(layout, privacy={"noise_multiplier": 2.0, "clip_norm": 0.5})
     sent = _configure(again, _manager())
     again.aggregate_fit(1, [(sent[p][0], _res(same, 5, pid=p)) for p in (0, 1, 2)], [])
     assert not np.array_equal(
@@ -1752,7 +1774,7 @@ def test_compressed_replies_are_decoded_then_averaged(
     codec: Any, fraction: float
 ) -> None:
     # Prepare: three clients move the start by different amounts.
-    strategy = _strategy(compression=codec, topk_fraction=fraction)
+    strategy = _strategy(compression={"codec": codec, "topk_fraction": fraction})
     sent = _configure(strategy, _manager())
     moves = {0: 0.5, 1: -0.25, 2: 0.125}
     weights = {0: 1, 1: 2, 2: 5}
@@ -1800,7 +1822,7 @@ def test_compressed_replies_are_decoded_then_averaged(
 
 def test_compressed_bytes_up_is_below_the_float32_reply() -> None:
     # Prepare
-    plain, coded = _strategy(), _strategy(compression="int8")
+    plain, coded = _strategy(), _strategy(compression={"codec": "int8"})
     reply = _full(0.5)
 
     # Execute
@@ -1856,7 +1878,7 @@ def test_a_malformed_encoded_reply_is_dropped_and_the_rest_aggregated(
 ) -> None:
     # Prepare: partition 2's encoding is broken; 0 and 1 are fine.
     build, message = BAD_ENCODINGS[fault]
-    strategy = _strategy(compression="int8")
+    strategy = _strategy(compression={"codec": "int8"})
     sent = _configure(strategy, _manager())
     results = [
         (sent[0][0], _res(_encoded(sent[0][1], _full(1.0), "int8"), 1, pid=0)),
@@ -1924,9 +1946,11 @@ def _reports(
 
 def test_overlapped_evaluation_reports_what_sequential_evaluation_does() -> None:
     # Prepare: the same three rounds, evaluation after each, off and on.
-    plain, plain_calls = _evaluating(num_rounds=3)
-    overlapped, overlapped_calls = _evaluating(num_rounds=3, eval_overlap=True)
-    assert overlapped.fed.eval_overlap and not plain.fed.eval_overlap
+    plain, plain_calls = _evaluating(fed={"num_rounds": 3})
+    overlapped, overlapped_calls = _evaluating(
+        fed={"num_rounds": 3}, eval={"overlap": True}
+    )
+    assert overlapped.cfg.eval.overlap and not plain.cfg.eval.overlap
     want, got = _reports(plain), _reports(overlapped)
 
     # Execute
@@ -1968,7 +1992,9 @@ def test_overlapped_evaluation_runs_while_the_next_round_trains() -> None:
             raise AssertionError("round 0's evaluation blocked round 1")
         return {"loss": 1.0, "accuracy": 0.5}
 
-    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=2, eval_overlap=True)
+    strategy = _strategy(
+        evaluate_fn=evaluate_fn, fed={"num_rounds": 2}, eval={"overlap": True}
+    )
     reports = _reports(strategy)
 
     def between(rnd: int) -> None:
@@ -1994,7 +2020,9 @@ def test_a_failed_background_evaluation_stops_the_next_round() -> None:
             raise ValueError("the held-out file vanished")
         return {"loss": 1.0}
 
-    strategy = _strategy(evaluate_fn=evaluate_fn, num_rounds=3, eval_overlap=True)
+    strategy = _strategy(
+        evaluate_fn=evaluate_fn, fed={"num_rounds": 3}, eval={"overlap": True}
+    )
     reports = _reports(strategy)
 
     # Execute / Assert: named at the next evaluation; round 1 never reported.
@@ -2007,7 +2035,9 @@ def test_a_failed_background_evaluation_stops_the_next_round() -> None:
 
 def test_an_aborting_round_waits_for_its_evaluation() -> None:
     # Prepare: every client fails; the second failed round stops the run.
-    strategy, _ = _evaluating(num_rounds=5, max_failed_rounds=1, eval_overlap=True)
+    strategy, _ = _evaluating(
+        fed={"num_rounds": 5, "max_failed_rounds": 1}, eval={"overlap": True}
+    )
     reports = _reports(strategy)
     manager = _manager()
     strategy.evaluate(0, NO_PARAMS)

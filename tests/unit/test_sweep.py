@@ -38,7 +38,7 @@ def test_read_variants_reads_names_overrides_and_notes(tmp_path: Path) -> None:
     path = _variants(
         tmp_path,
         '[plain]\noverrides = []\n\n[lc]\nabout = "FedLC"\n'
-        'overrides = ["train.loss=fedlc", "fed.head=frozen"]\n',
+        'overrides = ["loss.name=fedlc", "head.mode=frozen"]\n',
     )
     cfg = ExperimentConfig.from_toml(SMOKE)
 
@@ -48,7 +48,7 @@ def test_read_variants_reads_names_overrides_and_notes(tmp_path: Path) -> None:
     # Assert
     assert [(v.name, v.overrides, v.about) for v in variants] == [
         ("plain", (), ""),
-        ("lc", ("train.loss=fedlc", "fed.head=frozen"), "FedLC"),
+        ("lc", ("loss.name=fedlc", "head.mode=frozen"), "FedLC"),
     ]
 
 
@@ -107,7 +107,7 @@ def test_plan_sweep_gives_every_variant_every_split_and_seed(tmp_path: Path) -> 
     # Prepare
     cfg = ExperimentConfig.from_toml(SMOKE)
     path = _variants(
-        tmp_path, '[plain]\noverrides = []\n[lc]\noverrides = ["train.loss=fedlc"]\n'
+        tmp_path, '[plain]\noverrides = []\n[lc]\noverrides = ["loss.name=fedlc"]\n'
     )
     variants = read_variants(path, cfg)
 
@@ -123,7 +123,7 @@ def test_plan_sweep_gives_every_variant_every_split_and_seed(tmp_path: Path) -> 
         assert spec.cfg.seed == spec.seed
         assert spec.cfg.name == f"{spec.rule}-s{spec.seed}"
         assert spec.cfg.output_dir == f"/w/{spec.setting}"
-        assert spec.cfg.train.loss == ("fedlc" if spec.rule == "lc" else "ce")
+        assert spec.cfg.loss.name == ("fedlc" if spec.rule == "lc" else "ce")
         if spec.setting == "alpha0.1":
             assert spec.cfg.data.partitioner == "dirichlet"
             assert spec.cfg.data.dirichlet_alpha == 0.1
@@ -147,7 +147,7 @@ def test_report_only_writes_a_table_per_split_beside_the_compare_block(
     # Prepare: finished runs for two variants at alpha 0.1, seeds 0 and 1.
     cfg = ExperimentConfig.from_toml(SMOKE)
     path = _variants(
-        tmp_path, '[plain]\noverrides = []\n[lc]\noverrides = ["train.loss=fedlc"]\n'
+        tmp_path, '[plain]\noverrides = []\n[lc]\noverrides = ["loss.name=fedlc"]\n'
     )
     work = tmp_path / "work"
     specs = plan_sweep(cfg, read_variants(path, cfg), ["0.1"], [0, 1], work)
@@ -194,7 +194,7 @@ def test_report_only_writes_a_table_per_split_beside_the_compare_block(
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         assert f"| {final[name]:.3f} ± 0.000 |" in row
         assert f"{final[name] + 0.1:.3f} ± 0.000 |" in row
-    assert "**lc**: `train.loss=fedlc`" in block
+    assert "**lc**: `loss.name=fedlc`" in block
     assert (tmp_path / "results" / "sweep-alpha0.1-round.png").is_file()
     assert "(same training pool, 480 steps" in block
     assert "seeds [0, 1]): 0.790 ± 0.014." in block

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from lora_flwr.config import DataConfig, LoraConfig, ModelConfig, TrainConfig
+from lora_flwr.config import (
+    ComputeConfig,
+    DataConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from lora_flwr.data import TokenizedDataset, collate, load_splits, tokenize
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import load_model
@@ -43,8 +50,19 @@ class Setup:
     test: TokenizedDataset
 
 
-def _setup(model: str = "tiny-bert", seed: int = 0, **train: Any) -> Setup:
-    """A fresh model, adapter and trainer on the matching synthetic corpus."""
+def _setup(
+    model: str = "tiny-bert",
+    seed: int = 0,
+    *,
+    loss: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
+    **train: Any,
+) -> Setup:
+    """A fresh model, adapter and trainer on the matching synthetic corpus.
+
+    ``train`` is merged over the TrainConfig defaults below, ``loss`` builds the
+    LossConfig, ``compute`` is merged over the ComputeConfig defaults (the CPU).
+    """
     causal = model != "tiny-bert"
     bundle = load_model(ModelConfig(name=model, max_length=MAX_LENGTH), seed=seed)
     lora = LoraConfig(
@@ -56,9 +74,14 @@ def _setup(model: str = "tiny-bert", seed: int = 0, **train: Any) -> Setup:
     )
     adapter = LoRAAdapter(lora, seed=seed)
     adapter.apply(bundle.model)
-    options: dict[str, Any] = {"lr": 1e-2, "batch_size": 16, "device": "cpu"}
-    options.update(train)
-    trainer = LoRATrainer(adapter, bundle.task, TrainConfig(**options))
+    options: dict[str, Any] = {"lr": 1e-2, "batch_size": 16, **train}
+    trainer = LoRATrainer(
+        adapter,
+        bundle.task,
+        TrainConfig(**options),
+        loss=LossConfig(**(loss or {})),
+        compute=ComputeConfig(**{"device": "cpu", **(compute or {})}),
+    )
     splits = load_splits(
         DataConfig(name="synthetic_lm" if causal else "synthetic"), seed=0
     )
@@ -379,7 +402,7 @@ def test_trainer_rejects_an_unknown_task() -> None:
 def test_trainer_rejects_fp16_on_cpu() -> None:
     # Prepare / Execute / Assert
     with pytest.raises(ValueError, match="fp16"):
-        _setup(precision="fp16")
+        _setup(compute={"precision": "fp16"})
 
 
 def test_resolve_device() -> None:
@@ -605,7 +628,7 @@ def test_training_without_profile_builds_no_phase_timer(
 
 def test_profiled_training_is_bit_identical_and_times_each_phase() -> None:
     # Prepare: two trainers from the same start, profile off and on
-    off, on = _setup(), _setup(profile=True)
+    off, on = _setup(), _setup(compute={"profile": True})
 
     # Execute
     m_off = off.trainer.train(off.train, steps=3, seed=4, progress=False)
