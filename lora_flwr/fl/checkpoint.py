@@ -261,12 +261,15 @@ def check_identity(
         ``config.toml`` is named as such.
     """
     now = run_identity(cfg)
-    toml = _toml_identity(run_dir)
+    if stored is not None and fingerprint(stored) == fingerprint(now):
+        return
+    toml = _toml_identity(run_dir)  # read only when needed: it may be stale
     there = stored if stored is not None else toml
     if there is None or fingerprint(there) == fingerprint(now):
         return
     differs = ", ".join(identity_differences(there, now))
-    if stored is not None and toml is not None and toml != stored:
+    edited = toml is not None and fingerprint(toml) != fingerprint(there)
+    if stored is not None and edited:
         raise ValueError(
             f"cannot resume {run_dir}: its {CONFIG_FILE} was edited after the run "
             "started; it differs from the config its checkpoint was written with "
