@@ -23,6 +23,8 @@ The package imports only the standard library:
 * :mod:`~lora_flwr.config.load`: TOML, flat run configs, overrides;
 * :mod:`~lora_flwr.config.app_config`: ``[tool.flwr.app.config]`` from the schema
   (``python -m lora_flwr.config --app-config``).
+* :mod:`~lora_flwr.config.identity`: a run's identity (the config keys that can
+  change its numbers) and fingerprint, which a resume must match.
 """
 
 from lora_flwr.config.choices import (

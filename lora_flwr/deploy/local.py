@@ -60,6 +60,7 @@ from lora_flwr.deploy.processes import (
     wait_exit,
 )
 from lora_flwr.deploy.run_config import (
+    check_resume,
     resolve_config,
     with_supernodes,
     write_run_config,
@@ -347,6 +348,7 @@ def deploy_from_options(options: DeployOptions) -> Path:
             f"{cfg.sampling.min_available}: the run would wait forever"
         )
     cfg, num = with_supernodes(cfg, num)
+    check_resume(cfg)
     return deploy(
         cfg,
         num,

@@ -27,6 +27,27 @@ def resolve_config(
     return cfg.with_overrides([f"output_dir={out.resolve()}"])
 
 
+def check_resume(cfg: ExperimentConfig) -> None:
+    """Refuse, before any process starts, a resume the ServerApp would refuse.
+
+    The ServerApp checks again when it starts; this only fails sooner, and
+    touches nothing.
+
+    Raises
+    ------
+    ValueError
+        If ``cfg`` resumes a run it cannot continue: another config than the run
+        started with (naming each key that differs), a finished run, or a rule
+        that cannot resume (:func:`lora_flwr.fl.checkpoint.resume_checkpoint`).
+    """
+    if cfg.on_existing != "resume":
+        return
+    # Imported here: safetensors and the rules are not needed for a fresh run.
+    from lora_flwr.fl.checkpoint import resume_checkpoint
+
+    resume_checkpoint(cfg, Path(cfg.output_dir) / cfg.name)
+
+
 def with_supernodes(
     cfg: ExperimentConfig, num_supernodes: int | None
 ) -> tuple[ExperimentConfig, int]:

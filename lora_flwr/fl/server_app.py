@@ -25,7 +25,12 @@ from lora_flwr.aggregation import get_rule
 from lora_flwr.aggregation.state import Arrays
 from lora_flwr.config import ExperimentConfig, SecAggConfig
 from lora_flwr.experiment import get_workspace, heldout_data
-from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
+from lora_flwr.fl.checkpoint import (
+    CONFIG_FILE,
+    Checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from lora_flwr.fl.compat import prompt_grid
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.runner import layout_of
@@ -72,8 +77,11 @@ def build_strategy(
     out = run_dir if run_dir is not None else run_dir_for(cfg)
     # Refuses a directory with results (unless overwrite) or in use by a live run.
     claim_run_dir(out, cfg.on_existing)
-    write_text_atomic(out / "config.toml", cfg.to_toml())
+    # A resume continues only the run's own config (refused otherwise) and keeps
+    # the config.toml its first attempt wrote.
     resume, history = _resume_point(cfg, out)
+    if cfg.on_existing != "resume" or not (out / CONFIG_FILE).is_file():
+        write_text_atomic(out / CONFIG_FILE, cfg.to_toml())
     ws = get_workspace(cfg)
     ws.reset_adapter()
     layout = layout_of(ws.adapter)
@@ -125,7 +133,7 @@ def build_strategy(
         if rnd > 0:
             # Last: a resume restarts after the newest round whose state is here,
             # and drops any later history row.
-            save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd))
+            save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd), cfg)
 
     return FedLoRA(
         cfg=cfg,
@@ -142,7 +150,14 @@ def build_strategy(
 def _resume_point(
     cfg: ExperimentConfig, run_dir: Path
 ) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
-    """Return the checkpoint and history to continue from (None: start anew)."""
+    """Return the checkpoint and history to continue from (None: start anew).
+
+    Raises
+    ------
+    ValueError
+        As :func:`~lora_flwr.fl.checkpoint.resume_checkpoint`: among others, when
+        ``cfg`` is not the config the run started with.
+    """
     point = resume_checkpoint(cfg, run_dir) if cfg.on_existing == "resume" else None
     if point is None:
         return None, []

@@ -45,9 +45,9 @@ def test_checkpoint_round_trip_is_exact_and_older_rounds_are_pruned(
     tmp_path: Path,
 ) -> None:
     counters = {"failed_rounds": 1, "aggregated_rounds": 2, "last_failure": "x"}
-    save_checkpoint(tmp_path, 2, _state(2), counters)
+    save_checkpoint(tmp_path, 2, _state(2), counters, ExperimentConfig())
     state = _state(3)
-    save_checkpoint(tmp_path, 4, state, counters)  # round 4 did not aggregate
+    save_checkpoint(tmp_path, 4, state, counters, ExperimentConfig())  # no aggregate
     (tmp_path / "state" / ".round-005.tmp-123").mkdir()  # a write cut short
 
     path = latest_checkpoint(tmp_path)
@@ -86,6 +86,6 @@ def test_fedsa_cannot_resume(tmp_path: Path) -> None:
 
 def test_a_finished_run_has_nothing_to_resume(tmp_path: Path) -> None:
     cfg = ExperimentConfig(fed=FedConfig(num_rounds=2))
-    save_checkpoint(tmp_path, 2, _state(2), {})
+    save_checkpoint(tmp_path, 2, _state(2), {}, cfg)
     with pytest.raises(ValueError, match="already finished all fed.num_rounds=2"):
         resume_checkpoint(cfg, tmp_path)

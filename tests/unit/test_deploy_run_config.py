@@ -76,3 +76,49 @@ def test_one_client_per_supernode() -> None:
     # Assert
     assert (same, kept) == (cfg, cfg.fed.num_clients)
     assert num == 3 and more.fed.num_clients == 3
+
+
+@pytest.mark.parametrize("launcher", ["deploy", "simulate"])
+def test_a_resume_under_another_config_is_refused_before_any_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launcher: str
+) -> None:
+    # Prepare: a run of smoke.toml killed after round 1 of 3
+    import numpy as np
+
+    from lora_flwr.aggregation import ServerState
+    from lora_flwr.deploy import local, local_sim
+    from lora_flwr.deploy.options import DeployOptions
+    from lora_flwr.fl.checkpoint import save_checkpoint
+
+    first = resolve_config(SMOKE, ["name=x", "fed.num_rounds=3"], str(tmp_path))
+    run_dir = tmp_path / "x"
+    run_dir.mkdir()
+    (run_dir / "config.toml").write_text(first.to_toml())
+    state = ServerState(1, {"a": np.zeros(2, np.float32)}, {}, (), {})
+    save_checkpoint(run_dir, 1, state, {}, first)
+    started: list[ExperimentConfig] = []
+    monkeypatch.setattr(local, "deploy", lambda cfg, *a, **k: started.append(cfg))
+    monkeypatch.setattr(local_sim, "simulate", lambda cfg, *a: started.append(cfg))
+    options = DeployOptions(
+        config=str(SMOKE),
+        overrides=("name=x", "fed.num_rounds=3", "on_existing=resume", "train.lr=0.5"),
+        output_dir=str(tmp_path),
+        num_supernodes=None,
+        timeout=60.0,
+        keep_homes=False,
+    )
+    launch = {
+        "deploy": local.deploy_from_options,
+        "simulate": local_sim.simulate_from_options,
+    }[launcher]
+
+    # Execute
+    with pytest.raises(ValueError) as err:
+        launch(options)
+
+    # Assert
+    assert started == []
+    assert str(err.value).startswith(
+        f"cannot resume {run_dir}: its config differs in train.lr (0.02 there, "
+        "0.5 now); "
+    )
