@@ -20,6 +20,8 @@ import stat
 from pathlib import Path
 from typing import Literal
 
+from lora_flwr.atomic import recover_all
+
 OnExisting = Literal["refuse", "overwrite", "resume"]
 LOCK_NAME = ".lock"
 # The launchers' folder (lora_flwr/deploy/local.py and local_sim.py):
@@ -48,6 +50,10 @@ RUN_OUTPUTS = (
     "wall.json",
     "local_eval.json",
 )
+
+# Where the atomic writers write a run's files and folders (fl/checkpoint.py's
+# STATE_DIR is "state"): a claim recovers what a killed save left there.
+_SAVED_IN = (".", "checkpoints", "state")
 
 _held: dict[Path, int] = {}  # run dir -> descriptor of its locked .lock
 
@@ -93,7 +99,10 @@ def check_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
 def claim_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
     """Check ``run_dir``, lock it for this process and clear it on overwrite.
 
-    The lock lasts until :func:`release_run_dir` or the process ends.
+    The lock lasts until :func:`release_run_dir` or the process ends. Once locked,
+    what a killed earlier run's saves left is recovered
+    (:func:`lora_flwr.atomic.recover_all`); an overwrite then deletes
+    :data:`RUN_OUTPUTS` only.
 
     Raises
     ------
@@ -118,6 +127,11 @@ def claim_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[run_dir] = fd
+    # No writer of this directory is alive now: undo what a killed one left
+    # (an adapter set aside mid-swap is put back, temp siblings go).
+    for folder in _SAVED_IN:
+        if not (run_dir / folder).is_symlink():
+            recover_all(run_dir / folder)
     if on_existing == "overwrite":
         for name in RUN_OUTPUTS:
             _remove(run_dir / name)

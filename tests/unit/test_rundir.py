@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,51 @@ def test_the_deployment_launcher_refuses_a_symlinked_run_dir(tmp_path: Path) -> 
     with pytest.raises(DeployError, match="is a symbolic link"):
         _launch_dir(cfg)
     assert list(victim.iterdir()) == []
+
+
+# --------------------------------------------- item 4: saves killed midway
+def _killed_saves_in(run_dir: Path, killed_writer: Any) -> None:
+    _old_run_in(run_dir)
+    killed_writer(run_dir / "adapter", "dir", 1)  # between the swap's renames
+    killed_writer(run_dir / "state" / "round-002", "dir", 0)  # while filling it
+    killed_writer(run_dir / "history.json", "file", 0)  # while writing it
+    assert not (run_dir / "adapter").exists()
+
+
+def test_a_resume_claim_puts_back_what_a_killed_save_set_aside(
+    tmp_path: Path, claimed: list[Path], killed_writer: Any
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    _killed_saves_in(run_dir, killed_writer)
+
+    # Execute
+    _claim(claimed, run_dir, "resume")
+
+    # Assert: the last complete adapter is back; no temp sibling is left.
+    assert (run_dir / "adapter" / "f").read_bytes() == b"x"
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
+        "adapter",
+        "checkpoints",
+        "config.toml",
+        "history.csv",
+        "history.json",
+        "loss.png",
+        "state",
+    ]
+    assert [p.name for p in (run_dir / "state").iterdir()] == ["round-001"]
+
+
+def test_an_overwrite_claim_leaves_no_temp_sibling_behind(
+    tmp_path: Path, claimed: list[Path], killed_writer: Any
+) -> None:
+    # Prepare
+    run_dir = tmp_path / "run"
+    _killed_saves_in(run_dir, killed_writer)
+
+    # Execute
+    _claim(claimed, run_dir)
+
+    # Assert
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]
