@@ -6,20 +6,45 @@ swapped in as one unit. After the rename the parent directory is fsynced too, so
 rename itself survives a power cut. Either way a crash leaves the old content or the
 new one, never a half-written mix.
 
+Files and directories get the permissions a plain ``open()`` or ``mkdir()`` would:
+``0o666`` and ``0o777`` less the process umask (not ``mkstemp``'s owner-only 0600).
+
+Every temp sibling is named ``.<target>.<host>-<pid>-<random>.<kind>`` (kind
+``tmp``: being filled; ``old``: the previous directory, set aside during a swap;
+``del``: being deleted). A writer killed midway leaves such siblings behind;
+:func:`recover` (called by every write, and by a run directory's claim) removes
+those of writers that are gone, and puts a set-aside ``old`` directory back if the
+kill came between the swap's two renames. Siblings of a live writer (same host,
+pid still running) or of another host are never touched.
+
 This module imports neither torch nor numpy: :mod:`lora_flwr.results` uses it and
 must stay light.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_dir", "write_text_atomic"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_dir",
+    "recover",
+    "recover_all",
+    "write_text_atomic",
+]
+
+# .<target>.<host>-<pid>-<random>.<kind>: see the module docstring.
+_LEFTOVER = re.compile(
+    r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{16}"
+    r"\.(?P<kind>tmp|old|del)"
+)
 
 
 def _fsync_file(path: Path) -> None:
@@ -57,29 +82,139 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _sibling_name(path: Path, suffix: str) -> Path:
-    # Hidden and unique, in the same directory, so that a rename never crosses
-    # file systems.
-    return path.with_name(f".{path.name}.{secrets.token_hex(8)}{suffix}")
+def _host_tag() -> str:
+    # Short and stable per machine: a pid means nothing on another host (a
+    # shared file system), so another host's siblings are never judged.
+    return hashlib.blake2s(socket.gethostname().encode(), digest_size=4).hexdigest()
 
 
-def _make_temp_dir(path: Path) -> Path:
-    # Not tempfile.mkdtemp: it creates mode 0o700, and the directory keeps its
-    # mode once renamed into place. os.mkdir applies the umask like a plain mkdir.
+def _new_token() -> str:
+    return f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(8)}"
+
+
+def _sibling(path: Path, token: str, kind: str) -> Path:
+    # Hidden, in the same directory (a rename never crosses file systems), and
+    # named after its writer so that a later one can tell whether it is gone.
+    return path.with_name(f".{path.name}.{token}.{kind}")
+
+
+def _make_temp(path: Path, make: Callable[[Path], None]) -> tuple[Path, str]:
     while True:
-        tmp = _sibling_name(path, ".tmp")
+        token = _new_token()
+        tmp = _sibling(path, token, "tmp")
         try:
-            tmp.mkdir()
+            make(tmp)
         except FileExistsError:  # pragma: no cover - 64 random bits collided
             continue
-        return tmp
+        return tmp, token
+
+
+def _create_file(tmp: Path) -> None:
+    # Not tempfile.mkstemp: it creates mode 0o600, which the file keeps once
+    # renamed into place. os.open applies the umask like a plain open().
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _create_dir(tmp: Path) -> None:
+    # Not tempfile.mkdtemp (0o700), for the same reason: os.mkdir applies the umask.
+    tmp.mkdir()
 
 
 def _remove(path: Path) -> None:
-    if path.is_symlink():
-        path.unlink(missing_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)  # links inside are unlinked only
     else:
-        shutil.rmtree(path, ignore_errors=True)
+        path.unlink(missing_ok=True)
+
+
+def _discard_old(old: Path, token: str, target: Path) -> None:
+    # Renamed first, then deleted: a half-deleted copy is never left under the
+    # ``old`` name that recover() would put back.
+    doomed = _sibling(target, token, "del")
+    try:
+        os.replace(old, doomed)
+    except FileNotFoundError:
+        return
+    _remove(doomed)
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    """Whether the process that named a temp sibling has ended (False: unsure)."""
+    if host != _host_tag() or pid == os.getpid() or os.name == "nt":
+        # Another machine, this very process, or Windows (where os.kill(pid, 0)
+        # would terminate the process): leave it.
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. PermissionError: it runs, as another user
+        return False
+    return False
+
+
+def recover(path: Path) -> None:
+    """Undo what killed writers of ``path`` left behind (their temp siblings).
+
+    A writer killed between a directory swap's two renames leaves ``path`` missing
+    and the previous directory set aside: it is renamed back, so ``path`` holds the
+    last complete copy. Every other sibling of a gone writer (a temp file or
+    folder never renamed in, a set-aside copy never deleted) is removed. Siblings
+    of live writers, and of writers on another host, are left alone.
+
+    Parameters
+    ----------
+    path : Path
+        A target of :func:`atomic_write` or :func:`atomic_write_dir`; it need not
+        exist, nor its parent.
+    """
+    try:
+        names = os.listdir(path.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    stale: list[tuple[str, Path]] = []
+    for name in names:
+        match = _LEFTOVER.fullmatch(name)
+        if (
+            match is not None
+            and match["name"] == path.name
+            and _writer_gone(match["host"], int(match["pid"]))
+        ):
+            stale.append((match["kind"], path.parent / name))
+    restored = False
+    for kind, leftover in sorted(stale, key=lambda item: item[0] != "old"):
+        if kind == "old" and not restored and not os.path.lexists(path):
+            try:
+                os.replace(leftover, path)
+            except OSError:  # another process recovered it first
+                pass
+            else:
+                restored = True
+                continue
+        if kind == "old":
+            token = leftover.name[len(path.name) + 2 : -len(".old")]
+            _discard_old(leftover, token, path)
+        else:
+            _remove(leftover)
+    if restored:
+        _fsync_dir(path.parent)
+
+
+def recover_all(directory: Path) -> None:
+    """Call :func:`recover` for every target in ``directory`` with temp siblings.
+
+    Parameters
+    ----------
+    directory : Path
+        A folder the atomic writers write into; it need not exist.
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    targets = {m["name"] for n in names if (m := _LEFTOVER.fullmatch(n)) is not None}
+    for name in sorted(targets):
+        recover(directory / name)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -100,12 +235,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         Whatever ``write`` or the rename raises; ``path`` is then left as it was
         and the temp file is removed.
     """
+    recover(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp, _ = _make_temp(path, _create_file)
     try:
         write(tmp)
         _fsync_file(tmp)
@@ -139,7 +271,9 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
     in it is fsynced. If ``path`` does not exist the directory is renamed to it;
     otherwise the old directory is renamed aside, the new one renamed in, and the
     old one deleted. Whatever was in the old directory is gone afterwards, files
-    ``write`` did not recreate included.
+    ``write`` did not recreate included. A kill between the two renames leaves
+    ``path`` missing and the old directory aside: :func:`recover`, which this
+    function calls first, puts it back.
 
     Parameters
     ----------
@@ -164,14 +298,15 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
         raise ValueError(f"{str(path)!r} does not name a directory to replace")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")
+    recover(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temp_dir(path)
+    tmp, token = _make_temp(path, _create_dir)
     old: Path | None = None
     try:
         write(tmp)
         _fsync_tree(tmp)
         if path.exists():
-            old = _sibling_name(path, ".old")
+            old = _sibling(path, token, "old")
             os.replace(path, old)
             try:
                 os.replace(tmp, path)
@@ -189,4 +324,4 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
     if old is not None:
         # The new directory is in place; a leftover old copy is only clutter.
-        _remove(old)
+        _discard_old(old, token, path)

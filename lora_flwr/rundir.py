@@ -4,15 +4,23 @@
 already holds results unless asked to overwrite it (or to resume it); a second
 live run on the same directory is refused by an OS file lock, which the kernel
 releases when the holder dies (even by ``kill -9``), so a stale lock never blocks.
+
+Nothing here follows a symbolic link: a run directory that is one is refused, and
+so is a lock file that is one; an overwrite deletes only the entries a run writes
+(:data:`RUN_OUTPUTS`), never the user's own files beside them.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
+import stat
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
+
+from lora_flwr.atomic import recover_all
 
 OnExisting = Literal["refuse", "overwrite", "resume"]
 LOCK_NAME = ".lock"
@@ -22,8 +30,32 @@ LOCK_NAME = ".lock"
 LAUNCH_DIR = "deploy"
 # Files whose presence means the directory holds a run's results.
 RESULT_FILES = ("config.toml", "history.json", "adapter", "checkpoints")
+# Every entry a run (or compare around it) writes at the top of its directory: all
+# that an overwrite deletes. Found by grepping what writes into the run directory:
+# fl/server_app.py (config, adapter, checkpoints), results.py (history, the PLOTS),
+# fl/checkpoint.py (STATE_DIR), compare.py (wall time, local evaluation cache) and
+# the trainer's metrics log; tests/unit/test_rundir.py checks the list against them.
+RUN_OUTPUTS = (
+    "config.toml",
+    "history.json",
+    "history.csv",
+    "adapter",
+    "checkpoints",
+    "state",
+    "loss.png",
+    "accuracy.png",
+    "perplexity.png",
+    "bytes.png",
+    "metrics.jsonl",
+    "wall.json",
+    "local_eval.json",
+)
 
-_held: dict[Path, IO[str]] = {}
+# Where the atomic writers write a run's files and folders (fl/checkpoint.py's
+# STATE_DIR is "state"): a claim recovers what a killed save left there.
+_SAVED_IN = (".", "checkpoints", "state")
+
+_held: dict[Path, int] = {}  # run dir -> descriptor of its locked .lock
 
 
 class RunDirError(RuntimeError):
@@ -42,8 +74,10 @@ def check_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
     ------
     RunDirError
         If it holds results and ``on_existing`` is ``"refuse"``, it is locked by a
-        live run, or ``"resume"`` is asked of a directory without results.
+        live run, ``"resume"`` is asked of a directory without results, or the
+        directory or its lock file is a symbolic link.
     """
+    refuse_symlink(run_dir)
     if on_existing == "resume" and not has_results(run_dir):
         raise RunDirError(
             f"cannot resume {run_dir}: it holds no run (no config.toml or history.json)"
@@ -65,58 +99,115 @@ def check_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
 def claim_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
     """Check ``run_dir``, lock it for this process and clear it on overwrite.
 
-    The lock lasts until :func:`release_run_dir` or the process ends.
+    The lock lasts until :func:`release_run_dir` or the process ends. Once locked,
+    what a killed earlier run's saves left is recovered
+    (:func:`lora_flwr.atomic.recover_all`); an overwrite then deletes
+    :data:`RUN_OUTPUTS` only.
 
     Raises
     ------
     RunDirError
         As :func:`check_run_dir`, or when another process takes the lock first.
     """
+    refuse_symlink(run_dir)  # before resolve(), which would follow the link
     run_dir = run_dir.resolve()
     if run_dir in _held:  # this process already owns it (the server restarted)
         return
     check_run_dir(run_dir, on_existing)
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run
+    fd = _open_lock(run_dir, os.O_RDWR | os.O_CREAT)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
+        os.close(fd)
         raise RunDirError(
             f"run directory {run_dir} is in use by a live run ({_lock_holder(run_dir)})"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _held[run_dir] = handle
+    # Ours now: a plain file with one name, locked by this process.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[run_dir] = fd
+    # No writer of this directory is alive now: undo what a killed one left
+    # (an adapter set aside mid-swap is put back, temp siblings go).
+    for folder in _SAVED_IN:
+        if not (run_dir / folder).is_symlink():
+            recover_all(run_dir / folder)
     if on_existing == "overwrite":
-        for child in run_dir.iterdir():
-            if child.name in (LOCK_NAME, LAUNCH_DIR):
-                continue
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        for name in RUN_OUTPUTS:
+            _remove(run_dir / name)
+
+
+def refuse_symlink(run_dir: Path) -> None:
+    """Refuse a run directory that is a symbolic link (its target is not touched).
+
+    Raises
+    ------
+    RunDirError
+        If ``run_dir`` is a symbolic link.
+    """
+    if run_dir.is_symlink():
+        raise RunDirError(
+            f"run directory {run_dir} is a symbolic link (to {os.readlink(run_dir)}); "
+            "set output_dir to the folder that holds the real one, or remove the link"
+        )
 
 
 def release_run_dir(run_dir: Path) -> None:
     """Release this process's lock on ``run_dir`` (no-op if it holds none)."""
-    handle = _held.pop(run_dir.resolve(), None)
-    if handle is not None:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+    fd = _held.pop(run_dir.resolve(), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete ``path`` if present; a symbolic link is unlinked, never followed."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # removes links inside as links, not their targets
+    elif path.is_symlink() or path.exists():
+        path.unlink()
+
+
+def _open_lock(run_dir: Path, flags: int) -> int:
+    """Open ``run_dir``'s lock file without following a link; refuse a foreign one.
+
+    No ``O_TRUNC``: the file is emptied only once it is known to be a plain file
+    with one name, locked by this process.
+    """
+    path = run_dir / LOCK_NAME
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise RunDirError(
+                f"lock file {path} is a symbolic link; remove it (runs create their "
+                "own) and start again"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise RunDirError(
+            f"lock file {path} is not a plain file of its own (a hard link or a "
+            "special file); remove it (runs create their own) and start again"
+        )
+    return fd
 
 
 def _lock_holder(run_dir: Path) -> str | None:
     """Return the pid a live lock holder of ``run_dir`` wrote, or None if unlocked."""
-    path = run_dir / LOCK_NAME
-    if not path.is_file() or run_dir.resolve() in _held:
+    if run_dir.resolve() in _held:
         return None
-    with open(path) as handle:
+    try:
+        fd = _open_lock(run_dir, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return handle.read().strip() or "unknown pid"
-        fcntl.flock(handle, fcntl.LOCK_UN)
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown pid"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
     return None

@@ -7,6 +7,8 @@ the same seed return identical models and tests never depend on their order.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,3 +174,60 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     experiment.clear_caches()
     yield root
     experiment.clear_caches()
+
+
+# ------------------------------------------------ a writer killed midway
+_KILLED = """
+import os, sys
+from pathlib import Path
+from lora_flwr import atomic
+
+target, kind, after = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real_replace = os.replace
+renames = 0
+
+
+def replace(src, dst):
+    global renames
+    real_replace(src, dst)
+    renames += 1
+    if renames == after:
+        os._exit(9)
+
+
+def write(tmp):
+    if kind == "dir":
+        (tmp / "a.json").write_bytes(b"new")
+    else:
+        tmp.write_bytes(b"ne")
+    if after == 0:
+        os._exit(9)
+
+
+os.replace = replace
+if kind == "dir":
+    atomic.atomic_write_dir(target, write)
+else:
+    atomic.atomic_write(target, write)
+"""
+
+
+@pytest.fixture
+def killed_writer() -> Callable[[Path, str, int], None]:
+    """Run an atomic writer of a target in a child process that is killed midway.
+
+    ``kind`` is ``"dir"`` (:func:`~lora_flwr.atomic.atomic_write_dir`) or
+    ``"file"`` (:func:`~lora_flwr.atomic.atomic_write`); ``after=0`` kills it
+    inside its write, ``after=n`` right after its n-th rename.
+    """
+    return _killed_writer
+
+
+def _killed_writer(target: Path, kind: str, after: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _KILLED, str(target), kind, str(after)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 9, out.stderr

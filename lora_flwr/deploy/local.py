@@ -65,7 +65,7 @@ from lora_flwr.deploy.run_config import (
     with_supernodes,
     write_run_config,
 )
-from lora_flwr.rundir import LAUNCH_DIR
+from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
 
 CONNECTION = "local-deployment"
 # Seconds for every registered SuperNode to come online (≈6 s when idle; a loaded
@@ -211,6 +211,10 @@ def _credentials(
 def _launch_dir(cfg: ExperimentConfig) -> tuple[Path, Path]:
     """``<output_dir>/<name>`` and its launch folder, cleared of stale records."""
     run_dir = Path(cfg.output_dir) / str(cfg.name)
+    try:
+        refuse_symlink(run_dir)  # before writing deploy/ into the link's target
+    except RunDirError as exc:
+        raise DeployError(str(exc)) from None
     deploy_dir = run_dir / LAUNCH_DIR
     deploy_dir.mkdir(parents=True, exist_ok=True)
     # Only the launcher's own records of an earlier attempt: the results

@@ -39,7 +39,7 @@ from lora_flwr.deploy.run_config import (
     with_supernodes,
     write_run_config,
 )
-from lora_flwr.rundir import LAUNCH_DIR
+from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
 
 CONNECTION = "local"
 LOCAL_SUPERLINK = "local-superlink"
@@ -78,6 +78,10 @@ def simulate(
         its ``deploy/`` folder.
     """
     run_dir = Path(cfg.output_dir) / str(cfg.name)
+    try:
+        refuse_symlink(run_dir)  # before writing deploy/ into the link's target
+    except RunDirError as exc:
+        raise DeployError(str(exc)) from None
     deploy_dir = run_dir / LAUNCH_DIR
     deploy_dir.mkdir(parents=True, exist_ok=True)
     # Only the launcher's own record of an earlier attempt: the results

@@ -32,7 +32,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lora_flwr.aggregation import FoldBlock, ServerState, get_rule
-from lora_flwr.atomic import atomic_write_dir
+from lora_flwr.atomic import atomic_write_dir, recover_all
 from lora_flwr.config import ExperimentConfig, FlatValue
 from lora_flwr.config.identity import (
     fingerprint,
@@ -119,6 +119,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = run_dir / STATE_DIR
     if not root.is_dir():
         return None
+    recover_all(root)  # a rewrite killed mid-swap left a round's copy aside
     rounds = [
         (int(m.group(1)), p)
         for p in root.iterdir()

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_flwr.atomic import atomic_write, atomic_write_dir
+from lora_flwr.atomic import atomic_write, atomic_write_dir, recover
 
 # Re-exported (the explicit "as" form, for mypy): lora_flwr/fl/server_app.py
 # imports write_text_atomic from here.
@@ -209,6 +209,7 @@ def load_peft(adapter: LoRAAdapter, path: str | Path) -> None:
         If the config's rank/scaling differ, or keys, shapes, dtypes or values are bad.
     """
     path = Path(path)
+    recover(path)  # a save killed mid-swap left the last complete copy aside
     if not path.is_dir():
         raise FileNotFoundError(f"Adapter directory not found: {path}")
     _check_same_scaling(adapter, read_peft_config(path), path)

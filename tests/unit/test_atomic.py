@@ -283,3 +283,161 @@ def test_atomic_module_imports_neither_torch_nor_numpy() -> None:
 
     # Assert
     assert out.stdout.split() == ["False", "False"]
+
+
+# ------------------------------------------------------------------ permissions
+@pytest.fixture
+def umask() -> Any:
+    """Set the process umask for one test; the old one is put back afterwards."""
+    if os.name == "nt":
+        pytest.skip("POSIX permissions")
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_umask(mask: int) -> None:
+        os.umask(mask)
+
+    yield set_umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize(
+    ("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)]
+)
+def test_atomic_writes_follow_the_umask(
+    tmp_path: Path, umask: Any, mask: int, file_mode: int, dir_mode: int
+) -> None:
+    # Prepare
+    umask(mask)
+
+    # Execute
+    write_text_atomic(tmp_path / "history.json", "[]")
+    atomic_write(tmp_path / "w.bin", lambda tmp: tmp.write_bytes(b"w"))
+    atomic_write_dir(tmp_path / "adapter", _fill({"a.json": b"{}"}))
+
+    # Assert: what a plain open() / mkdir() would have made, not owner-only.
+    assert stat.S_IMODE((tmp_path / "history.json").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "w.bin").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "adapter").stat().st_mode) == dir_mode
+    assert stat.S_IMODE((tmp_path / "adapter" / "a.json").stat().st_mode) == file_mode
+
+
+# ---------------------------------------------------- a writer killed midway
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_kill_between_the_swaps_renames_is_undone_by_recover(
+    tmp_path: Path,
+    killed_writer: Any,
+) -> None:
+    # Prepare: adapter/ holds the old copy; a writer dies with it renamed aside.
+    path = tmp_path / "adapter"
+    atomic_write_dir(path, _fill({"a.json": b"old"}))
+    killed_writer(path, "dir", after=1)
+    assert not path.exists()
+
+    # Execute
+    atomic.recover(path)
+
+    # Assert: the old copy is back and the dead writer's folders are gone.
+    assert _tree(path) == {"a.json": b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_the_next_dir_write_recovers_a_kill_between_the_renames(
+    tmp_path: Path,
+    killed_writer: Any,
+) -> None:
+    # Prepare
+    path = tmp_path / "adapter"
+    atomic_write_dir(path, _fill({"a.json": b"old"}))
+    killed_writer(path, "dir", after=1)
+
+    # Execute
+    atomic_write_dir(path, _fill({"a.json": b"newer"}))
+
+    # Assert
+    assert _tree(path) == {"a.json": b"newer"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+@pytest.mark.parametrize("after", [0, 2])
+def test_the_next_dir_write_removes_a_dead_writers_leftovers(
+    tmp_path: Path, killed_writer: Any, after: int
+) -> None:
+    # Prepare: killed while filling its temp folder (0), or after the swap but
+    # before deleting the old copy (2).
+    path = tmp_path / "adapter"
+    atomic_write_dir(path, _fill({"a.json": b"old"}))
+    killed_writer(path, "dir", after=after)
+    assert len(list(tmp_path.iterdir())) == 2
+
+    # Execute
+    atomic_write_dir(path, _fill({"a.json": b"newer"}))
+
+    # Assert
+    assert _tree(path) == {"a.json": b"newer"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_the_next_file_write_removes_a_dead_writers_temp_file(
+    tmp_path: Path, killed_writer: Any
+) -> None:
+    # Prepare
+    path = tmp_path / "history.json"
+    write_text_atomic(path, "old")
+    killed_writer(path, "file", after=0)
+    assert len(list(tmp_path.iterdir())) == 2
+
+    # Execute
+    write_text_atomic(path, "new")
+
+    # Assert
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+_SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from lora_flwr import atomic
+
+target, go = Path(sys.argv[1]), Path(sys.argv[2])
+
+
+def write(tmp):
+    (tmp / "a.json").write_bytes(b"theirs")
+    print("writing", flush=True)
+    while not go.exists():
+        time.sleep(0.01)
+
+
+atomic.atomic_write_dir(target, write)
+"""
+
+
+def test_a_live_writers_temp_folder_is_left_alone(tmp_path: Path) -> None:
+    # Prepare: another process is filling its temp folder for the same target.
+    path = tmp_path / "data" / "cache"
+    go = tmp_path / "go"
+    other = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITER, str(path), str(go)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip() == "writing"
+
+        # Execute: this process writes the same target meanwhile.
+        atomic_write_dir(path, _fill({"a.json": b"mine"}))
+        atomic.recover(path)
+    finally:
+        go.touch()
+        code = other.wait(timeout=30)
+
+    # Assert: the other writer finished unharmed; its copy is the last one in.
+    assert code == 0
+    assert _tree(path) == {"a.json": b"theirs"}
+    assert [p.name for p in path.parent.iterdir()] == ["cache"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,3 +90,21 @@ def test_a_finished_run_has_nothing_to_resume(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 2, _state(2), {}, cfg)
     with pytest.raises(ValueError, match="already finished all fed.num_rounds=2"):
         resume_checkpoint(cfg, tmp_path)
+
+
+def test_latest_checkpoint_puts_back_a_round_a_killed_rewrite_set_aside(
+    tmp_path: Path, killed_writer: Any
+) -> None:
+    # Prepare: round 3 is being written again (a resume) and the writer is
+    # killed between the swap's two renames.
+    save_checkpoint(tmp_path, 3, _state(3), {})
+    killed_writer(tmp_path / "state" / "round-003", "dir", 1)
+    assert not (tmp_path / "state" / "round-003").exists()
+
+    # Execute
+    path = latest_checkpoint(tmp_path)
+
+    # Assert
+    assert path == tmp_path / "state" / "round-003"
+    assert load_checkpoint(path).counters == {"round": 3}
+    assert [p.name for p in (tmp_path / "state").iterdir()] == ["round-003"]

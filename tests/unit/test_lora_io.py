@@ -735,3 +735,20 @@ def test_property_json_and_peft_round_trips_are_bit_exact(
     for loaded in (from_json, from_peft):
         got = loaded.get_weights()
         assert all(a.tobytes() == b.tobytes() for a, b in zip(arrays, got, strict=True))
+
+
+def test_load_peft_puts_back_an_adapter_a_killed_save_set_aside(
+    source: LoRAAdapter, applied: Factory, tmp_path: Path, killed_writer: Any
+) -> None:
+    # Prepare: a second save was killed between the swap's two renames.
+    save_peft(source, tmp_path / "adapter")
+    killed_writer(tmp_path / "adapter", "dir", 1)
+    assert not (tmp_path / "adapter").exists()
+    target = applied(seed=1)
+
+    # Execute
+    load_peft(target, tmp_path / "adapter")
+
+    # Assert
+    assert _same(source, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
