@@ -97,7 +97,7 @@ def test_latest_checkpoint_puts_back_a_round_a_killed_rewrite_set_aside(
 ) -> None:
     # Prepare: round 3 is being written again (a resume) and the writer is
     # killed between the swap's two renames.
-    save_checkpoint(tmp_path, 3, _state(3), {})
+    save_checkpoint(tmp_path, 3, _state(3), {}, ExperimentConfig())
     killed_writer(tmp_path / "state" / "round-003", "dir", 1)
     assert not (tmp_path / "state" / "round-003").exists()
 
