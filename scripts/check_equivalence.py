@@ -10,8 +10,9 @@ working directory and the whole ``PYTHONPATH``, and every process that imports
 ``lora_flwr`` (Ray's workers too) must import it from under that root. Per case the
 sides must agree on the exit code, every ``*.safetensors`` both wrote (tensor bits
 and file bytes), ``history.json`` (``IGNORE_RULE``'s fields aside, ``REPLY_MEANS``
-to 1e-12) and ``config.toml`` (output folders normalised). Prints a table, writes
-it to ``<out>/summary.md`` and exits 0 only if every case matches.
+to 1e-12) and ``config.toml`` (output folders normalised, ``ATTEMPT_KEYS`` aside).
+Prints a table, writes it to ``<out>/summary.md`` and exits 0 only if every case
+matches.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ BASE_REF = "cb028f3"  # the last commit before the server refactor
 ROOT_ENV = "CHECK_EQUIVALENCE_ROOT"
 LOG_ENV = "CHECK_EQUIVALENCE_IMPORT_LOG"
 PIN_ENV = "CHECK_EQUIVALENCE_PIN"
+# Config keys that say how one attempt treats its folder, not what the run is: a
+# base that rewrites config.toml on resume writes "resume" there, a new side that
+# keeps the first attempt's file does not.
+ATTEMPT_KEYS = frozenset({"on_existing"})
 # Where a checkout lists the config keys it moved (old dotted key -> new one).
 RENAMES = Path("lora_flwr/config/renames.py")
 
@@ -212,7 +217,7 @@ def compare_configs(
     b = {spelled_as.get(k, k): v for k, v in b.items()}
     return [
         f"`{k}` base {b.get(k)!r} != new {n.get(k)!r}"
-        for k in sorted(set(b) | set(n))
+        for k in sorted((set(b) | set(n)) - ATTEMPT_KEYS)
         if k not in b or k not in n or not _same(b[k], n[k])
     ]
 

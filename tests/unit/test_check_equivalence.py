@@ -273,6 +273,21 @@ def test_a_base_that_spells_keys_the_old_way_is_compared_by_key(
     assert ce.moved_keys(new_root, new_root) == {}  # both sides spell them alike
 
 
+def test_how_an_attempt_treats_its_folder_is_not_a_config_difference(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a resumed base rewrote config.toml; the new side kept the first one
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text('on_existing = "resume"\n[fed]\nnum_rounds = 4\n')
+    b.write_text('on_existing = "refuse"\n[fed]\nnum_rounds = 4\n')
+
+    # Execute
+    diffs = ce.compare_configs([a, b], ["/o", "/o"])
+
+    # Assert
+    assert diffs == []
+
+
 def test_a_field_the_new_side_adds_on_purpose_is_not_a_difference() -> None:
     # Prepare: the new rows carry weight_cap_moved; an unknown addition stays a diff.
     base = [{"round": 1, "fit_ok": 2}]
