@@ -39,6 +39,7 @@ from lora_flwr.data import (
 from lora_flwr.data.datasets import source_stamp
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import ModelBundle, load_model
+from lora_flwr.models.bundle import EncoderOnlyError
 from lora_flwr.training import LoRATrainer
 
 _LOCK = threading.RLock()
@@ -144,6 +145,12 @@ def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
     model_cfg = cfg.model
     if model_cfg.task == "auto":
         model_cfg = dataclasses.replace(model_cfg, task=splits.task)
+    elif model_cfg.task == "seq_cls" and splits.task == "causal_lm":
+        why = splits.unlabelled or f"dataset {cfg.data.name!r} has no labels"
+        raise ValueError(
+            f"`model.task` = 'seq_cls' needs labels but {why}; {_label_fix(why)}, "
+            "or set model.task = 'causal_lm' for next-token training"
+        )
     elif model_cfg.task != splits.task:
         raise ValueError(
             f"`model.task` is {model_cfg.task!r} but dataset {cfg.data.name!r} is a "
@@ -172,6 +179,26 @@ def resolve_model_config(cfg: ExperimentConfig) -> ModelConfig:
     return model_cfg
 
 
+def _no_labels_for_classifier(cfg: ExperimentConfig, exc: EncoderOnlyError) -> str:
+    """Say why unlabelled data meets an encoder-only model, and the two fixes."""
+    why = load_splits(cfg.data, seed=cfg.seed).unlabelled or (
+        f"dataset {cfg.data.name!r} has no labels"
+    )
+    return (
+        f"{why}, so the run would train next-token prediction, which "
+        f"{cfg.model.name!r} (an encoder-only {exc.model_type} model) cannot do; "
+        f"{_label_fix(why)}, or for next-token training set model.task = "
+        "'causal_lm' with a causal model (e.g. model.name = 'smollm2-135m')"
+    )
+
+
+def _label_fix(why: str) -> str:
+    """How to give the data labels, given why it has none."""
+    if why.startswith("`data.label_column`"):
+        return "set data.label_column to the column holding the classes"
+    return "use a corpus with labels (a .csv or .jsonl with a label column)"
+
+
 def get_workspace(cfg: ExperimentConfig) -> Workspace:
     """Return this process's workspace for ``cfg`` (base model built on first use).
 
@@ -185,7 +212,13 @@ def get_workspace(cfg: ExperimentConfig) -> Workspace:
     with _LOCK:
         shared = _SHARED.get(key)
         if shared is None:
-            bundle = load_model(model_cfg, seed=cfg.seed)
+            try:
+                bundle = load_model(model_cfg, seed=cfg.seed)
+            except EncoderOnlyError as exc:
+                if cfg.model.task != "auto":
+                    raise
+                # The task came from the data: say why the data has no labels.
+                raise ValueError(_no_labels_for_classifier(cfg, exc)) from None
             adapter = LoRAAdapter(cfg.lora, seed=cfg.seed)
             adapter.apply(bundle.model)
             shared = _Shared(bundle, adapter, adapter.get_named_weights())

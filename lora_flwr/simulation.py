@@ -25,6 +25,7 @@ from lora_flwr.config import (
     ExperimentConfig,
     add_config_arguments,
     config_from_arguments,
+    unusual_values,
 )
 from lora_flwr.lifecycle import on_process_start
 from lora_flwr.privacy import require_accountant
@@ -173,6 +174,9 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     from lora_flwr.preflight import preflight
 
     preflight(cfg)
+    # Values the schema accepts but no usual run has: said once, then the run goes on.
+    for line in unusual_values(cfg):
+        print(f"warning: {line}", file=sys.stderr)
     return cfg, run_dir
 
 

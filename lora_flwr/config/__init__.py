@@ -23,6 +23,8 @@ The package imports only the standard library:
 * :mod:`~lora_flwr.config.load`: TOML, flat run configs, overrides;
 * :mod:`~lora_flwr.config.app_config`: ``[tool.flwr.app.config]`` from the schema
   (``python -m lora_flwr.config --app-config``).
+* :mod:`~lora_flwr.config.unusual`: values accepted but far from their usual
+  range, as one warning line each.
 * :mod:`~lora_flwr.config.identity`: a run's identity (the config keys that can
   change its numbers) and fingerprint, which a resume must match.
 """
@@ -70,6 +72,7 @@ from lora_flwr.config.sections import (
     ModelConfig,
     TrainConfig,
 )
+from lora_flwr.config.unusual import unusual_values
 
 __all__ = [
     "COMPRESSIONS",
@@ -110,4 +113,5 @@ __all__ = [
     "parse_partition_owners",
     "parse_value",
     "unflatten",
+    "unusual_values",
 ]

@@ -89,7 +89,10 @@ class ServerOptConfig:
 
     # Reddi et al., ICLR 2021: none, fedavgm, fedadagrad, fedadam, fedyogi.
     name: ServerOptimizer = "none"
-    lr: float = bounded(1.0, ABOVE_0)  # server learning rate eta
+    # Server learning rate eta. Reddi et al. tune it over 1e-3..10; above 100 a
+    # server step moves the adapter 100x further than the clients' own average
+    # (fedavgm) or every coordinate by ~100 a round (the adaptive ones).
+    lr: float = bounded(1.0, "(0, 100]", why="above 100 every server step diverges")
     # momentum (FedAvgM's beta, FedAdam/FedYogi's beta_1)
     beta1: float = bounded(0.9, "[0, 1)")
     # second-moment decay (FedAdam, FedYogi)

@@ -13,6 +13,7 @@ registry's capabilities, the model's own task) stays where that is known.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -73,6 +74,13 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
+def _lora_scaling(cfg: ExperimentConfig) -> float:
+    """``LoraConfig.scaling`` from the three keys it reads."""
+    lora = cfg.lora
+    divisor = math.sqrt(lora.r) if lora.use_rslora else lora.r
+    return float(lora.lora_alpha) / divisor
+
+
 def _over_clients(key: str) -> Refusal:
     """Refuse a client count ``key`` above fed.num_clients (it cannot be met)."""
     return Refusal(
@@ -81,6 +89,9 @@ def _over_clients(key: str) -> Refusal:
         "at most fed.num_clients={fed.num_clients} (no more clients exist)",
     )
 
+
+# The largest lora_alpha / r (rsLoRA: / sqrt(r)) a config may ask for.
+MAX_LORA_SCALING = 1e4
 
 _HIDDEN = "with secagg.enabled = true: the server sees no single update"
 _NATIVE = " or ".join(NATIVE_MODEL_NAMES)
@@ -102,6 +113,16 @@ REFUSALS: tuple[Refusal, ...] = (
         ("train.local_steps", "train.local_epochs"),
         lambda c: c.train.local_steps == 0 and c.train.local_epochs == 0,
         "> 0, or train.local_epochs > 0 (else nothing trains)",
+    ),
+    Refusal(
+        ("train.weight_decay", "train.lr"),
+        # AdamW and SGD both multiply every weight by 1 - lr x weight_decay per
+        # step: at 0 a step wipes the adapter, below it the weights flip sign and
+        # grow. No run needs that; lr x weight_decay is usually below 1e-4.
+        lambda c: c.train.lr * c.train.weight_decay >= 1,
+        "smaller: train.lr x weight_decay must stay below 1 (each step multiplies "
+        "the weights by 1 - lr x weight_decay; at 1 or more they are wiped or flip "
+        "sign)",
     ),
     Refusal(
         ("train.momentum", "train.optimizer"),
@@ -193,6 +214,17 @@ REFUSALS: tuple[Refusal, ...] = (
         "shaped vectors)",
     ),
     # ---------------------------------------------------------- LoRA and loss
+    Refusal(
+        ("lora.lora_alpha", "lora.r", "lora.use_rslora"),
+        # The scaling multiplies every LoRA update. The usual one is 0.25..4 (alpha
+        # r to 2r, or rsLoRA's alpha / sqrt(r)); at 1e4 a single step of 1e-4
+        # already moves a layer by as much as its weights, and 1e30 overflows
+        # float32 activations: nothing trains. No real run needs more than 1e4.
+        lambda c: _lora_scaling(c) > MAX_LORA_SCALING,
+        f"a value whose LoRA scaling (lora_alpha / r, or / sqrt(r) with use_rslora) "
+        f"is at most {MAX_LORA_SCALING:g} (the factor on every LoRA update, usually "
+        "0.25..4)",
+    ),
     Refusal(
         ("fed.rank_tiers", "lora.r"),
         lambda c: bool(c.fed.rank_tiers) and max(c.fed.rank_tiers) != c.lora.r,

@@ -127,7 +127,11 @@ class DataConfig:
 class TrainConfig:
     """Local training loop (one client, or the centralised reference)."""
 
-    lr: float = bounded(5e-4, ABOVE_0)  # peak AdamW learning rate
+    # Peak learning rate. Above 10 no optimiser trains a LoRA adapter: AdamW moves
+    # every weight by about lr per step (its usual rates are 1e-5..1e-2), and SGD
+    # on these models diverges well below that. Unusual values below the bound are
+    # warned about (lora_flwr/config/unusual.py).
+    lr: float = bounded(5e-4, "(0, 10]", why="a rate above 10 diverges")
     batch_size: int = bounded(16, AT_LEAST_1)
     # optimiser steps per fit call (per round)
     local_steps: int = bounded(10, AT_LEAST_0)

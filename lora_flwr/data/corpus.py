@@ -82,3 +82,5 @@ class _Corpus:
 
     data: TextDataset
     num_labels: int  # 0: causal LM
+    # Why a corpus has no labels, said where that matters (a classifier asked for).
+    unlabelled: str = ""

@@ -28,7 +28,7 @@ import csv
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +80,16 @@ class DatasetSplits:
         ``"seq_cls"`` when the corpus has labels, else ``"causal_lm"``.
     num_labels
         Number of classes (``0`` for causal LM).
+    unlabelled
+        Why a causal LM corpus has no labels (e.g. the label column is missing),
+        for a message when a classifier was wanted; ``""`` when it has labels.
     """
 
     train: TextDataset
     test: TextDataset
     task: Task
     num_labels: int
+    unlabelled: str = ""
 
 
 # ------------------------------------------------------------------ public API
@@ -203,6 +207,7 @@ def _load_splits_cached(
         test=data.subset(test_pos.tolist()),
         task=task,
         num_labels=corpus.num_labels,
+        unlabelled=corpus.unlabelled if corpus.num_labels == 0 else "",
     )
 
 
@@ -225,6 +230,10 @@ def _load_corpus(
     }
     if name in builtin:
         corpus = builtin[name]()
+        if corpus.num_labels == 0:
+            corpus = replace(
+                corpus, unlabelled=f"dataset {name!r} has no labels (plain text)"
+            )
     else:
         path = Path(name).expanduser()
         if path.suffix.lower() not in LOCAL_SUFFIXES and not path.is_file():

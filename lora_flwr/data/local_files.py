@@ -1,4 +1,10 @@
-"""Corpora from local ``.csv``, ``.jsonl`` and ``.txt`` files."""
+"""Corpora from local ``.csv``, ``.jsonl`` and ``.txt`` files.
+
+An error about a file's content names the file, the line and what is wrong, never
+the text there: a data file may hold private rows, or be a link to a file that is
+not data at all (``/etc/passwd``). Column names are shown only when they read as
+column names (:func:`_columns_said`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ from lora_flwr.data.corpus import TextDataset, _Corpus
 logger = logging.getLogger(__name__)
 
 LOCAL_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".txt")
+
+# What a column name looks like: a word character, then at most 47 of words,
+# spaces and a little punctuation. A first line of a non-table file (``root:x:0:``,
+# a key, a sentence with commas in it) does not.
+_COLUMN_NAME = re.compile(r"\w[\w .()\[\]#%+&-]{0,47}")
+_MAX_COLUMNS_SHOWN = 50
+_MAX_LABELS_LOGGED = 20
+# Rows of a csv / jsonl file with the line each ends on.
+_Rows = list[tuple[int, dict[str, object]]]
 
 
 def _load_local(
@@ -41,7 +56,8 @@ def _load_local(
         if suffix == ".txt":
             with path.open(encoding="utf-8") as fh:
                 texts = tuple(line.strip() for line in fh if line.strip())
-            return _Corpus(TextDataset(texts, None, ("",) * len(texts)), 0)
+            unlabelled = f"{path} is a .txt file (text only, no labels)"
+            return _Corpus(TextDataset(texts, None, ("",) * len(texts)), 0, unlabelled)
         rows, columns = _read_rows(path, suffix)
     except UnicodeDecodeError as exc:
         raise ValueError(
@@ -51,14 +67,21 @@ def _load_local(
     return _rows_to_corpus(rows, columns, path, text_column, label_column, group_column)
 
 
-def _read_rows(path: Path, suffix: str) -> tuple[list[dict[str, object]], list[str]]:
-    """Rows of a csv / jsonl file and the columns seen."""
+def _read_rows(path: Path, suffix: str) -> tuple[_Rows, list[str]]:
+    """Rows of a csv / jsonl file, each with the line it ends on, and the columns."""
+    rows: _Rows = []
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
-            rows: list[dict[str, object]] = [dict(r) for r in reader]
+            try:
+                for row in reader:
+                    rows.append((reader.line_num, dict(row)))
+            except csv.Error as exc:  # csv's messages hold no cell text
+                raise ValueError(
+                    f"{path}, line {reader.line_num}, is not valid CSV ({exc}); the "
+                    "file's content is not shown"
+                ) from None
             return rows, list(reader.fieldnames or [])
-    rows = []
     columns: dict[str, None] = {}  # ordered set
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -67,19 +90,43 @@ def _read_rows(path: Path, suffix: str) -> tuple[list[dict[str, object]], list[s
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+                # exc.msg says what was expected ("Expecting value"), not the text.
+                raise ValueError(
+                    f"{path}, line {lineno}, is not valid JSON ({exc.msg} at column "
+                    f"{exc.colno}); the file's content is not shown"
+                ) from None
             if not isinstance(obj, dict):
                 raise ValueError(
-                    f"{path}:{lineno} should hold a JSON object per line but holds "
-                    f"{type(obj).__name__}"
+                    f"{path}, line {lineno}, should hold a JSON object but holds a "
+                    f"{type(obj).__name__}; the file's content is not shown"
                 )
-            rows.append(obj)
+            rows.append((lineno, obj))
             columns.update(dict.fromkeys(obj))
     return rows, list(columns)
 
 
+def _columns_said(columns: Sequence[str], path: Path) -> str:
+    """Say a file's columns, or only their count when they are not column names.
+
+    A header is the file's schema, not its rows, so names that read as column
+    names are shown; anything else (the first line of a file that is no table)
+    is counted, never echoed.
+    """
+    where = "line 1" if path.suffix.lower() == ".csv" else "the keys of its objects"
+    if not columns:
+        return f"{where} names no column"
+    if len(columns) <= _MAX_COLUMNS_SHOWN and all(
+        isinstance(c, str) and _COLUMN_NAME.fullmatch(c) for c in columns
+    ):
+        return f"its columns are {list(columns)}"
+    return (
+        f"{where} does not read as column names ({len(columns)} field(s); the "
+        "file's content is not shown)"
+    )
+
+
 def _rows_to_corpus(
-    rows: list[dict[str, object]],
+    rows: _Rows,
     columns: list[str],
     path: Path,
     text_column: str,
@@ -89,19 +136,19 @@ def _rows_to_corpus(
     """Pick the text / label / group columns out of parsed rows."""
     if text_column not in columns:
         raise ValueError(
-            f"`data.text_column` = {text_column!r} is not a column of {path}; its "
-            f"columns are {columns}"
+            f"`data.text_column` = {text_column!r} is not a column of {path}; "
+            f"{_columns_said(columns, path)}"
         )
     if group_column and group_column not in columns:
         raise ValueError(
-            f"`data.group_column` = {group_column!r} is not a column of {path}; its "
-            f"columns are {columns} (leave it empty when there is none)"
+            f"`data.group_column` = {group_column!r} is not a column of {path}; "
+            f"{_columns_said(columns, path)} (leave it empty when there is none)"
         )
     has_labels = bool(label_column) and label_column in columns
     texts: list[str] = []
     raw_labels: list[object] = []
     groups: list[str] = []
-    for i, row in enumerate(rows):
+    for line, row in rows:
         value = row.get(text_column)
         text = "" if value is None else str(value).strip()
         if not text:
@@ -112,12 +159,18 @@ def _rows_to_corpus(
             label = row.get(label_column)
             if label is None or label == "":
                 raise ValueError(
-                    f"Row {i} of {path} has no value in the label column "
+                    f"{path}, line {line}, has no value in the label column "
                     f"`data.label_column` = {label_column!r}; fill it or drop the row"
                 )
             raw_labels.append(label)
     if not has_labels:
-        return _Corpus(TextDataset(tuple(texts), None, tuple(groups)), 0)
+        unlabelled = (
+            f"`data.label_column` = {label_column!r} is not a column of {path} "
+            f"({_columns_said(columns, path)})"
+            if label_column
+            else "`data.label_column` is empty"
+        )
+        return _Corpus(TextDataset(tuple(texts), None, tuple(groups)), 0, unlabelled)
     labels, num_labels = _encode_labels(raw_labels, label_column)
     if num_labels < 2:
         raise ValueError(
@@ -142,7 +195,15 @@ def _encode_labels(
         return ints, (max(ints) + 1 if ints else 0)
     names = sorted({str(v) for v in raw})
     index = {name: i for i, name in enumerate(names)}
-    logger.info("Labels of column %r mapped to ids: %s", label_column, index)
+    if len(names) <= _MAX_LABELS_LOGGED and all(map(_COLUMN_NAME.fullmatch, names)):
+        logger.info("Labels of column %r mapped to ids: %s", label_column, index)
+    else:  # a text column read as labels: its cells are content, not class names
+        logger.info(
+            "%d distinct values of column %r mapped to ids 0..%d (in sorted order)",
+            len(names),
+            label_column,
+            len(names) - 1,
+        )
     return tuple(index[str(v)] for v in raw), len(names)
 
 

@@ -6,6 +6,7 @@ serves the in-process simulation, whose apps get an empty run_config.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from lora_flwr.aggregation import get_rule
 from lora_flwr.aggregation.state import Arrays
-from lora_flwr.config import ExperimentConfig, SecAggConfig
+from lora_flwr.config import ExperimentConfig, SecAggConfig, unusual_values
 from lora_flwr.experiment import get_workspace, heldout_data
 from lora_flwr.fl.checkpoint import (
     CONFIG_FILE,
@@ -51,6 +52,8 @@ from lora_flwr.results import (
 )
 from lora_flwr.rundir import claim_run_dir
 from lora_flwr.server.evaluation import RoundView
+
+logger = logging.getLogger(__name__)
 
 TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]
@@ -196,7 +199,13 @@ def make_server_fn(
     """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``."""
 
     def server_fn(context: Context) -> ServerAppComponents:
-        exp = cfg if cfg is not None else ExperimentConfig.from_flat(context.run_config)
+        if cfg is None:
+            exp = ExperimentConfig.from_flat(context.run_config)
+            # A deployment starts here (run_simulation.py says these before Ray).
+            for line in unusual_values(exp):
+                logger.warning("%s", line)
+        else:
+            exp = cfg
         strategy = build_strategy(exp, run_dir, partitions)
         # After a resume Flower counts rounds from 1 again; the strategy adds the
         # rounds already done.

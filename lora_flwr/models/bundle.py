@@ -102,6 +102,14 @@ class ModelBundle:
     name: str
 
 
+class EncoderOnlyError(ValueError):
+    """``causal_lm`` asked of an encoder-only model (it cannot generate text)."""
+
+    def __init__(self, message: str, model_type: str) -> None:
+        super().__init__(message)
+        self.model_type = model_type
+
+
 def resolve_task(cfg: ModelConfig, hf_config: Any) -> Task:
     """Decide the task for a model from ``cfg.task`` and the model's config.
 
@@ -125,17 +133,18 @@ def resolve_task(cfg: ModelConfig, hf_config: Any) -> Task:
 
     Raises
     ------
-    ValueError
+    EncoderOnlyError
         If ``cfg.task`` is ``"causal_lm"`` for an encoder-only model (BERT, ...).
     """
     model_type = str(getattr(hf_config, "model_type", "") or "")
     architectures = list(getattr(hf_config, "architectures", None) or [])
     if cfg.task == "causal_lm":
         if model_type in ENCODER_MODEL_TYPES:
-            raise ValueError(
+            raise EncoderOnlyError(
                 f"`model.task` should be 'seq_cls' or 'auto' for {cfg.name!r}, an "
                 f"encoder-only {model_type} model that cannot generate text, but the "
-                f"value passed is {cfg.task!r}"
+                f"value passed is {cfg.task!r}",
+                model_type,
             )
         return "causal_lm"
     if cfg.task == "seq_cls":

@@ -33,6 +33,10 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
         {"train.local_steps": 0},
         {"train.local_steps": 0, "train.local_epochs": 1.0},
     ),
+    ("train.weight_decay", "train.lr"): (
+        {"train.lr": 1e-2, "train.weight_decay": 100.0},
+        {"train.lr": 1e-2, "train.weight_decay": 99.0},
+    ),
     ("train.momentum", "train.optimizer"): (
         {"train.momentum": 0.9},
         {"train.momentum": 0.9, "train.optimizer": "sgd"},
@@ -108,6 +112,10 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
     ("fed.rank_tiers", "lora.r"): (
         {"fed.rank_tiers": "4,16"},
         {"fed.rank_tiers": "4,8"},
+    ),
+    ("lora.lora_alpha", "lora.r", "lora.use_rslora"): (
+        {"lora.r": 4, "lora.lora_alpha": 4e4 + 4},
+        {"lora.r": 4, "lora.lora_alpha": 2e4, "lora.use_rslora": True},
     ),
     ("head.calibration", "lora.modules_to_save"): (
         {"head.calibration": "lda"},

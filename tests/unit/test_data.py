@@ -794,3 +794,68 @@ def test_dirichlet_try_zero_keeps_the_experiment_seed() -> None:
     # Partitions found by the first try are the ones earlier releases produced.
     assert dirichlet_seed(7, 0) == 7
     assert len({dirichlet_seed(7, a) for a in range(1, 50)}) == 49
+
+
+# ---------------------------------------- errors name lines, never content
+SECRET = "s3cr3t-v4lue"
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "cfg", "where"),
+    [
+        # a header that is not a row of column names
+        ("a.csv", f"user:{SECRET}:/home\nx:y:z\n", {}, "line 1"),
+        # a label cell left empty on line 3 (a quoted cell spans lines 2-3 first)
+        (
+            "b.csv",
+            f'text,label\n"two\nlines {SECRET}",1\n{SECRET},\n',
+            {},
+            "line 4",
+        ),
+        # JSON that does not parse, and JSON that is not an object
+        ("c.jsonl", f'{{"text": "a", "label": 1}}\n{{"text": {SECRET}\n', {}, "2"),
+        ("d.jsonl", f'{{"text": "a", "label": 1}}\n["{SECRET}"]\n', {}, "2"),
+        # a missing text column among keys that are not column names
+        ("e.jsonl", f'{{"{SECRET}/x:y": "a"}}\n', {}, "keys"),
+        # a missing group column
+        (
+            "f.csv",
+            f"text,label\n{SECRET},1\n",
+            {"group_column": "user"},
+            "'user'",
+        ),
+    ],
+)
+def test_a_data_file_error_names_the_line_not_the_content(
+    tmp_path: Path, name: str, body: str, cfg: dict[str, str], where: str
+) -> None:
+    # Prepare
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+
+    # Execute
+    with pytest.raises(ValueError) as info:
+        load_splits(DataConfig(name=str(path), **cfg), seed=0)  # type: ignore[arg-type]
+
+    # Assert
+    message = str(info.value)
+    assert SECRET not in message, message
+    assert str(path) in message and where in message, message
+
+
+def test_a_csv_without_its_label_column_says_why_it_has_no_labels(
+    tmp_path: Path,
+) -> None:
+    # Prepare
+    path = tmp_path / "t.csv"
+    path.write_text("text,id\n" + "".join(f"x {i},{i}\n" for i in range(20)))
+
+    # Execute
+    splits = load_splits(DataConfig(name=str(path)), seed=0)
+
+    # Assert
+    assert splits.task == "causal_lm"
+    assert splits.unlabelled == (
+        f"`data.label_column` = 'label' is not a column of {path} "
+        "(its columns are ['text', 'id'])"
+    )

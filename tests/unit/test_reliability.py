@@ -289,3 +289,79 @@ def test_an_interrupted_run_exits_130_and_says_how_to_resume(
     assert code == 130
     err = capsys.readouterr().err
     assert "interrupted; continue with: python run_simulation.py --resume" in err
+
+
+# ------------------------------------------------------- values and messages
+def test_an_absurd_learning_rate_exits_2_naming_key_and_value(
+    main_with: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main_with(["--set", "train.lr=1e6"])
+
+    assert code == 2 and main_with.started == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("error: `train.lr` should be in (0, 10]")
+    assert "1000000.0" in err[0]
+
+
+def test_an_unusual_learning_rate_runs_with_one_warning(
+    main_with: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main_with(["--set", "train.lr=0.5"])
+
+    assert code == 0 and len(main_with.started) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    warned = [line for line in err if "train.lr" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith("warning: train.lr = 0.5 is far above")
+
+
+def test_a_csv_without_its_label_column_names_the_column_and_the_fix(
+    main_with: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = "".join(f"review {i},{i}\n" for i in range(20))
+    path = _write(tmp_path / "reviews.csv", b"text,id\n" + rows.encode())
+
+    code = main_with(["--set", f"data.name={path}"])  # tiny-bert: a classifier
+
+    assert code == 2 and main_with.started == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    line = err[0]
+    assert not line.startswith("error: `model.task`"), line
+    assert "`data.label_column` = 'label' is not a column of " + path in line
+    assert "['text', 'id']" in line
+    assert "model.task = 'causal_lm'" in line
+
+
+def test_a_data_file_error_does_not_echo_the_file(
+    main_with: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\nbin:x:1:1::/:\n")
+    link = tmp_path / "data.csv"
+    link.symlink_to(secret)
+
+    code = main_with(["--set", f"data.name={link}"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "root:x" not in err and "/bin/bash" not in err, err
+    assert str(link) in err and "line 1" in err
+
+
+def test_a_classifier_asked_of_unlabelled_data_says_why_it_has_no_labels(
+    main_with: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = "".join(f"review {i},{i}\n" for i in range(20))
+    path = _write(tmp_path / "reviews.csv", b"text,id\n" + rows.encode())
+
+    code = main_with(["--set", f"data.name={path}", "--set", "model.task=seq_cls"])
+
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(
+        "error: `model.task` = 'seq_cls' needs labels but `data.label_column` = "
+        f"'label' is not a column of {path} (its columns are ['text', 'id'])"
+    )
