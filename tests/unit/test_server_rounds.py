@@ -333,12 +333,12 @@ def test_a_round_whose_replies_are_all_rejected_leaves_the_state_unchanged() -> 
 def test_a_non_finite_aggregate_never_becomes_the_global(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Prepare: a huge server learning rate overflows float32.
+    # Prepare: the largest server learning rate times a huge update overflows float32.
     caplog.set_level(logging.ERROR, logger="flwr")
-    core = core_on(server_opt={"name": "fedavgm", "lr": 1e38, "beta1": 0.0})
+    core = core_on(server_opt={"name": "fedavgm", "lr": 100.0, "beta1": 0.0})
     before = global_copy(core)
     open_fit(core, 1, ALL)
-    replies = [reply(p, full(10.0), 1) for p in (0, 1)]
+    replies = [reply(p, full(1e37), 1) for p in (0, 1)]
 
     # Execute
     ok = core.fit_outcome(1, replies, [])

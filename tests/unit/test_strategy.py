@@ -897,7 +897,8 @@ def run_simulation_main(monkeypatch: pytest.MonkeyPatch) -> Any:
         ),
         (
             ["--set", "train.lr=-1"],
-            "`train.lr` should be > 0 but the value passed is -1",
+            "`train.lr` should be in (0, 10] (a rate above 10 diverges) but the value "
+            "passed is -1",
         ),
         (["--set", "lora.nope=1"], "Unknown config key: lora.nope"),
         (["--set", "train.lr"], "should look like section.key=value"),
