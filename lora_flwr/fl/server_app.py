@@ -78,13 +78,7 @@ def build_strategy(
     simulation engine's node -> partition map (in-process simulation only).
     """
     out = run_dir if run_dir is not None else run_dir_for(cfg)
-    # Refuses a directory with results (unless overwrite) or in use by a live run.
-    claim_run_dir(out, cfg.on_existing)
-    # A resume continues only the run's own config (refused otherwise) and keeps
-    # the config.toml its first attempt wrote.
-    resume, history = _resume_point(cfg, out)
-    if cfg.on_existing != "resume" or not (out / CONFIG_FILE).is_file():
-        write_text_atomic(out / CONFIG_FILE, cfg.to_toml())
+    resume, history = _claim(cfg, out)
     ws = get_workspace(cfg)
     ws.reset_adapter()
     layout = layout_of(ws.adapter)
@@ -148,6 +142,22 @@ def build_strategy(
         history=history,
         partitions=partitions,
     )
+
+
+def _claim(
+    cfg: ExperimentConfig, out: Path
+) -> tuple[Checkpoint | None, list[dict[str, Any]]]:
+    """Claim ``out`` for this run and return where it resumes (None: from round 0).
+
+    Refuses a folder with results (unless overwrite) or in use by a live run; a
+    resume continues only the run's own config (refused otherwise) and keeps the
+    config.toml its first attempt wrote.
+    """
+    claim_run_dir(out, cfg.on_existing)
+    resume, history = _resume_point(cfg, out)
+    if cfg.on_existing != "resume" or not (out / CONFIG_FILE).is_file():
+        write_text_atomic(out / CONFIG_FILE, cfg.to_toml())
+    return resume, history
 
 
 def _resume_point(
