@@ -37,12 +37,13 @@ __all__ = [
     "atomic_write_dir",
     "recover",
     "recover_all",
+    "remove_entry",
     "write_text_atomic",
 ]
 
 # .<target>.<host>-<pid>-<random>.<kind>: see the module docstring.
 _LEFTOVER = re.compile(
-    r"\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{16}"
+    r"\.(?P<name>.+)\.(?P<token>(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{16})"
     r"\.(?P<kind>tmp|old|del)"
 )
 
@@ -120,9 +121,19 @@ def _create_dir(tmp: Path) -> None:
     tmp.mkdir()
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path, *, ignore_errors: bool = False) -> None:
+    """Delete ``path`` if present; a symbolic link is unlinked, never followed.
+
+    Parameters
+    ----------
+    path : Path
+        A file, folder or link; it need not exist.
+    ignore_errors : bool
+        Leave what a folder's deletion cannot remove instead of raising.
+    """
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)  # links inside are unlinked only
+        # Links inside are unlinked only, not their targets.
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
         path.unlink(missing_ok=True)
 
@@ -135,7 +146,7 @@ def _discard_old(old: Path, token: str, target: Path) -> None:
         os.replace(old, doomed)
     except FileNotFoundError:
         return
-    _remove(doomed)
+    remove_entry(doomed, ignore_errors=True)
 
 
 def _writer_gone(host: str, pid: int) -> bool:
@@ -172,7 +183,7 @@ def recover(path: Path) -> None:
         names = os.listdir(path.parent)
     except (FileNotFoundError, NotADirectoryError):
         return
-    stale: list[tuple[str, Path]] = []
+    stale: list[tuple[str, str, Path]] = []
     for name in names:
         match = _LEFTOVER.fullmatch(name)
         if (
@@ -180,9 +191,9 @@ def recover(path: Path) -> None:
             and match["name"] == path.name
             and _writer_gone(match["host"], int(match["pid"]))
         ):
-            stale.append((match["kind"], path.parent / name))
+            stale.append((match["kind"], match["token"], path.parent / name))
     restored = False
-    for kind, leftover in sorted(stale, key=lambda item: item[0] != "old"):
+    for kind, token, leftover in sorted(stale, key=lambda item: item[0] != "old"):
         if kind == "old" and not restored and not os.path.lexists(path):
             try:
                 os.replace(leftover, path)
@@ -192,10 +203,9 @@ def recover(path: Path) -> None:
                 restored = True
                 continue
         if kind == "old":
-            token = leftover.name[len(path.name) + 2 : -len(".old")]
             _discard_old(leftover, token, path)
         else:
-            _remove(leftover)
+            remove_entry(leftover, ignore_errors=True)
     if restored:
         _fsync_dir(path.parent)
 
@@ -319,7 +329,7 @@ def atomic_write_dir(path: Path, write: Callable[[Path], None]) -> None:
         else:
             os.replace(tmp, path)
     except BaseException:
-        _remove(tmp)
+        remove_entry(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
     if old is not None:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import stat
 from pathlib import Path
 from typing import Literal
 
-from lora_flwr.atomic import recover_all
+from lora_flwr.atomic import recover_all, remove_entry
 
 OnExisting = Literal["refuse", "overwrite", "resume"]
 LOCK_NAME = ".lock"
@@ -134,7 +133,7 @@ def claim_run_dir(run_dir: Path, on_existing: OnExisting) -> None:
             recover_all(run_dir / folder)
     if on_existing == "overwrite":
         for name in RUN_OUTPUTS:
-            _remove(run_dir / name)
+            remove_entry(run_dir / name)
 
 
 def refuse_symlink(run_dir: Path) -> None:
@@ -158,14 +157,6 @@ def release_run_dir(run_dir: Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    """Delete ``path`` if present; a symbolic link is unlinked, never followed."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)  # removes links inside as links, not their targets
-    elif path.is_symlink() or path.exists():
-        path.unlink()
 
 
 def _open_lock(run_dir: Path, flags: int) -> int:

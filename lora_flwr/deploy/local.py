@@ -61,11 +61,11 @@ from lora_flwr.deploy.processes import (
 )
 from lora_flwr.deploy.run_config import (
     check_resume,
+    launch_dir,
     resolve_config,
     with_supernodes,
     write_run_config,
 )
-from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
 
 CONNECTION = "local-deployment"
 # Seconds for every registered SuperNode to come online (≈6 s when idle; a loaded
@@ -208,23 +208,6 @@ def _credentials(
     return prepare_credentials(tls_dir, generate, num_supernodes, scratch)
 
 
-def _launch_dir(cfg: ExperimentConfig) -> tuple[Path, Path]:
-    """``<output_dir>/<name>`` and its launch folder, cleared of stale records."""
-    run_dir = Path(cfg.output_dir) / str(cfg.name)
-    try:
-        refuse_symlink(run_dir)  # before writing deploy/ into the link's target
-    except RunDirError as exc:
-        raise DeployError(str(exc)) from None
-    deploy_dir = run_dir / LAUNCH_DIR
-    deploy_dir.mkdir(parents=True, exist_ok=True)
-    # Only the launcher's own records of an earlier attempt: the results
-    # (history.json included) belong to the ServerApp, which keeps, resumes or
-    # clears them as ``on_existing`` says.
-    for stale in ("runs.json", "nodes.json"):
-        (deploy_dir / stale).unlink(missing_ok=True)
-    return run_dir, deploy_dir
-
-
 def _run_deployment(
     procs: Processes,
     homes: Path,
@@ -312,7 +295,7 @@ def deploy(
         If a process dies, the run fails or does not finish in time, or its
         results are incomplete; every process started is stopped first.
     """
-    run_dir, deploy_dir = _launch_dir(cfg)
+    run_dir, deploy_dir = launch_dir(cfg, ("runs.json", "nodes.json"))
     run_config = write_run_config(cfg, deploy_dir / "run_config.toml")
     homes = Path(tempfile.mkdtemp(prefix="lora-flwr-deploy-"))  # mode 0700
     procs = Processes(deploy_dir, tag=str(homes))

@@ -35,11 +35,11 @@ from lora_flwr.deploy.processes import (
 )
 from lora_flwr.deploy.run_config import (
     check_resume,
+    launch_dir,
     resolve_config,
     with_supernodes,
     write_run_config,
 )
-from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
 
 CONNECTION = "local"
 LOCAL_SUPERLINK = "local-superlink"
@@ -77,17 +77,7 @@ def simulate(
         ``<output_dir>/<name>``; logs, run config, runs.json and pids.json are in
         its ``deploy/`` folder.
     """
-    run_dir = Path(cfg.output_dir) / str(cfg.name)
-    try:
-        refuse_symlink(run_dir)  # before writing deploy/ into the link's target
-    except RunDirError as exc:
-        raise DeployError(str(exc)) from None
-    deploy_dir = run_dir / LAUNCH_DIR
-    deploy_dir.mkdir(parents=True, exist_ok=True)
-    # Only the launcher's own record of an earlier attempt: the results
-    # (history.json included) belong to the ServerApp, which keeps, resumes or
-    # clears them as ``on_existing`` says.
-    (deploy_dir / "runs.json").unlink(missing_ok=True)
+    run_dir, deploy_dir = launch_dir(cfg, ("runs.json",))
     run_config = write_run_config(cfg, deploy_dir / "run_config.toml")
     home = Path(tempfile.mkdtemp(prefix="lora-flwr-sim-"))
     procs = Processes(deploy_dir, tag=str(home))

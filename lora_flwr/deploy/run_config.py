@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_flwr.config import ExperimentConfig
+from lora_flwr.deploy.errors import DeployError
+from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
 
 # What a Flower run config (and the CLI's config.toml here) holds.
 Scalar = bool | int | float | str
@@ -25,6 +27,30 @@ def resolve_config(
     if not out.is_absolute():
         out = Path.cwd() / out
     return cfg.with_overrides([f"output_dir={out.resolve()}"])
+
+
+def launch_dir(cfg: ExperimentConfig, stale: Sequence[str]) -> tuple[Path, Path]:
+    """``<output_dir>/<name>`` and its launch folder, cleared of ``stale`` records.
+
+    Only the launcher's own records of an earlier attempt go: the results
+    (history.json included) belong to the ServerApp, which keeps, resumes or
+    clears them as ``on_existing`` says.
+
+    Raises
+    ------
+    DeployError
+        If the run folder is a symbolic link (nothing is written into its target).
+    """
+    run_dir = Path(cfg.output_dir) / str(cfg.name)
+    try:
+        refuse_symlink(run_dir)
+    except RunDirError as exc:
+        raise DeployError(str(exc)) from None
+    deploy_dir = run_dir / LAUNCH_DIR
+    deploy_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        (deploy_dir / name).unlink(missing_ok=True)
+    return run_dir, deploy_dir
 
 
 def check_resume(cfg: ExperimentConfig) -> None:

@@ -262,11 +262,12 @@ def check_identity(
         ``config.toml`` is named as such.
     """
     now = run_identity(cfg)
-    if stored is not None and fingerprint(stored) == fingerprint(now):
+    wanted = fingerprint(now)
+    if stored is not None and fingerprint(stored) == wanted:
         return
     toml = _toml_identity(run_dir)  # read only when needed: it may be stale
     there = stored if stored is not None else toml
-    if there is None or fingerprint(there) == fingerprint(now):
+    if there is None or fingerprint(there) == wanted:
         return
     differs = ", ".join(identity_differences(there, now))
     edited = toml is not None and fingerprint(toml) != fingerprint(there)

@@ -182,11 +182,12 @@ def test_a_claim_writes_its_pid_into_its_own_lock(
     assert (run_dir / ".lock").read_text() == f"{os.getpid()}\n"
 
 
-def test_the_deployment_launcher_refuses_a_symlinked_run_dir(tmp_path: Path) -> None:
-    # Prepare: scripts/deploy_local.py writes deploy/ before the ServerApp claims.
+def test_the_deployment_launchers_refuse_a_symlinked_run_dir(tmp_path: Path) -> None:
+    # Prepare: both launchers write deploy/ (through launch_dir) before the
+    # ServerApp claims the run folder.
     from lora_flwr.config import ExperimentConfig
     from lora_flwr.deploy.errors import DeployError
-    from lora_flwr.deploy.local import _launch_dir
+    from lora_flwr.deploy.run_config import launch_dir
 
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -196,7 +197,7 @@ def test_the_deployment_launcher_refuses_a_symlinked_run_dir(tmp_path: Path) -> 
 
     # Execute / Assert
     with pytest.raises(DeployError, match="is a symbolic link"):
-        _launch_dir(cfg)
+        launch_dir(cfg, ("runs.json", "nodes.json"))
     assert list(victim.iterdir()) == []
 
 
