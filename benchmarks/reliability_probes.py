@@ -45,6 +45,8 @@ PROBES = (
     "honest",
     "scale_1e6",  # the update (reply - what it received) times 1e6, finite
     "random_1e9",  # a random adapter and num_examples = 10**9
+    "sign_flip",  # start - 1.9 x its honest update, num_examples = 10**9
+    "random_bounded",  # a random update of 1.9 x its honest norm, 10**9 examples
     "fit_metric_abc",  # fit metric seconds = "abc"
     "eval_metric_abc",  # evaluate metric accuracy = "abc"
     "dropout_30",  # every client fails 30 % of its fit calls at random (seeded)
@@ -65,9 +67,10 @@ class HostileClient(LoRAClient):
     """A LoRA client; partition ``HOSTILE`` misbehaves as ``self.probe`` says."""
 
     probe = "honest"
+    hostile: frozenset[int] = frozenset({HOSTILE})
 
     def fit(self, parameters, config):  # type: ignore[no-untyped-def]
-        if self.probe == "leave" and self.partition_id == HOSTILE:
+        if self.probe == "leave" and self.partition_id in self.hostile:
             raise RuntimeError(f"leave probe: partition {HOSTILE} fails every fit")
         if self.probe.startswith("dropout_"):
             share = int(self.probe.split("_")[1]) / 100
@@ -80,7 +83,7 @@ class HostileClient(LoRAClient):
                     f"{config[ROUND]}"
                 )
         arrays, n, metrics = super().fit(parameters, config)
-        if self.partition_id != HOSTILE:
+        if self.partition_id not in self.hostile:
             return arrays, n, metrics
         if self.probe == "scale_1e6":
             # fedit sends back every tensor it received, in the same order.
@@ -91,13 +94,34 @@ class HostileClient(LoRAClient):
             rng = np.random.default_rng(0)
             arrays = [rng.normal(size=a.shape).astype(a.dtype) for a in arrays]
             n = 10**9
+        elif self.probe == "sign_flip":
+            # Under 2 x the median norm, so the norm guard never clips it.
+            arrays = [
+                p - (a - p) * 1.9 for a, p in zip(arrays, parameters, strict=True)
+            ]
+            n = 10**9
+        elif self.probe == "random_bounded":
+            rng = np.random.default_rng([self.cfg.seed, int(config[ROUND])])
+            noise = [rng.normal(size=a.shape) for a in arrays]
+            honest = np.sqrt(
+                sum(
+                    float(np.sum((a - p) ** 2))
+                    for a, p in zip(arrays, parameters, strict=True)
+                )
+            )
+            scale = 1.9 * honest / np.sqrt(sum(float(np.sum(z**2)) for z in noise))
+            arrays = [
+                (p + z * scale).astype(p.dtype)
+                for p, z in zip(parameters, noise, strict=True)
+            ]
+            n = 10**9
         elif self.probe == "fit_metric_abc":
             metrics = {**metrics, SECONDS: "abc"}
         return arrays, n, metrics
 
     def evaluate(self, parameters, config):  # type: ignore[no-untyped-def]
         loss, n, metrics = super().evaluate(parameters, config)
-        if self.partition_id == HOSTILE and self.probe == "eval_metric_abc":
+        if self.partition_id in self.hostile and self.probe == "eval_metric_abc":
             metrics = {**metrics, ACCURACY: "abc"}
         return loss, n, metrics
 
@@ -111,6 +135,7 @@ def probe_config(
     base_path: Path = SMOKE,
     sets: Mapping[str, Mapping[str, Any]] | None = None,
     tag: str = "",
+    seed: int | None = None,
 ) -> ExperimentConfig:
     """The probe's config: the smoke config at 3 clients (every client trained and
     evaluated), or another config (``base_path``) as it is; ``sets`` replaces
@@ -142,6 +167,7 @@ def probe_config(
     return dataclasses.replace(
         base,
         name=name,
+        seed=base.seed if seed is None else seed,
         output_dir=str(out),
         on_existing="overwrite",
         **{
@@ -168,10 +194,13 @@ def run_probe(
     base_path: Path = SMOKE,
     sets: Mapping[str, Mapping[str, Any]] | None = None,
     tag: str = "",
+    hostile: frozenset[int] = frozenset({HOSTILE}),
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Run one probe in the Ray simulation; return its last history record.
 
-    The record also has ``run_dir`` and, per count, ``<count>_total`` over rounds.
+    ``hostile`` are the partitions that misbehave. The record also has ``run_dir``
+    and, per count, ``<count>_total`` over rounds.
     """
     import ray.cloudpickle
     from flwr.client import ClientApp
@@ -193,6 +222,7 @@ def run_probe(
         base_path=base_path,
         sets=sets,
         tag=tag,
+        seed=seed,
     )
     run_dir = out / cfg.name
 
@@ -200,6 +230,7 @@ def run_probe(
         pid, num = node_partition(context, cfg.fed.num_clients)
         client = HostileClient(cfg, pid, num)
         client.probe = probe
+        client.hostile = hostile
         return client.to_client()
 
     try:
