@@ -11,7 +11,10 @@ Three independent tools, all applied by the strategy before or inside a rule:
 * :func:`robust_mean`: coordinate-wise median or trimmed mean of the replies, in
   place of the weighted mean, for rules whose aggregate is a plain average
   (Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
-  Rates", ICML 2018).
+  Rates", ICML 2018);
+* :func:`cosine_outliers` and :func:`krum_outliers`: which whole updates to leave
+  out of the round before any rule aggregates (a direction check against the
+  coordinate-wise median, and Multi-Krum's distance scores).
 
 The lower median (the ``ceil(K/2)``-th smallest value) is used so that with two
 clients the honest one sets the bound, and with ``K >= 3`` one client cannot move it
@@ -31,6 +34,7 @@ from lora_flwr.validation import update_norm
 
 F64 = npt.NDArray[np.float64]
 RobustMode = Literal["none", "median", "trimmed_mean"]
+FilterMode = Literal["none", "cosine", "krum"]
 
 
 def lower_median(values: Sequence[float]) -> float:
@@ -140,3 +144,87 @@ def robust_mean(values: Sequence[F64], mode: RobustMode, trim: float = 0.2) -> F
         mean: F64 = kept.mean(axis=0)
         return mean
     raise ValueError(f"robust mode should be 'median' or 'trimmed_mean', got {mode!r}")
+
+
+def most_outliers(k: int) -> int:
+    """How many of ``k`` updates a filter may remove: ``floor((k - 1) / 2)``.
+
+    The filters assume an honest majority; removing more would let a hostile
+    majority remove the honest clients instead.
+    """
+    return max(0, (k - 1) // 2)
+
+
+def cosine_outliers(updates: Sequence[F64], min_cosine: float) -> list[int]:
+    """Return the updates that point away from the coordinate-wise median update.
+
+    ``c = median_k(u_k)`` coordinate-wise; update ``k`` is an outlier when
+    ``cos(u_k, c) = <u_k, c> / (||u_k|| ||c||) < min_cosine``. A zero update or a
+    zero consensus carries no direction and is never an outlier. At most
+    :func:`most_outliers` ``(K)`` updates are returned, the lowest cosines first;
+    fewer than three updates give none (two cannot outvote each other). The
+    consensus is the median of Yin et al. (ICML 2018); filtering by direction
+    against a robust reference follows FLTrust (Cao et al., NDSS 2021), with the
+    median standing in for FLTrust's server-side update.
+
+    Raises
+    ------
+    ValueError
+        If the updates differ in shape.
+    """
+    if len(updates) < 3:
+        return []
+    stack = _stack(updates)
+    consensus = np.median(stack, axis=0)
+    c_norm = float(np.linalg.norm(consensus))
+    if c_norm == 0:
+        return []
+    scored = []
+    for k, u in enumerate(stack):
+        u_norm = float(np.linalg.norm(u))
+        if u_norm == 0:
+            continue
+        cos = float(np.dot(u, consensus)) / (u_norm * c_norm)
+        if cos < min_cosine:
+            scored.append((cos, k))
+    scored.sort()
+    return sorted(k for _, k in scored[: most_outliers(len(updates))])
+
+
+def krum_outliers(updates: Sequence[F64]) -> list[int]:
+    """Return the ``f`` updates Multi-Krum scores worst (indices, ascending).
+
+    With ``K`` updates and ``f =`` :func:`most_outliers` ``(K)``, the score of
+    update ``k`` is ``sum ||u_k - u_j||^2`` over its ``max(1, K - f - 2)`` nearest
+    other updates; the ``K - f`` lowest scores are kept (Blanchard et al.,
+    "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
+    NeurIPS 2017). Their guarantee needs ``K >= 2f + 3``; with fewer updates (3 or
+    4 per round) this is a heuristic: the update farthest from its nearest
+    neighbour goes. Ties keep the lower index. Fewer than three updates give none.
+
+    Raises
+    ------
+    ValueError
+        If the updates differ in shape.
+    """
+    k_all = len(updates)
+    f = most_outliers(k_all)
+    if k_all < 3 or f == 0:
+        return []
+    stack = _stack(updates)
+    sq = np.sum(stack**2, axis=1)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2 * stack @ stack.T, 0.0)
+    neighbours = max(1, k_all - f - 2)
+    scores = []
+    for k in range(k_all):
+        others = np.sort(np.delete(dist[k], k))
+        scores.append((float(others[:neighbours].sum()), k))
+    scores.sort()
+    return sorted(k for _, k in scores[k_all - f :])
+
+
+def _stack(updates: Sequence[F64]) -> F64:
+    shapes = {u.shape for u in updates}
+    if len(shapes) != 1:
+        raise ValueError(f"updates must share one shape, got {sorted(shapes)}")
+    return np.stack([np.asarray(u, dtype=np.float64).ravel() for u in updates])

@@ -33,6 +33,8 @@ ServerOptimizer = Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"]
 NormGuard = Literal["clip", "reject", "off"]
 # guards.robust: the coordinate-wise average that replaces the weighted mean.
 Robust = Literal["none", "median", "trimmed_mean"]
+# guards.filter: which whole updates a round leaves out before the rule averages.
+UpdateFilter = Literal["none", "cosine", "krum"]
 # Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
 Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
 # How the saved modules (e.g. a new classifier head) are treated

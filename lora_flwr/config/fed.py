@@ -19,6 +19,7 @@ from lora_flwr.config.choices import (
     NormGuard,
     Robust,
     ServerOptimizer,
+    UpdateFilter,
 )
 from lora_flwr.config.fields import (
     ABOVE_0,
@@ -128,6 +129,11 @@ class GuardsConfig:
     # replies at each end per coordinate). Only for plain-average rules.
     robust: Robust = "none"
     trim_fraction: float = bounded(0.2, "[0, 0.5)")
+    # Leave out whole updates before any rule averages (at most (K - 1) // 2 of
+    # K, none below 3): "cosine" those whose cosine to the round's coordinate-wise
+    # median update is below min_cosine, "krum" those Multi-Krum scores worst.
+    filter: UpdateFilter = "none"
+    min_cosine: float = bounded(0.0, "[-1, 1]")
 
     def __post_init__(self) -> None:
         """Check the fields."""

@@ -142,6 +142,12 @@ REFUSALS: tuple[Refusal, ...] = (
         "is calibrated to a mean)",
     ),
     Refusal(
+        ("guards.filter", "privacy.noise_multiplier"),
+        lambda c: c.privacy.noise_multiplier != 0 and c.guards.filter != "none",
+        "'none' with differential privacy (privacy.noise_multiplier > 0: leaving "
+        "out a client for what it sent is not in the accountant's analysis)",
+    ),
+    Refusal(
         ("head.mode", "head.calibration"),
         lambda c: (
             c.head.calibration != "none" and c.head.mode not in ("averaged", "frozen")
@@ -193,6 +199,11 @@ REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         ("guards.robust", "secagg.enabled"),
         lambda c: c.secagg.enabled and c.guards.robust != "none",
+        f"'none' {_HIDDEN}",
+    ),
+    Refusal(
+        ("guards.filter", "secagg.enabled"),
+        lambda c: c.secagg.enabled and c.guards.filter != "none",
         f"'none' {_HIDDEN}",
     ),
     Refusal(

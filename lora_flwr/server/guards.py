@@ -12,8 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from lora_flwr.aggregation import ClientReply
-from lora_flwr.aggregation.robust import cap_counts, clip_update, norm_bound
+from lora_flwr.aggregation.robust import (
+    FilterMode,
+    cap_counts,
+    clip_update,
+    cosine_outliers,
+    krum_outliers,
+    norm_bound,
+)
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
@@ -109,6 +118,7 @@ class GuardReport:
     norm_clipped: int = 0
     norm_rejected: int = 0
     norm_bound: float | None = None
+    filtered: int = 0  # replies the update filter left out
     # Share of the aggregation weight the count cap moved (None: cap off).
     weight_moved: float | None = None
 
@@ -119,8 +129,10 @@ def guard_replies(
     weight_cap: float,
     norm_guard: Literal["clip", "reject", "off"],
     norm_factor: float,
+    update_filter: FilterMode = "none",
+    min_cosine: float = 0.0,
 ) -> tuple[list[ClientReply], GuardReport]:
-    """Apply the norm guard, then the example-count cap, to one round's replies.
+    """Apply the norm guard, the update filter, then the count cap to the replies.
 
     Parameters
     ----------
@@ -137,6 +149,12 @@ def guard_replies(
         and nothing is clipped.
     norm_factor
         ``guards.norm_guard_factor``.
+    update_filter
+        ``guards.filter``: leave out the updates that point away from the
+        coordinate-wise median (``"cosine"``, below ``min_cosine``) or that
+        Multi-Krum scores worst (``"krum"``); see :func:`filter_updates`.
+    min_cosine
+        ``guards.min_cosine``.
 
     Returns
     -------
@@ -175,6 +193,8 @@ def guard_replies(
             clipped = clip_update(reply.arrays, reply.start, bound)
             guarded.append(dataclasses.replace(reply, arrays=clipped))
         kept = guarded
+    if update_filter != "none":
+        kept = filter_updates(kept, update_filter, min_cosine, report)
     if weight_cap > 0 and kept:
         counts = [r.num_examples for r in kept]
         capped = cap_counts(counts, weight_cap)
@@ -191,3 +211,59 @@ def guard_replies(
         report.weight_moved = moved_weight(counts, capped)
         kept = out
     return kept, report
+
+
+def filter_updates(
+    replies: Sequence[ClientReply],
+    mode: FilterMode,
+    min_cosine: float,
+    report: GuardReport,
+) -> list[ClientReply]:
+    """Leave out the replies the update filter flags; count them in ``report``.
+
+    The updates ``reply - start`` are compared over the arrays every reply holds
+    with one shape (under rank tiers: the arrays all tiers share, such as a head);
+    with none in common nothing is filtered.
+    """
+    if len(replies) < 3:
+        return list(replies)
+    shared = _shared_names(replies)
+    if not shared:
+        return list(replies)
+    updates = [
+        np.concatenate(
+            [
+                (r.arrays[n].astype(np.float64) - r.start[n].astype(np.float64)).ravel()
+                for n in shared
+            ]
+        )
+        for r in replies
+    ]
+    if mode == "cosine":
+        out = cosine_outliers(updates, min_cosine)
+        why = (
+            f"its update points away from the round's median (cosine < {min_cosine:g})"
+        )
+    else:
+        out = krum_outliers(updates)
+        why = "Multi-Krum scored its update farthest from the others"
+    for k in out:
+        report.warnings.append(
+            f"left out the update of partition {replies[k].partition}: {why}"
+        )
+    report.filtered = len(out)
+    return [r for k, r in enumerate(replies) if k not in set(out)]
+
+
+def _shared_names(replies: Sequence[ClientReply]) -> list[str]:
+    """Names every reply's update holds, with one shape across replies (sorted)."""
+    first = replies[0]
+    names = []
+    for name in sorted(first.start):
+        shape = first.arrays[name].shape if name in first.arrays else None
+        if shape is not None and all(
+            name in r.start and name in r.arrays and r.arrays[name].shape == shape
+            for r in replies
+        ):
+            names.append(name)
+    return names

@@ -47,6 +47,7 @@ class RoundRecord:
     weight_cap_moved: float | None = None
     norm_clipped: int | None = None
     norm_rejected: int | None = None
+    filtered: int | None = None  # replies guards.filter left out
     norm_bound: float | None = None
     dp_clipped: int | None = None
     train_loss: float | None = None  # example-weighted, over valid replies
@@ -156,6 +157,7 @@ FIT_DROPPED = "fit_dropped"
 WEIGHT_CAPPED = "weight_capped"
 NORM_CLIPPED = "norm_clipped"
 NORM_REJECTED = "norm_rejected"
+FILTERED = "filtered"
 TRAIN_LOSS = "train_loss"
 CLIENT_SECONDS_MAX = "client_seconds_max"
 CLIENT_SECONDS_CRITICAL = "client_seconds_critical"
@@ -193,6 +195,7 @@ assert {
     WEIGHT_CAPPED,
     NORM_CLIPPED,
     NORM_REJECTED,
+    FILTERED,
     TRAIN_LOSS,
     CLIENT_SECONDS_MAX,
     CLIENT_SECONDS_CRITICAL,

@@ -72,6 +72,8 @@ def fit_outcome(
         weight_cap=core.cfg.guards.weight_cap,
         norm_guard=core.cfg.guards.norm_guard,
         norm_factor=core.cfg.guards.norm_guard_factor,
+        update_filter=core.cfg.guards.filter,
+        min_cosine=core.cfg.guards.min_cosine,
     )
     for warning in report.warnings:
         log.warning("round %d: %s", server_round, warning)
@@ -85,6 +87,8 @@ def fit_outcome(
     rec.norm_rejected = report.norm_rejected
     if report.norm_bound is not None:
         rec.norm_bound = report.norm_bound
+    if core.cfg.guards.filter != "none":
+        rec.filtered = report.filtered
     fit = FitRound(server_round, rec, incoming, dropped)
     for hook in core.hooks:
         replies = hook.on_replies(fit, replies)

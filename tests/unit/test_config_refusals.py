@@ -61,6 +61,10 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
         {"privacy.noise_multiplier": 1.0, "guards.robust": "median"},
         {"privacy.noise_multiplier": 1.0},
     ),
+    ("guards.filter", "privacy.noise_multiplier"): (
+        {"privacy.noise_multiplier": 1.0, "guards.filter": "cosine"},
+        {"privacy.noise_multiplier": 1.0, "guards.filter": "none"},
+    ),
     ("head.mode", "head.calibration"): (
         {**LDA, "head.mode": "local"},
         {**LDA, "head.mode": "frozen"},
@@ -95,6 +99,10 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     ("guards.robust", "secagg.enabled"): (
         {**SECAGG, "guards.robust": "median"},
+        SECAGG,
+    ),
+    ("guards.filter", "secagg.enabled"): (
+        {**SECAGG, "guards.filter": "krum"},
         SECAGG,
     ),
     ("compression.codec", "secagg.enabled"): (

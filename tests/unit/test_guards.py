@@ -142,3 +142,56 @@ def test_guards_off_change_nothing() -> None:
     )
     assert kept == replies
     assert report.warnings == [] and report.norm_bound is None
+
+
+@pytest.mark.parametrize("mode", ["cosine", "krum"])
+def test_guard_filter_leaves_out_a_sign_flipped_update(mode: str) -> None:
+    # Honest steps 1.0 and 1.2 (+ noise); partition 2 sends -1.9 x its honest step,
+    # under 2 x the median norm, so only the filter can catch it.
+    rng = np.random.default_rng(0)
+    start = {"b": np.zeros((4, 2), np.float32)}
+
+    def reply(pid: int, step: np.ndarray) -> ClientReply:
+        return ClientReply(
+            pid, Plan(rank=2), {"b": step.astype(np.float32)}, 100, start
+        )
+
+    base = np.ones((4, 2))
+    replies = [
+        reply(0, base + 0.1 * rng.normal(size=(4, 2))),
+        reply(1, 1.2 * base + 0.1 * rng.normal(size=(4, 2))),
+        reply(2, -1.9 * base),
+    ]
+    kept, report = guard_replies(
+        replies,
+        weight_cap=1.5,
+        norm_guard="clip",
+        norm_factor=2.0,
+        update_filter=mode,  # type: ignore[arg-type]
+    )
+    assert [r.partition for r in kept] == [0, 1]
+    assert report.filtered == 1 and report.norm_clipped == 0
+    assert "partition 2" in report.warnings[-1]
+    # Off, the flipped update stays in.
+    kept, report = guard_replies(
+        replies, weight_cap=1.5, norm_guard="clip", norm_factor=2.0
+    )
+    assert len(kept) == 3 and report.filtered == 0
+
+
+def test_guard_filter_compares_only_arrays_every_reply_shares() -> None:
+    # Rank tiers: "a" differs in shape, the head "h" is shared; the filter looks
+    # at "h" alone and leaves out the client whose head moved the other way.
+    def reply(pid: int, rank: int, head: float) -> ClientReply:
+        start = {"a": np.zeros((rank, 3), np.float32), "h": np.zeros(4, np.float32)}
+        arrays = {
+            "a": np.full((rank, 3), -head, np.float32),
+            "h": np.full(4, head, np.float32) + np.float32(pid) * 0.01,
+        }
+        return ClientReply(pid, Plan(rank=rank), arrays, 100, start)
+
+    replies = [reply(0, 2, 1.0), reply(1, 4, 1.1), reply(2, 8, -1.0)]
+    kept, report = guard_replies(
+        replies, weight_cap=0, norm_guard="off", norm_factor=2.0, update_filter="cosine"
+    )
+    assert [r.partition for r in kept] == [0, 1] and report.filtered == 1

@@ -11,7 +11,10 @@ from lora_flwr.aggregation import ClientReply, get_rule
 from lora_flwr.aggregation.robust import (
     cap_counts,
     clip_update,
+    cosine_outliers,
+    krum_outliers,
     lower_median,
+    most_outliers,
     norm_bound,
     robust_mean,
 )
@@ -147,3 +150,58 @@ def test_robust_averaging_is_refused_where_the_aggregate_is_not_a_mean(
 @pytest.mark.parametrize("name", ["fedit", "ffa", "fedsa", "rolora", "fedsvd"])
 def test_robust_averaging_is_accepted_for_plain_average_rules(name: str) -> None:
     get_rule(name).check_setup(rank_tiers=(), server_optimizer="none", robust="median")
+
+
+def _flipped_round(k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k - 1`` honest updates around one direction and a sign-flipped one."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=50)
+    honest = [d + 0.5 * rng.normal(size=50) for _ in range(k - 1)]
+    return [*honest, -1.9 * honest[0]]
+
+
+@pytest.mark.parametrize("k", [3, 4, 10])
+def test_cosine_filter_leaves_out_a_sign_flipped_update(k: int) -> None:
+    updates = _flipped_round(k)
+    assert cosine_outliers(updates, 0.0) == [k - 1]
+
+
+def test_cosine_filter_hand_computed() -> None:
+    # Median of (1,0), (1,1), (-1,0) is (1,0): cosines 1, 1/sqrt(2), -1.
+    ups = [np.array([1.0, 0.0]), np.array([1.0, 1.0]), np.array([-1.0, 0.0])]
+    assert cosine_outliers(ups, 0.0) == [2]
+    assert cosine_outliers(ups, 0.8) == [2]  # at most (3 - 1) // 2 = 1, lowest first
+    assert cosine_outliers(ups[:2] + [np.array([2.0, 0.0])], 0.8) == [1]
+    assert cosine_outliers(ups, -1.0) == []
+    assert cosine_outliers(ups[:2], 0.99) == []  # two cannot outvote each other
+    zero = [np.zeros(2), np.array([1.0, 0.0]), np.array([-1.0, 0.0])]
+    assert cosine_outliers(zero, 0.0) == []  # zero consensus: no direction
+
+
+def test_cosine_filter_never_removes_a_majority() -> None:
+    ups = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([-1.0, -1.0])]
+    ups += [np.array([-1.0, -0.9]), np.array([-0.9, -1.0])]
+    assert len(cosine_outliers(ups, 2.0)) == most_outliers(5) == 2
+
+
+def test_krum_leaves_out_the_update_farthest_from_its_neighbours() -> None:
+    ups = [np.array([0.0]), np.array([1.0]), np.array([10.0])]
+    assert krum_outliers(ups) == [2]
+    # Five updates: f = 2, each scored on its 5 - 2 - 2 = 1 nearest neighbour.
+    five = [np.array([x]) for x in (0.0, 0.1, 0.3, 5.0, 9.0)]
+    assert krum_outliers(five) == [3, 4]
+    assert krum_outliers(ups[:2]) == []
+
+
+@pytest.mark.parametrize("k", [3, 4, 10])
+def test_krum_leaves_out_a_sign_flipped_update(k: int) -> None:
+    out = krum_outliers(_flipped_round(k))
+    assert k - 1 in out and len(out) == most_outliers(k)
+
+
+def test_filters_refuse_updates_of_different_shapes() -> None:
+    ups = [np.zeros(2), np.zeros(3), np.zeros(2)]
+    with pytest.raises(ValueError, match="one shape"):
+        cosine_outliers(ups, 0.0)
+    with pytest.raises(ValueError, match="one shape"):
+        krum_outliers(ups)
