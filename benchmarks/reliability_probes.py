@@ -49,6 +49,7 @@ PROBES = (
     "random_bounded",  # a random update of 1.9 x its honest norm, 10**9 examples
     "fit_metric_abc",  # fit metric seconds = "abc"
     "eval_metric_abc",  # evaluate metric accuracy = "abc"
+    "eval_huge",  # evaluate reply loss = 1e30 over 10**9 examples
     "dropout_30",  # every client fails 30 % of its fit calls at random (seeded)
     "leave",  # the hostile partition fails every fit call
 )
@@ -123,6 +124,8 @@ class HostileClient(LoRAClient):
         loss, n, metrics = super().evaluate(parameters, config)
         if self.partition_id in self.hostile and self.probe == "eval_metric_abc":
             metrics = {**metrics, ACCURACY: "abc"}
+        elif self.partition_id in self.hostile and self.probe == "eval_huge":
+            loss, n = 1e30, 10**9
         return loss, n, metrics
 
 

@@ -133,6 +133,12 @@ class GuardsConfig:
     # K, none below 3): "cosine" those whose cosine to the round's coordinate-wise
     # median update is below min_cosine, "krum" those Multi-Krum scores worst.
     filter: UpdateFilter = "none"
+    # An evaluation reply's loss above eval_loss_factor x the round's lower-median
+    # evaluation loss is clipped or dropped as norm_guard says (wider than the
+    # update guard: honest clients' losses spread more than their update norms).
+    eval_loss_factor: float = bounded(
+        10.0, AT_LEAST_1, why="a multiple of the median evaluation loss"
+    )
     min_cosine: float = bounded(0.0, "[-1, 1]")
 
     def __post_init__(self) -> None:

@@ -49,12 +49,17 @@ _COUNTS = (NUM_TOKENS, MODEL_LOADS, FIT_CALLS, BASE_VERSION)
 
 
 def is_finite_number(value: object) -> bool:
-    """Whether ``value`` is a finite int or float (not a bool)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    """Whether ``value`` is a finite int or float (not a bool).
+
+    An int too large for a float (``10**400``) is not: the server computes in
+    floats.
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def clean_metrics(
@@ -267,3 +272,84 @@ def _shared_names(replies: Sequence[ClientReply]) -> list[str]:
         ):
             names.append(name)
     return names
+
+
+@dataclass(frozen=True)
+class EvalScore:
+    """One federated-evaluation reply that passed validation."""
+
+    node: str
+    num_examples: int
+    loss: float  # finite, >= 0
+    metrics: Mapping[str, MetricValue]  # cleaned; an accuracy lies in [0, 1]
+
+
+@dataclass
+class EvalGuardReport:
+    """What the guards did to a round's evaluation replies."""
+
+    warnings: list[str] = field(default_factory=list)
+    capped: int = 0
+    clipped: int = 0
+    rejected: int = 0
+    loss_bound: float | None = None
+
+
+def guard_eval(
+    scores: Sequence[EvalScore],
+    *,
+    weight_cap: float,
+    loss_guard: Literal["clip", "reject", "off"],
+    loss_factor: float,
+) -> tuple[list[EvalScore], EvalGuardReport]:
+    """Apply the loss guard, then the example-count cap, to one round's evaluation.
+
+    The fit guards' twins (:func:`guard_replies`), on the numbers an evaluation
+    reply carries: its loss plays the update norm. A loss above ``loss_factor``
+    times the lower median of the positive losses is clipped to that bound
+    (``"clip"``) or the reply removed (``"reject"``); with fewer than two positive
+    losses nothing is compared. Then each count is capped at ``weight_cap`` times
+    the lower median count of the replies kept (0: off). A reply neither guard
+    touches is returned as it came (the same object).
+    """
+    report = EvalGuardReport()
+    kept = list(scores)
+    positive = [s.loss for s in kept if s.loss > 0]
+    if loss_guard != "off" and len(positive) >= 2:
+        bound = norm_bound(positive, loss_factor)
+        report.loss_bound = bound
+        guarded: list[EvalScore] = []
+        for score in kept:
+            if score.loss <= bound:
+                guarded.append(score)
+                continue
+            why = f"{loss_factor:g} x the round's median evaluation loss"
+            if loss_guard == "reject":
+                report.rejected += 1
+                report.warnings.append(
+                    f"rejected the evaluation of client {score.node}: loss "
+                    f"{score.loss:.4g} > {bound:.4g} ({why})"
+                )
+                continue
+            report.clipped += 1
+            report.warnings.append(
+                f"clipped the evaluation loss of client {score.node}: "
+                f"{score.loss:.4g} -> {bound:.4g} ({why})"
+            )
+            guarded.append(dataclasses.replace(score, loss=bound))
+        kept = guarded
+    if weight_cap > 0 and kept:
+        counts = [s.num_examples for s in kept]
+        capped = cap_counts(counts, weight_cap)
+        out: list[EvalScore] = []
+        for score, n, c in zip(kept, counts, capped, strict=True):
+            if c < n:
+                report.capped += 1
+                report.warnings.append(
+                    f"capped the evaluation example count of client {score.node}: "
+                    f"{n} -> {c} ({weight_cap:g} x the round's median count)"
+                )
+                score = dataclasses.replace(score, num_examples=c)
+            out.append(score)
+        kept = out
+    return kept, report

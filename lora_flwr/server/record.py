@@ -83,7 +83,12 @@ class RoundRecord:
     personal_accuracy: float | None = None
     personal_perplexity: float | None = None
     eval_kind: str | None = None
-    eval_ok: int | None = None
+    eval_ok: int | None = None  # replies that passed validation and the guards
+    eval_dropped: int | None = None  # malformed replies (loss, count, accuracy)
+    eval_capped: int | None = None  # replies whose count guards.weight_cap cut
+    eval_clipped: int | None = None  # losses guards.norm_guard clipped ...
+    eval_rejected: int | None = None  # ... or rejected
+    eval_loss_bound: float | None = None
     round_seconds: float | None = None
     aborted: str | None = None  # why the run stopped after this round
     extra: dict[str, Any] = field(default_factory=dict)
@@ -178,6 +183,11 @@ FED_ACCURACY = "fed_accuracy"
 PERSONAL_LOSS = "personal_loss"
 PERSONAL_ACCURACY = "personal_accuracy"
 PERSONAL_PERPLEXITY = "personal_perplexity"
+EVAL_OK = "eval_ok"
+EVAL_DROPPED = "eval_dropped"
+EVAL_CAPPED = "eval_capped"
+EVAL_CLIPPED = "eval_clipped"
+EVAL_REJECTED = "eval_rejected"
 ROUND_SECONDS = "round_seconds"
 ABORTED = "aborted"
 assert {
@@ -216,6 +226,11 @@ assert {
     PERSONAL_LOSS,
     PERSONAL_ACCURACY,
     PERSONAL_PERPLEXITY,
+    EVAL_OK,
+    EVAL_DROPPED,
+    EVAL_CAPPED,
+    EVAL_CLIPPED,
+    EVAL_REJECTED,
     ROUND_SECONDS,
     ABORTED,
 } <= _FIELDS

@@ -15,11 +15,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from lora_flwr.aggregation import ClientReply
+from lora_flwr.aggregation.robust import RobustMode, robust_mean
 from lora_flwr.protocol import ACCURACY, BASE_VERSION, PARTITION_ID, PERPLEXITY
 from lora_flwr.server.guards import (
+    EvalScore,
     MetricValue,
     clean_metrics,
+    guard_eval,
     guard_replies,
     is_finite_number,
 )
@@ -176,8 +181,14 @@ def eval_outcome(
     results: Sequence[EvalIncoming],
     failures: Sequence[tuple[str, str]],
 ) -> tuple[float | None, dict[str, Any]]:
-    """Example-weighted mean of the clients' local loss and accuracy.
+    """Validate and guard the clients' evaluation replies; mean loss and accuracy.
 
+    A reply is dropped unless its loss is a finite number >= 0, its count a
+    positive integer and its accuracy (if any) in [0, 1]; a malformed metric alone
+    is ignored. The fit guards then apply (:func:`guard_eval`): the loss guard
+    (``guards.norm_guard`` at ``eval_loss_factor`` x the round's lower-median
+    loss) and the count cap (``guards.weight_cap``). The means are example-weighted,
+    or with ``guards.robust`` the unweighted median / trimmed mean of the replies.
     ``failures`` are ``(node, repr of the failure)``. Returns the mean loss (None
     without a valid reply) and the history fields, which also go into the open
     round's record.
@@ -186,17 +197,11 @@ def eval_outcome(
         sent = core.eval_sent.get(node)
         core.nodes.note_version(sent.partition if sent else None, None)
         log.warning("round %d: evaluation failed: %s", server_round, text)
-    valid = []
+    valid: list[EvalScore] = []
+    dropped = 0
     for res in results:
         sent = core.eval_sent.get(res.node)
         clean, problems = clean_metrics(res.metrics)
-        loss_ok = is_finite_number(res.loss)
-        n = res.num_examples
-        n_ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
-        if not loss_ok:
-            problems.append(f"loss={res.loss!r} should be a finite number")
-        if not n_ok:
-            problems.append(f"num_examples={n!r} should be a positive integer")
         for problem in problems:
             log.warning(
                 "round %d: evaluation reply of client %s: %s; ignored",
@@ -207,35 +212,104 @@ def eval_outcome(
         core.nodes.note_version(
             sent.partition if sent else None, clean.get(BASE_VERSION)
         )
-        if loss_ok and n_ok:
-            valid.append((int(n), float(res.loss), clean))  # type: ignore[call-overload, arg-type]
+        score, faults = _eval_score(res, clean)
+        if score is None:
+            dropped += 1
+            log.warning(
+                "round %d: dropped the evaluation reply of client %s: %s",
+                server_round,
+                res.node,
+                "; ".join(faults),
+            )
+            continue
+        valid.append(score)
+    guards = core.cfg.guards
+    kept, report = guard_eval(
+        valid,
+        weight_cap=guards.weight_cap,
+        loss_guard=guards.norm_guard,
+        loss_factor=guards.eval_loss_factor,
+    )
+    for warning in report.warnings:
+        log.warning("round %d: %s", server_round, warning)
     prefix = "personal" if core.personal() else "fed"
-    out = _weighted(valid, prefix)
+    if guards.robust == "none":
+        out = _weighted(kept, prefix)
+    else:
+        out = _robust(kept, prefix, guards.robust, guards.trim_fraction)
     if core.rule.personalized:
         out["eval_kind"] = "personalized: each client's model on its local split"
     elif core.rule.local_head:
         out["eval_kind"] = "personalized: global adapter, each client's own head"
     rec = core.open_record()
     rec.update(out)
-    rec.eval_ok = len(valid)
+    rec.eval_ok = len(kept)
+    rec.eval_dropped = dropped
+    rec.eval_capped = report.capped
+    rec.eval_clipped = report.clipped
+    rec.eval_rejected = report.rejected
+    if report.loss_bound is not None:
+        rec.eval_loss_bound = report.loss_bound
     loss = out.get(f"{prefix}_loss")
     return loss, out
 
 
-def _weighted(
-    valid: Sequence[tuple[int, float, Mapping[str, MetricValue]]], prefix: str
-) -> dict[str, Any]:
-    """``<prefix>_loss`` / ``_accuracy`` / ``_perplexity`` over valid replies."""
+def _eval_score(
+    res: EvalIncoming, clean: Mapping[str, MetricValue]
+) -> tuple[EvalScore | None, list[str]]:
+    """Return the reply as an :class:`EvalScore`, or None and what is wrong."""
+    faults: list[str] = []
+    raw = res.loss
+    loss = float(raw) if is_finite_number(raw) else math.nan  # type: ignore[arg-type]
+    if not loss >= 0:
+        faults.append(f"loss={raw!r} should be a finite number >= 0")
+    n = res.num_examples
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        faults.append(f"num_examples={n!r} should be a positive integer")
+    acc = clean.get(ACCURACY)  # a finite number if present (clean_metrics)
+    if isinstance(acc, int | float) and not 0 <= acc <= 1:
+        faults.append(f"accuracy={acc!r} should be in [0, 1]")
+    if faults or not isinstance(n, int):
+        return None, faults
+    return EvalScore(res.node, n, loss, clean), faults
+
+
+def _weighted(valid: Sequence[EvalScore], prefix: str) -> dict[str, Any]:
+    """``<prefix>_loss`` / ``_accuracy`` / ``_perplexity``: example-weighted means."""
     out: dict[str, Any] = {}
     if not valid:
         return out
-    total = sum(n for n, _, _ in valid)
-    loss = sum(n * lo for n, lo, _ in valid) / total
+    total = sum(s.num_examples for s in valid)
+    loss = sum(s.num_examples * s.loss for s in valid) / total
     out[f"{prefix}_loss"] = loss
-    accs = [(n, m[ACCURACY]) for n, _, m in valid if ACCURACY in m]
+    accs = [
+        (s.num_examples, s.metrics[ACCURACY]) for s in valid if ACCURACY in s.metrics
+    ]
     if accs:
         weighted = sum(n * float(a) for n, a in accs)
         out[f"{prefix}_accuracy"] = weighted / sum(n for n, _ in accs)
-    if any(PERPLEXITY in m for _, _, m in valid):
+    if any(PERPLEXITY in s.metrics for s in valid):
+        out[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
+    return out
+
+
+def _robust(
+    valid: Sequence[EvalScore], prefix: str, mode: RobustMode, trim: float
+) -> dict[str, Any]:
+    """Return :func:`_weighted`'s fields by ``guards.robust`` (unweighted)."""
+    out: dict[str, Any] = {}
+    if not valid:
+        return out
+
+    def average(values: Sequence[float]) -> float:
+        column = [np.array([v], dtype=np.float64) for v in values]
+        return float(robust_mean(column, mode, trim)[0])
+
+    loss = average([s.loss for s in valid])
+    out[f"{prefix}_loss"] = loss
+    accs = [float(s.metrics[ACCURACY]) for s in valid if ACCURACY in s.metrics]
+    if accs:
+        out[f"{prefix}_accuracy"] = average(accs)
+    if any(PERPLEXITY in s.metrics for s in valid):
         out[f"{prefix}_perplexity"] = math.exp(min(loss, 700.0))
     return out

@@ -289,9 +289,17 @@ def test_how_an_attempt_treats_its_folder_is_not_a_config_difference(
 
 
 def test_a_field_the_new_side_adds_on_purpose_is_not_a_difference() -> None:
-    # Prepare: the new rows carry weight_cap_moved; an unknown addition stays a diff.
+    # Prepare: the new rows carry weight_cap_moved and the evaluation guards'
+    # counts; an unknown addition stays a diff.
     base = [{"round": 1, "fit_ok": 2}]
-    added = [{"round": 1, "fit_ok": 2, "weight_cap_moved": 0.0}]
+    eval_guards = {
+        "eval_dropped": 0,
+        "eval_capped": 0,
+        "eval_clipped": 0,
+        "eval_rejected": 0,
+        "eval_loss_bound": 1.2,
+    }
+    added = [{"round": 1, "fit_ok": 2, "weight_cap_moved": 0.0, **eval_guards}]
     unknown = [{"round": 1, "fit_ok": 2, "surprise": 1}]
 
     # Execute
@@ -300,4 +308,5 @@ def test_a_field_the_new_side_adds_on_purpose_is_not_a_difference() -> None:
 
     # Assert
     assert ok.equal and "weight_cap_moved (added)" in ok.ignored
+    assert {f"{key} (added)" for key in eval_guards} <= set(ok.ignored)
     assert not bad.equal

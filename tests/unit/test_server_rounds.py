@@ -10,6 +10,7 @@ when no federated evaluation follows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -29,9 +30,11 @@ from test_server_core import (
 )
 
 from lora_flwr.compression import decode_reply, encode_reply
+from lora_flwr.config import GuardsConfig
 from lora_flwr.protocol import (
     ACCURACY,
     BASE_VERSION,
+    PERPLEXITY,
     SECONDS,
     TRAIN_LOSS,
     AdapterLayout,
@@ -1011,6 +1014,215 @@ def test_a_malformed_evaluate_reply_is_dropped_not_fatal(
     assert metrics["fed_accuracy"] == pytest.approx(0.5)
     text = "\n".join(warnings_of(flwr_caplog))
     assert "metric accuracy='abc'" in text and "loss='x'" in text
+
+
+# Four honest evaluations (loss, examples, accuracy) for the eval-guard tests:
+# lower-median count 11 (cap 1.5 x 11 -> 16), lower-median loss 0.6 (bound 1.2).
+HONEST_EVAL = [("a", 0.5, 10, 0.75), ("b", 0.7, 12, 0.75), ("c", 0.6, 11, 0.75)]
+SHIPPED_GUARDS = dataclasses.asdict(GuardsConfig())
+
+
+def _evals(*extra: tuple[str, Any, Any, Any]) -> list[EvalIncoming]:
+    """The honest evaluations and ``extra`` ones, as they arrive."""
+    return [
+        EvalIncoming(who, loss, n, {ACCURACY: acc})
+        for who, loss, n, acc in (*HONEST_EVAL, *extra)
+    ]
+
+
+def _eval_row(core: RoundCore) -> dict[str, Any]:
+    assert core.record is not None
+    return core.record.to_dict()
+
+
+def test_a_huge_evaluate_reply_cannot_own_the_federated_loss() -> None:
+    # Prepare: the shipped guards; one client claims loss 1e30 over 10**9 examples.
+    core = core_on(guards=SHIPPED_GUARDS)
+    results = _evals(("x", 1e30, 10**9, 1.0))
+
+    # Execute
+    loss, metrics = core.eval_outcome(1, results, [])
+
+    # Assert: its loss clipped to 10 x 0.6, its count capped to floor(1.5 x 11).
+    assert loss == pytest.approx((10 * 0.5 + 12 * 0.7 + 11 * 0.6 + 16 * 6.0) / 49)
+    assert metrics["fed_loss"] == loss
+    assert metrics["fed_accuracy"] == pytest.approx((33 * 0.75 + 16 * 1.0) / 49)
+    row = _eval_row(core)
+    assert row["fed_loss"] == loss
+    assert (row["eval_ok"], row["eval_dropped"]) == (4, 0)
+    assert (row["eval_capped"], row["eval_clipped"], row["eval_rejected"]) == (1, 1, 0)
+    assert row["eval_loss_bound"] == pytest.approx(6.0)
+
+
+def test_the_eval_count_cap_alone_bounds_a_lying_count(
+    flwr_caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: a plausible loss, a count of 10**9; only the count cap on.
+    core = core_on(guards={"weight_cap": 1.5, "norm_guard": "off"})
+    results = _evals(("x", 2.0, 10**9, 0.0))
+
+    # Execute
+    loss, metrics = core.eval_outcome(1, results, [])
+
+    # Assert: its count is 16, so it weighs 16/49 and not all of the mean.
+    assert loss == pytest.approx((10 * 0.5 + 12 * 0.7 + 11 * 0.6 + 16 * 2.0) / 49)
+    assert metrics["fed_accuracy"] == pytest.approx(33 * 0.75 / 49)
+    row = _eval_row(core)
+    assert (row["eval_capped"], row["eval_clipped"], row["eval_rejected"]) == (1, 0, 0)
+    assert "eval_loss_bound" not in row
+    assert (
+        "capped the evaluation example count of client x: 1000000000 -> 16"
+        in "\n".join(warnings_of(flwr_caplog))
+    )
+
+
+def test_the_eval_loss_guard_clips_a_huge_loss(
+    flwr_caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: an honest count, a loss of 1e30; only the loss guard (clip) on.
+    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "clip"})
+    results = _evals(("x", 1e30, 11, 0.75))
+
+    # Execute
+    loss, _ = core.eval_outcome(1, results, [])
+
+    # Assert: its loss counts as 10 x the lower-median loss 0.6.
+    assert loss == pytest.approx((10 * 0.5 + 12 * 0.7 + 11 * 0.6 + 11 * 6.0) / 44)
+    row = _eval_row(core)
+    assert (row["eval_ok"], row["eval_capped"], row["eval_clipped"]) == (4, 0, 1)
+    assert row["eval_rejected"] == 0
+    assert "clipped the evaluation loss of client x: 1e+30 -> 6" in "\n".join(
+        warnings_of(flwr_caplog)
+    )
+
+
+def test_the_eval_loss_guard_rejects_a_huge_loss() -> None:
+    # Prepare: the loss guard set to reject.
+    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "reject"})
+    results = _evals(("x", 1e30, 11, 1.0))
+
+    # Execute
+    loss, metrics = core.eval_outcome(1, results, [])
+
+    # Assert: the reply is out of both means.
+    assert loss == pytest.approx((10 * 0.5 + 12 * 0.7 + 11 * 0.6) / 33)
+    assert metrics["fed_accuracy"] == pytest.approx(0.75)
+    row = _eval_row(core)
+    assert (row["eval_ok"], row["eval_clipped"], row["eval_rejected"]) == (3, 0, 1)
+
+
+def test_eval_guards_off_leave_a_huge_reply_alone() -> None:
+    # Prepare: weight_cap = 0 and norm_guard = "off".
+    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "off"})
+    results = _evals(("x", 1e30, 11, 0.75))
+
+    # Execute
+    loss, _ = core.eval_outcome(1, results, [])
+
+    # Assert: the plain example-weighted mean, as before the guards.
+    assert loss == pytest.approx(11e30 / 44)
+    row = _eval_row(core)
+    assert (row["eval_capped"], row["eval_clipped"], row["eval_rejected"]) == (0, 0, 0)
+
+
+def test_malformed_evaluate_replies_are_dropped_with_a_reason(
+    flwr_caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: accuracy out of [0, 1], a negative / infinite / too large loss,
+    # no examples; a text accuracy only loses the metric.
+    core = core_on(guards=SHIPPED_GUARDS)
+    results = [
+        EvalIncoming("good", 0.5, 10, {ACCURACY: 0.75}),
+        EvalIncoming("text", 0.7, 10, {ACCURACY: "abc"}),
+        EvalIncoming("acc-high", 0.6, 10, {ACCURACY: 1.5}),
+        EvalIncoming("acc-low", 0.6, 10, {ACCURACY: -0.25}),
+        EvalIncoming("neg", -1.0, 10, {ACCURACY: 0.5}),
+        EvalIncoming("inf", math.inf, 10, {ACCURACY: 0.5}),
+        EvalIncoming("big", 10**400, 10, {ACCURACY: 0.5}),
+        EvalIncoming("none", 0.6, 0, {ACCURACY: 0.5}),
+    ]
+
+    # Execute
+    loss, metrics = core.eval_outcome(1, results, [])
+
+    # Assert
+    assert loss == pytest.approx((0.5 + 0.7) / 2)
+    assert metrics["fed_accuracy"] == 0.75
+    row = _eval_row(core)
+    assert (row["eval_ok"], row["eval_dropped"]) == (2, 6)
+    text = "\n".join(warnings_of(flwr_caplog))
+    assert "client text: metric accuracy='abc' should be a finite number" in text
+    for expected in (
+        "client acc-high: accuracy=1.5 should be in [0, 1]",
+        "client acc-low: accuracy=-0.25 should be in [0, 1]",
+        "client neg: loss=-1.0 should be a finite number >= 0",
+        "client inf: loss=inf should be a finite number >= 0",
+        "client none: num_examples=0 should be a positive integer",
+    ):
+        assert f"dropped the evaluation reply of {expected}" in text
+    assert "dropped the evaluation reply of client big: loss=1000" in text
+
+
+@pytest.mark.parametrize(
+    ("robust", "expected_loss", "expected_accuracy"),
+    [
+        ("median", 0.7, 0.7),
+        ("trimmed_mean", (0.6 + 0.7 + 0.9) / 3, (0.6 + 0.7 + 0.8) / 3),
+    ],
+)
+def test_robust_guards_take_the_eval_means_unweighted(
+    robust: str, expected_loss: float, expected_accuracy: float
+) -> None:
+    # Prepare: five replies, one far off with a huge count; only guards.robust on
+    # (trim_fraction 0.2 of 5: one reply off each end).
+    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "off", "robust": robust})
+    results = [
+        EvalIncoming(who, loss, n, {ACCURACY: acc, PERPLEXITY: 1.0})
+        for who, loss, n, acc in [
+            ("a", 0.5, 10, 0.5),
+            ("b", 0.7, 12, 0.6),
+            ("c", 0.6, 11, 0.7),
+            ("d", 0.9, 10, 0.8),
+            ("x", 30.0, 10**9, 1.0),
+        ]
+    ]
+
+    # Execute
+    loss, metrics = core.eval_outcome(1, results, [])
+
+    # Assert
+    assert loss == pytest.approx(expected_loss)
+    assert metrics["fed_accuracy"] == pytest.approx(expected_accuracy)
+    assert metrics["fed_perplexity"] == pytest.approx(math.exp(expected_loss))
+
+
+def test_honest_evaluations_are_bit_identical_under_the_shipped_guards() -> None:
+    # Prepare: counts within 1.5 x and losses within 2 x the lower medians, so no
+    # guard fires; the old example-weighted mean computed here in the same order.
+    replies = [
+        ("a", 0.41234567891, 10, 0.7123),
+        ("b", 0.6789012345, 12, 0.80001),
+        ("c", 0.5555555557, 11, 0.7777),
+        ("d", 0.6543210987, 13, 0.9),
+    ]
+    results = [EvalIncoming(who, lo, n, {ACCURACY: acc}) for who, lo, n, acc in replies]
+    total = sum(n for _, _, n, _ in replies)
+    old_loss = sum(n * lo for _, lo, n, _ in replies) / total
+    old_accuracy = sum(n * float(acc) for _, _, n, acc in replies) / total
+    guarded = core_on(guards=SHIPPED_GUARDS)
+    unguarded = core_on(guards={"weight_cap": 0.0, "norm_guard": "off"})
+
+    # Execute
+    loss, metrics = guarded.eval_outcome(1, results, [])
+    loss_off, metrics_off = unguarded.eval_outcome(1, results, [])
+
+    # Assert: the same bits, and nothing counted.
+    assert loss == loss_off == old_loss
+    assert metrics == metrics_off
+    assert metrics["fed_accuracy"] == old_accuracy
+    row = _eval_row(guarded)
+    assert (row["eval_capped"], row["eval_clipped"], row["eval_rejected"]) == (0, 0, 0)
+    assert (row["eval_ok"], row["eval_dropped"]) == (4, 0)
 
 
 # ------------------------------------------------------------- eval overlap
