@@ -421,3 +421,39 @@ def test_flower_logs_a_run_failed_in_one_line() -> None:
     assert stream.getvalue() == (
         "Simulation failed: `data.name` 'nope' is not a built-in dataset\n"
     )
+
+
+# ------------------------------------------- the flwr run and deployment scripts
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.name=nope", "`data.name`"),
+        ("model.name=/etc", "`model.name` '/etc' is a local directory (/etc) but"),
+        ("no_such_key=1", "no_such_key"),
+    ],
+)
+def test_the_flwr_run_launcher_exits_2_before_any_process_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    override: str,
+    message: str,
+) -> None:
+    # Prepare
+    from lora_flwr.deploy import local_sim, options
+
+    started: list[ExperimentConfig] = []
+    monkeypatch.setattr(local_sim, "simulate", lambda cfg, *a: started.append(cfg))
+    argv = ["--config", str(SMOKE), "--set", override, "--output-dir", str(tmp_path)]
+
+    # Execute
+    code = options.exit_code(
+        lambda: local_sim.simulate_from_options(options.parse_args(argv)),
+        (ValueError,),
+    )
+
+    # Assert
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and started == []
+    assert len(err) == 1 and err[0].startswith("ERROR: ") and message in err[0]
+    assert list(tmp_path.iterdir()) == []
