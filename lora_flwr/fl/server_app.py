@@ -121,26 +121,22 @@ def build_strategy(
         if len(history) == 1:
             print(format_header(shape), flush=True)
         print(format_row(record, shape), flush=True)
+        rnd = int(record["round"])
         try:
-            write_round(record, strategy)
+            write_history(history, out)
+            if record.get("aborted"):
+                return  # no adapter is saved as the result of a run that failed
+            if rnd > 0:
+                save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
+            if rnd == cfg.fed.num_rounds:
+                save(out / "adapter", strategy)
+                plot_history(history, out)
+            if rnd > 0:
+                # Last: a resume restarts after the newest round whose state is
+                # here, and drops any later history row.
+                save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd), cfg)
         except OSError as exc:  # a full disk, a folder made read-only mid-run
             raise RunOutputError(out, exc, out) from None
-
-    def write_round(record: dict[str, Any], strategy: RoundView) -> None:
-        history = strategy.history
-        write_history(history, out)
-        rnd = int(record["round"])
-        if record.get("aborted"):
-            return  # no adapter is saved as the result of a run that failed
-        if rnd > 0:
-            save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
-        if rnd == cfg.fed.num_rounds:
-            save(out / "adapter", strategy)
-            plot_history(history, out)
-        if rnd > 0:
-            # Last: a resume restarts after the newest round whose state is here,
-            # and drops any later history row.
-            save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd), cfg)
 
     return FedLoRA(
         cfg=cfg,

@@ -395,6 +395,24 @@ def test_the_server_app_releases_a_run_that_failed_before_its_first_round(
     check_run_dir(run_dir, "refuse")
 
 
+def test_an_output_failure_under_flwr_run_says_how_to_resume(tmp_path: Path) -> None:
+    # Prepare: round 1 is saved, the final adapter hits a full disk.
+    from lora_flwr.fl.server_app import run_failed
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "config.toml").write_text("")
+    error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "adapter"))
+
+    # Execute
+    failed = run_failed(RunOutputError(tmp_path / "adapter", error, tmp_path), tmp_path)
+
+    # Assert
+    assert str(failed) == (
+        f"could not write {tmp_path}/adapter (No space left on device); free space "
+        'or fix the permissions, then run again with on_existing = "resume"'
+    )
+
+
 def test_flower_logs_a_run_failed_in_one_line() -> None:
     # Prepare
     from flwr.common.logger import FLOWER_LOGGER
