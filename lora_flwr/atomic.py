@@ -38,6 +38,7 @@ __all__ = [
     "recover",
     "recover_all",
     "remove_entry",
+    "target_of",
     "write_text_atomic",
 ]
 
@@ -97,6 +98,12 @@ def _sibling(path: Path, token: str, kind: str) -> Path:
     # Hidden, in the same directory (a rename never crosses file systems), and
     # named after its writer so that a later one can tell whether it is gone.
     return path.with_name(f".{path.name}.{token}.{kind}")
+
+
+def target_of(path: Path) -> Path:
+    """Return what the temp sibling ``path`` is written for (``path`` if none)."""
+    match = _LEFTOVER.fullmatch(path.name)
+    return path.with_name(match["name"]) if match else path
 
 
 def _make_temp(path: Path, make: Callable[[Path], None]) -> tuple[Path, str]:

@@ -29,12 +29,32 @@ from lora_flwr.config import (
 )
 from lora_flwr.lifecycle import on_process_start
 from lora_flwr.privacy import require_accountant
-from lora_flwr.rundir import RunDirError, check_run_dir, release_run_dir
+from lora_flwr.rundir import (
+    RunDirError,
+    RunOutputError,
+    check_run_dir,
+    claim_run_dir,
+    has_results,
+    release_run_dir,
+)
 from lora_flwr.server.guards import RunAborted
 
 
 def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
-    """Run ``cfg`` in the Flower simulation engine and return the run directory."""
+    """Run ``cfg`` in the Flower simulation engine and return the run directory.
+
+    The run folder is claimed (locked, cleared on overwrite, ``config.toml``
+    written) before Ray starts, and released when the run ends; a run that
+    completed no round leaves nothing there (:func:`lora_flwr.rundir.release_run_dir`).
+
+    Raises
+    ------
+    RunDirError
+        If the folder cannot be claimed (another live run holds it, it cannot be
+        written); nothing has started then.
+    RunOutputError
+        If a result could not be written mid-run (what was saved is intact).
+    """
     # Quiet Ray before it is imported; users asked for a table, not Ray's banner.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -44,10 +64,11 @@ def run(cfg: ExperimentConfig, *, verbose: bool = False) -> Path:
 
     quiet_flower(verbose)
     run_dir = run_dir_for(cfg)
-    _ensure_watchdog()
-    on_process_start("server")  # the server's evaluation: freed pages go back
+    claim_run_dir(run_dir, cfg.on_existing, cfg.to_toml())
     start = time.perf_counter()
     try:
+        _ensure_watchdog()
+        on_process_start("server")  # the server's evaluation: freed pages go back
         run_engine(cfg, run_dir, verbose=verbose)
     finally:
         release_run_dir(run_dir)
@@ -100,8 +121,14 @@ def main(
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         (run_fn or run)(cfg, verbose=args.verbose)
+    except RunDirError as exc:  # the folder's claim, before Ray starts
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except RunAborted as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RunOutputError as exc:
+        print(f"error: {_output_failure(exc, run_dir)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, SystemExit):  # Ray's own SIGTERM handler exits
         print(
@@ -178,6 +205,20 @@ def _prepare(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     for line in unusual_values(cfg):
         print(f"warning: {line}", file=sys.stderr)
     return cfg, run_dir
+
+
+def _output_failure(exc: RunOutputError, run_dir: Path) -> str:
+    """Say what could not be written and the command that continues the run."""
+    if has_results(run_dir):
+        return (
+            f"{exc.reason}; the rounds saved before it are intact: free space or "
+            "fix the permissions, then continue with: python run_simulation.py "
+            f"--resume {run_dir}"
+        )
+    return (
+        f"{exc.reason} before any round was complete (nothing was kept): free "
+        "space or fix the permissions, then run the same command again"
+    )
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

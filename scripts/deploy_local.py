@@ -59,7 +59,8 @@ from lora_flwr.deploy.errors import DeployError
 from lora_flwr.deploy.local import deploy_from_options
 from lora_flwr.deploy.options import exit_code, parse_deploy_args
 
-# Errors reported as one line and exit code 1 (anything else is a bug: traceback).
+# Errors reported as one line: exit 2 for a config, data, model or run folder
+# refused before any process starts (BadInput), else 1; anything else is a bug.
 ERRORS = (DeployError, ValueError, FileNotFoundError, FileExistsError)
 
 

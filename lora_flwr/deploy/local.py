@@ -60,7 +60,7 @@ from lora_flwr.deploy.processes import (
     wait_exit,
 )
 from lora_flwr.deploy.run_config import (
-    check_resume,
+    check_launch,
     launch_dir,
     resolve_config,
     with_supernodes,
@@ -335,7 +335,7 @@ def deploy_from_options(options: DeployOptions) -> Path:
             f"{cfg.sampling.min_available}: the run would wait forever"
         )
     cfg, num = with_supernodes(cfg, num)
-    check_resume(cfg)
+    check_launch(cfg)
     return deploy(
         cfg,
         num,

@@ -34,7 +34,7 @@ from lora_flwr.deploy.processes import (
     wait_exit,
 )
 from lora_flwr.deploy.run_config import (
-    check_resume,
+    check_launch,
     launch_dir,
     resolve_config,
     with_supernodes,
@@ -153,5 +153,5 @@ def simulate_from_options(options: LaunchOptions) -> Path:
     """Resolve the experiment of ``options`` and :func:`simulate` it."""
     cfg = resolve_config(options.config, options.overrides, options.output_dir)
     cfg, num = with_supernodes(cfg, options.num_supernodes)
-    check_resume(cfg)
+    check_launch(cfg)
     return simulate(cfg, num, options.timeout, options.keep_homes)

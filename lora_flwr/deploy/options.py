@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_flwr.deploy.cpus import parse_cpus
+from lora_flwr.deploy.errors import BadInput
 
 INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C
 
@@ -175,12 +176,16 @@ def parse_deploy_args(
 def exit_code(launch: Callable[[], object], errors: tuple[type[Exception], ...]) -> int:
     """Run ``launch`` and return the launcher's exit code.
 
-    0 when it returns; 1 (the message on stderr) on one of ``errors``; 130 on
+    0 when it returns; 2 (the message on stderr) on :class:`BadInput`, found
+    before any process started; 1 on one of ``errors``; 130 on
     Ctrl-C or SIGTERM (the launchers turn SIGTERM into ``KeyboardInterrupt``
     after they have stopped their processes).
     """
     try:
         launch()
+    except BadInput as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return 2
     except errors as exc:
         print(f"\nERROR: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_flwr.config import ExperimentConfig
-from lora_flwr.deploy.errors import DeployError
-from lora_flwr.rundir import LAUNCH_DIR, RunDirError, refuse_symlink
+from lora_flwr.deploy.errors import BadInput, DeployError
+from lora_flwr.rundir import LAUNCH_DIR, RunDirError, check_run_dir, refuse_symlink
 
 # What a Flower run config (and the CLI's config.toml here) holds.
 Scalar = bool | int | float | str
@@ -21,8 +21,16 @@ def resolve_config(
 
     The ServerApp runs in another process with another working directory, so a
     relative ``output_dir`` would land somewhere unexpected.
+
+    Raises
+    ------
+    BadInput
+        For a config file or override the schema refuses.
     """
-    cfg = ExperimentConfig.from_toml(config).with_overrides(list(overrides))
+    try:
+        cfg = ExperimentConfig.from_toml(config).with_overrides(list(overrides))
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        raise BadInput(str(exc)) from None
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     if not out.is_absolute():
         out = Path.cwd() / out
@@ -51,6 +59,35 @@ def launch_dir(cfg: ExperimentConfig, stale: Sequence[str]) -> tuple[Path, Path]
     for name in stale:
         (deploy_dir / name).unlink(missing_ok=True)
     return run_dir, deploy_dir
+
+
+def check_launch(cfg: ExperimentConfig) -> None:
+    """Refuse, before any process starts, a run the ServerApp would refuse.
+
+    The checks ``run_simulation.py`` makes before Ray: the run folder (usable as
+    ``on_existing`` asks, not in use by a live run), the rule's settings, DP's
+    accountant, a resume's config (:func:`check_resume`), then data, labels,
+    model and targets (:func:`lora_flwr.preflight.preflight`). Touches nothing.
+
+    Raises
+    ------
+    BadInput
+        With the one-line reason.
+    """
+    # Imported here: torch and transformers are not needed to parse the options.
+    from lora_flwr.aggregation import get_rule
+    from lora_flwr.preflight import preflight
+    from lora_flwr.privacy import require_accountant
+
+    try:
+        check_run_dir(Path(cfg.output_dir) / cfg.name, cfg.on_existing)
+        get_rule(cfg.fed.aggregation).check_config(cfg)
+        if cfg.privacy.noise_multiplier > 0:
+            require_accountant()
+        check_resume(cfg)
+        preflight(cfg)
+    except (ValueError, FileNotFoundError, RunDirError) as exc:
+        raise BadInput(" ".join(str(exc).splitlines())) from None
 
 
 def check_resume(cfg: ExperimentConfig) -> None:

@@ -39,12 +39,12 @@ from lora_flwr.config.identity import (
     identity_differences,
     run_identity,
 )
+from lora_flwr.rundir import CONFIG_FILE
 
 STATE_DIR = "state"
 ARRAYS_FILE = "server_state.safetensors"
 META_FILE = "server_state.json"
 FORMAT = 1
-CONFIG_FILE = "config.toml"
 _ROUND_DIR = re.compile(r"round-(\d{3,})")
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,10 @@ when it is used (:func:`check_flower_version`) and refuses to run on any other:
   fixed 3 s one; it tells the in-memory grid apart by its class name.
 * ``ClientAppCallable`` and ``Mod``: the types of a ClientApp mod, which 1.42
   keeps in ``flwr.clientapp.typing``.
+* :func:`one_line_failures`: a filter on Flower's logger that drops the traceback
+  from the record 1.42 logs for an app's exception (``"%s raised an exception"``,
+  ``exc_info=ex``, in ``simulation/app.py`` and ``superlink/runtime/
+  run_serverapp.py``) when the exception is one the app already says in one line.
 
 To move to a new Flower release: check each item above against it (the unit tests
 of ``tests/unit/test_compat.py``, ``test_scale.py`` and ``test_grid.py`` exercise
@@ -23,11 +27,13 @@ them), then raise :data:`FLOWER_VERSION_TESTED`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import flwr
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.server import Grid
 
 from lora_flwr.fl import directory
@@ -42,6 +48,7 @@ __all__ = [
     "Mod",
     "PromptGrid",
     "check_flower_version",
+    "one_line_failures",
     "prompt_grid",
     "simulation_partitions",
 ]
@@ -114,3 +121,37 @@ def prompt_grid(grid: Grid) -> Grid:
     if type(grid).__name__ == _IN_MEMORY_GRID:
         return grid
     return PromptGrid(grid)
+
+
+class _OneLine(logging.Filter):
+    """Log an app exception of ``kind`` as its message alone, no traceback."""
+
+    def __init__(self, kind: type[BaseException]) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.kind):
+            entity = record.args[0] if isinstance(record.args, tuple) else "app"
+            record.msg, record.args = "%s failed: %s", (entity, exc)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_failures(kind: type[BaseException]) -> None:
+    """Have Flower log an app's ``kind`` exception in one line (once per process).
+
+    Flower 1.42 still marks the run ``finished:failed`` with the message as its
+    details; only the traceback is left out of the log.
+
+    Raises
+    ------
+    FlowerVersionError
+        On a Flower other than 1.42.x.
+    """
+    check_flower_version()
+    if not any(
+        isinstance(f, _OneLine) and f.kind is kind for f in FLOWER_LOGGER.filters
+    ):
+        FLOWER_LOGGER.addFilter(_OneLine(kind))

@@ -7,7 +7,7 @@ serves the in-process simulation, whose apps get an empty run_config.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,10 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from lora_flwr.aggregation import get_rule
 from lora_flwr.aggregation.state import Arrays
-from lora_flwr.config import ExperimentConfig, SecAggConfig, unusual_values
+from lora_flwr.config import ExperimentConfig, FlatValue, SecAggConfig, unusual_values
 from lora_flwr.experiment import get_workspace, heldout_data
-from lora_flwr.fl.checkpoint import (
-    CONFIG_FILE,
-    Checkpoint,
-    resume_checkpoint,
-    save_checkpoint,
-)
-from lora_flwr.fl.compat import prompt_grid
+from lora_flwr.fl.checkpoint import Checkpoint, resume_checkpoint, save_checkpoint
+from lora_flwr.fl.compat import one_line_failures, prompt_grid
 from lora_flwr.fl.directory import PartitionDirectory
 from lora_flwr.fl.runner import layout_of
 from lora_flwr.fl.strategy import FedLoRA
@@ -41,8 +36,9 @@ from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
     save_base_delta,
     save_peft,
-    write_text_atomic,
 )
+from lora_flwr.preflight import preflight
+from lora_flwr.privacy import require_accountant
 from lora_flwr.results import (
     format_header,
     format_row,
@@ -50,8 +46,15 @@ from lora_flwr.results import (
     read_history,
     write_history,
 )
-from lora_flwr.rundir import claim_run_dir
+from lora_flwr.rundir import (
+    RunDirError,
+    RunOutputError,
+    claim_run_dir,
+    has_results,
+    release_run_dir,
+)
 from lora_flwr.server.evaluation import RoundView
+from lora_flwr.server.guards import RunAborted
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +121,22 @@ def build_strategy(
         if len(history) == 1:
             print(format_header(shape), flush=True)
         print(format_row(record, shape), flush=True)
-        write_history(history, out)
         rnd = int(record["round"])
-        if record.get("aborted"):
-            return  # no adapter is saved as the result of a run that failed
-        if rnd > 0:
-            save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
-        if rnd == cfg.fed.num_rounds:
-            save(out / "adapter", strategy)
-            plot_history(history, out)
-        if rnd > 0:
-            # Last: a resume restarts after the newest round whose state is here,
-            # and drops any later history row.
-            save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd), cfg)
+        try:
+            write_history(history, out)
+            if record.get("aborted"):
+                return  # no adapter is saved as the result of a run that failed
+            if rnd > 0:
+                save(out / "checkpoints" / f"round-{rnd:03d}", strategy)
+            if rnd == cfg.fed.num_rounds:
+                save(out / "adapter", strategy)
+                plot_history(history, out)
+            if rnd > 0:
+                # Last: a resume restarts after the newest round whose state is
+                # here, and drops any later history row.
+                save_checkpoint(out, rnd, strategy.state, strategy.counters(rnd), cfg)
+        except OSError as exc:  # a full disk, a folder made read-only mid-run
+            raise RunOutputError(out, exc, out) from None
 
     return FedLoRA(
         cfg=cfg,
@@ -153,11 +159,8 @@ def _claim(
     resume continues only the run's own config (refused otherwise) and keeps the
     config.toml its first attempt wrote.
     """
-    claim_run_dir(out, cfg.on_existing)
-    resume, history = _resume_point(cfg, out)
-    if cfg.on_existing != "resume" or not (out / CONFIG_FILE).is_file():
-        write_text_atomic(out / CONFIG_FILE, cfg.to_toml())
-    return resume, history
+    claim_run_dir(out, cfg.on_existing, cfg.to_toml())
+    return _resume_point(cfg, out)
 
 
 def _resume_point(
@@ -201,21 +204,53 @@ def _table_shape(cfg: ExperimentConfig, task: str) -> list[dict[str, Any]]:
     return [row]
 
 
+class RunFailed(RuntimeError):
+    """A run under ``flwr run`` or a deployment that cannot go on, in one line.
+
+    Flower logs it without its traceback (:func:`lora_flwr.fl.compat.one_line_failures`)
+    and marks the run ``finished:failed`` with this message as its details.
+    """
+
+
+# What ends a run for a reason the user can act on: one line, no traceback.
+USER_FAILURES = (ValueError, FileNotFoundError, RunDirError, RunOutputError, RunAborted)
+
+
+def config_from_run_config(run_config: Mapping[str, FlatValue]) -> ExperimentConfig:
+    """Return the experiment of a ``flwr run`` or a deployment, checked.
+
+    The same checks ``run_simulation.py`` makes before Ray starts (the rule's
+    settings, DP's accountant, data, labels, model, targets), made before the run
+    folder is claimed: a bad input writes nothing.
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        As :func:`lora_flwr.preflight.preflight`.
+    """
+    exp = ExperimentConfig.from_flat(run_config)
+    for line in unusual_values(exp):
+        logger.warning("%s", line)
+    get_rule(exp.fed.aggregation).check_config(exp)
+    if exp.privacy.noise_multiplier > 0:
+        require_accountant()
+    preflight(exp)
+    return exp
+
+
 def make_server_fn(
     cfg: ExperimentConfig | None = None,
     run_dir: Path | None = None,
     partitions: PartitionDirectory | None = None,
 ) -> Callable[[Context], ServerAppComponents]:
-    """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``."""
+    """Build ``server_fn``; without ``cfg`` the config comes from ``run_config``.
+
+    It claims the run folder; whoever calls it releases it
+    (:func:`lora_flwr.rundir.release_run_dir`).
+    """
 
     def server_fn(context: Context) -> ServerAppComponents:
-        if cfg is None:
-            exp = ExperimentConfig.from_flat(context.run_config)
-            # A deployment starts here (run_simulation.py says these before Ray).
-            for line in unusual_values(exp):
-                logger.warning("%s", line)
-        else:
-            exp = cfg
+        exp = cfg if cfg is not None else config_from_run_config(context.run_config)
         strategy = build_strategy(exp, run_dir, partitions)
         # After a resume Flower counts rounds from 1 again; the strategy adds the
         # rounds already done.
@@ -225,6 +260,20 @@ def make_server_fn(
         )
 
     return server_fn
+
+
+def run_failed(exc: BaseException, run_dir: Path | None) -> RunFailed:
+    """Say in one line why a ``flwr run`` / deployment run failed and what to do."""
+    if isinstance(exc, RunOutputError):
+        again = (
+            'run again with on_existing = "resume"'
+            if run_dir is not None and has_results(run_dir)
+            else "run again (no round was complete, nothing was kept)"
+        )
+        text = f"{exc.reason}; free space or fix the permissions, then {again}"
+    else:
+        text = str(exc)
+    return RunFailed(" ".join(text.splitlines()))
 
 
 def secagg_workflow(secagg: SecAggConfig) -> SecAggPlusWorkflow:
@@ -256,21 +305,40 @@ def make_server_app(
     which hands the strategy only the unmasked weighted mean.
     """
     app = ServerApp()
-    server_fn = make_server_fn(cfg, run_dir, partitions)
+
+    def serve(grid: Grid, context: Context, exp: ExperimentConfig) -> None:
+        strategy = build_strategy(exp, run_dir, partitions)  # claims the folder
+        # After a resume Flower counts rounds from 1 again; the strategy adds the
+        # rounds already done.
+        config = ServerConfig(num_rounds=exp.fed.num_rounds - strategy.offset)
+        if not exp.secagg.enabled:
+            start_grid(grid=grid, config=config, strategy=strategy)
+            return
+        legacy = LegacyContext(context=context, config=config, strategy=strategy)
+        DefaultWorkflow(fit_workflow=secagg_workflow(exp.secagg))(grid, legacy)
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         grid = prompt_grid(grid)  # a deployment's grid: collect replies promptly
-        components = server_fn(context)
-        strategy = components.strategy
-        assert isinstance(strategy, FedLoRA)
-        if not strategy.cfg.secagg.enabled:
-            start_grid(grid=grid, config=components.config, strategy=strategy)
+        if cfg is not None:  # in process: run_simulation.py checks and reports
+            try:
+                serve(grid, context, cfg)
+            finally:
+                release_run_dir(run_dir if run_dir is not None else run_dir_for(cfg))
             return
-        legacy = LegacyContext(
-            context=context, config=components.config, strategy=strategy
-        )
-        DefaultWorkflow(fit_workflow=secagg_workflow(strategy.cfg.secagg))(grid, legacy)
+        one_line_failures(RunFailed)
+        out: Path | None = None
+        try:
+            exp = config_from_run_config(context.run_config)
+            out = run_dir if run_dir is not None else run_dir_for(exp)
+            serve(grid, context, exp)
+        except USER_FAILURES as exc:
+            if out is not None:
+                release_run_dir(out)  # first: what it leaves decides the advice
+            raise run_failed(exc, out) from None
+        finally:
+            if out is not None:
+                release_run_dir(out)
 
     return app
 

@@ -76,8 +76,8 @@ def load_model(cfg: ModelConfig, *, seed: int = 0) -> ModelBundle:
         If ``cfg.task`` does not fit the model (e.g. ``causal_lm`` for an encoder),
         or ``cfg.name`` is neither a built-in, a local directory nor a loadable Hub
         id; the message says what was tried and how to provide the model.
-    RuntimeError
-        If a local directory or a built-in asset exists but cannot be loaded.
+        Also if a local directory is not a saved model (no config.json, no
+        weights), or it or a built-in asset cannot be loaded (damaged weights).
     """
     global _load_count
     quiet = (
@@ -179,14 +179,15 @@ def _load_external(cfg: ModelConfig) -> ModelBundle:
     name = cfg.name
     path = Path(name).expanduser()
     if path.is_dir():
+        _check_model_dir(name, path)
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as exc:
-            raise RuntimeError(
+            raise ValueError(
                 f"`model.name` {name!r} is a local directory ({path.resolve()}) but "
-                f"holds no readable model config: {type(exc).__name__}: {exc}. Point "
+                f"its config.json is not a model config ({_first_line(exc)}); point "
                 "it at a directory written by `save_pretrained` (config.json, "
-                "weights and tokenizer files)."
+                "weights and tokenizer files)"
             ) from exc
         task = resolve_task(cfg, config)
         return _from_dir(cfg, path, task, config)
@@ -230,9 +231,9 @@ def _from_dir(
                 dtype=torch.float32,
             )
     except (OSError, ValueError, RuntimeError) as exc:
-        raise RuntimeError(
+        raise ValueError(
             f"Could not load model {cfg.name!r} from {source} as {task}: "
-            f"{type(exc).__name__}: {exc}"
+            f"{_first_line(exc)}"
         ) from exc
     # A new head is expected when adapting an encoder to classification; say so
     # quietly instead of transformers' LOAD REPORT warning.
@@ -259,9 +260,48 @@ def _check_weight_files(cfg: ModelConfig, directory: Path) -> None:
                 if cfg.name in _BUILDERS
                 else "save the model there again (`save_pretrained`)"
             )
-            raise RuntimeError(
+            raise ValueError(
                 f"Could not load model {cfg.name!r}: {exc}. The file is damaged; {fix}."
             ) from exc
+
+
+# What `save_pretrained` writes: a model config, and weights in one of these forms.
+_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def _check_model_dir(name: str, path: Path) -> None:
+    """Refuse a local directory that is not a saved model, in one line.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` has no ``config.json`` (any folder, or weights alone such as a
+        bare ``pytorch_model.bin``), or a config and no weights file.
+    """
+    where = path.resolve()
+    weights = sorted({p.name for pattern in _WEIGHTS for p in path.glob(pattern)})
+    expected = (
+        "point it at a directory written by `save_pretrained` (config.json, "
+        "model.safetensors and the tokenizer files), or use a built-in ("
+        f"{', '.join(BUILTIN_MODELS)})"
+    )
+    if not (path / "config.json").is_file():
+        held = f"it holds {', '.join(weights)} but" if weights else "it"
+        raise ValueError(
+            f"`model.name` {name!r} is a local directory ({where}) but not a saved "
+            f"model: {held} has no config.json; {expected}"
+        )
+    if not weights:
+        raise ValueError(
+            f"`model.name` {name!r} is a local directory ({where}) with a "
+            f"config.json but no weights (no model.safetensors); {expected}"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (library messages run to many lines)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def _looks_like_path(name: str) -> bool:

@@ -395,12 +395,12 @@ def test_local_causal_model_without_pad_token_pads_with_eos(tmp_path: Path) -> N
     assert loaded.model.config.pad_token_id == loaded.tokenizer.eos_token_id
 
 
-def test_directory_without_a_model_is_a_runtime_error(tmp_path: Path) -> None:
+def test_directory_without_a_model_is_refused_in_one_line(tmp_path: Path) -> None:
     # Prepare
     (tmp_path / "notes.txt").write_text("no model here")
 
     # Execute / Assert
-    with pytest.raises(RuntimeError, match="holds no readable model config"):
+    with pytest.raises(ValueError, match="has no config.json"):
         load_model(ModelConfig(name=str(tmp_path)))
 
 

@@ -113,7 +113,7 @@ def test_load_model_names_a_truncated_weights_file(tiny_llama_dir: Path) -> None
     _damage(tiny_llama_dir / "model.safetensors", "truncated")
 
     # Execute / Assert
-    with pytest.raises(RuntimeError, match="model.safetensors is not a complete"):
+    with pytest.raises(ValueError, match="model.safetensors is not a complete"):
         load_model(ModelConfig(name=str(tiny_llama_dir)))
 
 
