@@ -14,7 +14,7 @@ Three independent tools, all applied by the strategy before or inside a rule:
   Rates", ICML 2018);
 * :func:`cosine_outliers` and :func:`krum_outliers`: which whole updates to leave
   out of the round before any rule aggregates (a direction check against the
-  coordinate-wise median, and Multi-Krum's distance scores).
+  other updates, and Multi-Krum's distance scores).
 
 The lower median (the ``ceil(K/2)``-th smallest value) is used so that with two
 clients the honest one sets the bound, and with ``K >= 3`` one client cannot move it
@@ -156,39 +156,36 @@ def most_outliers(k: int) -> int:
 
 
 def cosine_outliers(updates: Sequence[F64], min_cosine: float) -> list[int]:
-    """Return the updates that point away from the coordinate-wise median update.
+    """Return the updates that point away from the others (indices, ascending).
 
-    ``c = median_k(u_k)`` coordinate-wise; update ``k`` is an outlier when
-    ``cos(u_k, c) = <u_k, c> / (||u_k|| ||c||) < min_cosine``. A zero update or a
-    zero consensus carries no direction and is never an outlier. At most
-    :func:`most_outliers` ``(K)`` updates are returned, the lowest cosines first;
-    fewer than three updates give none (two cannot outvote each other). The
-    consensus is the median of Yin et al. (ICML 2018); filtering by direction
-    against a robust reference follows FLTrust (Cao et al., NDSS 2021), with the
-    median standing in for FLTrust's server-side update.
+    Update ``k`` scores the mean cosine to the other non-zero updates,
+    ``s_k = mean_{j != k} <u_k, u_j> / (||u_k|| ||u_j||)``, and is an outlier when
+    ``s_k < min_cosine``. At most :func:`most_outliers` ``(K)`` are returned, the
+    lowest scores first; a zero update carries no direction and is neither scored
+    nor compared with, and fewer than three non-zero updates give none (two cannot
+    outvote each other). A direction check in the spirit of FLTrust (Cao et al.,
+    "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping", NDSS
+    2021), with the other clients standing in for FLTrust's server update: a
+    sign-flipped update scores about minus the honest pairwise cosine, an honest
+    one about plus it.
 
     Raises
     ------
     ValueError
         If the updates differ in shape.
     """
-    if len(updates) < 3:
+    stack = _stack(updates) if updates else np.zeros((0, 0))
+    norms = np.linalg.norm(stack, axis=1)
+    live = [k for k in range(len(updates)) if norms[k] > 0]
+    if len(live) < 3:
         return []
-    stack = _stack(updates)
-    consensus = np.median(stack, axis=0)
-    c_norm = float(np.linalg.norm(consensus))
-    if c_norm == 0:
-        return []
-    scored = []
-    for k, u in enumerate(stack):
-        u_norm = float(np.linalg.norm(u))
-        if u_norm == 0:
-            continue
-        cos = float(np.dot(u, consensus)) / (u_norm * c_norm)
-        if cos < min_cosine:
-            scored.append((cos, k))
-    scored.sort()
-    return sorted(k for _, k in scored[: most_outliers(len(updates))])
+    unit = stack[live] / norms[live, None]
+    cos = unit @ unit.T
+    scores = (cos.sum(axis=1) - np.diag(cos)) / (len(live) - 1)
+    flagged = sorted(
+        (float(s), k) for s, k in zip(scores, live, strict=True) if s < min_cosine
+    )
+    return sorted(k for _, k in flagged[: most_outliers(len(live))])
 
 
 def krum_outliers(updates: Sequence[F64]) -> list[int]:

@@ -130,8 +130,8 @@ class GuardsConfig:
     robust: Robust = "none"
     trim_fraction: float = bounded(0.2, "[0, 0.5)")
     # Leave out whole updates before any rule averages (at most (K - 1) // 2 of
-    # K, none below 3): "cosine" those whose cosine to the round's coordinate-wise
-    # median update is below min_cosine, "krum" those Multi-Krum scores worst.
+    # K, none below 3): "cosine" those whose mean cosine to the round's other
+    # updates is below min_cosine, "krum" those Multi-Krum scores worst.
     filter: UpdateFilter = "none"
     # An evaluation reply's loss above eval_loss_factor x the round's lower-median
     # evaluation loss is clipped or dropped as norm_guard says (wider than the
@@ -139,7 +139,7 @@ class GuardsConfig:
     eval_loss_factor: float = bounded(
         10.0, AT_LEAST_1, why="a multiple of the median evaluation loss"
     )
-    min_cosine: float = bounded(0.0, "[-1, 1]")
+    min_cosine: float = bounded(-0.05, "[-1, 1]")
 
     def __post_init__(self) -> None:
         """Check the fields."""

@@ -156,7 +156,7 @@ def guard_replies(
         ``guards.norm_guard_factor``.
     update_filter
         ``guards.filter``: leave out the updates that point away from the
-        coordinate-wise median (``"cosine"``, below ``min_cosine``) or that
+        others (``"cosine"``, mean cosine below ``min_cosine``) or that
         Multi-Krum scores worst (``"krum"``); see :func:`filter_updates`.
     min_cosine
         ``guards.min_cosine``.
@@ -247,7 +247,8 @@ def filter_updates(
     if mode == "cosine":
         out = cosine_outliers(updates, min_cosine)
         why = (
-            f"its update points away from the round's median (cosine < {min_cosine:g})"
+            "its update points away from the round's others (mean cosine "
+            f"< {min_cosine:g})"
         )
     else:
         out = krum_outliers(updates)

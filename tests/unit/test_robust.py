@@ -167,15 +167,17 @@ def test_cosine_filter_leaves_out_a_sign_flipped_update(k: int) -> None:
 
 
 def test_cosine_filter_hand_computed() -> None:
-    # Median of (1,0), (1,1), (-1,0) is (1,0): cosines 1, 1/sqrt(2), -1.
-    ups = [np.array([1.0, 0.0]), np.array([1.0, 1.0]), np.array([-1.0, 0.0])]
+    # Unit vectors at 0, 60 and 180 degrees: mean cosines to the others are
+    # (0.5 - 1) / 2, (0.5 - 0.5) / 2 and (-1 - 0.5) / 2.
+    h = np.sqrt(3) / 2
+    ups = [np.array([1.0, 0.0]), np.array([0.5, h]), np.array([-3.0, 0.0])]
     assert cosine_outliers(ups, 0.0) == [2]
-    assert cosine_outliers(ups, 0.8) == [2]  # at most (3 - 1) // 2 = 1, lowest first
-    assert cosine_outliers(ups[:2] + [np.array([2.0, 0.0])], 0.8) == [1]
-    assert cosine_outliers(ups, -1.0) == []
+    assert cosine_outliers(ups, -0.8) == []
+    assert cosine_outliers(ups, 0.1) == [2]  # at most (3 - 1) // 2 = 1, lowest first
     assert cosine_outliers(ups[:2], 0.99) == []  # two cannot outvote each other
-    zero = [np.zeros(2), np.array([1.0, 0.0]), np.array([-1.0, 0.0])]
-    assert cosine_outliers(zero, 0.0) == []  # zero consensus: no direction
+    # A zero update is neither scored nor compared with: two live ones remain.
+    assert cosine_outliers([np.zeros(2), *ups[1:]], 0.0) == []
+    assert cosine_outliers([*ups, np.zeros(2)], 0.0) == [2]
 
 
 def test_cosine_filter_never_removes_a_majority() -> None:
