@@ -57,6 +57,19 @@ def test_malformed_metrics_change_nothing_but_the_metric(
 
 
 @pytest.mark.slow
+def test_a_huge_evaluate_reply_cannot_own_the_federated_loss(
+    tmp_path: Path, honest: dict[str, float]
+) -> None:
+    last = _probes().run_probe(tmp_path, "eval_huge")
+
+    # Unguarded, fed_loss is 1e30 * 1e9 / (1e9 + ~20) ~ 1e30 (docs/RELIABILITY.md).
+    assert (last["eval_clipped"], last["eval_capped"]) == (1, 1)
+    assert last["fed_loss"] < 5 * honest["fed_loss"]
+    assert 0 <= last["fed_accuracy"] <= 1
+    assert last["test_loss"] == pytest.approx(honest["test_loss"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_a_run_with_30_percent_dropouts_completes(
     tmp_path: Path, honest: dict[str, float]
 ) -> None:
