@@ -33,8 +33,10 @@ ServerOptimizer = Literal["none", "fedavgm", "fedadagrad", "fedadam", "fedyogi"]
 NormGuard = Literal["clip", "reject", "off"]
 # guards.robust: the coordinate-wise average that replaces the weighted mean.
 Robust = Literal["none", "median", "trimmed_mean"]
-# guards.filter: which whole updates a round leaves out before the rule averages.
-UpdateFilter = Literal["none", "cosine", "krum"]
+# guards.filter: which whole updates a round leaves out before the rule averages
+# ("auto": cosine, or none where the server sees no single update or DP accounts).
+UpdateFilter = Literal["auto", "none", "cosine", "krum"]
+ActiveFilter = Literal["none", "cosine", "krum"]
 # Uplink codecs (lora_flwr.compression.CODECS; a test keeps the two equal).
 Compression = Literal["none", "fp16", "bf16", "int8", "topk"]
 # How the saved modules (e.g. a new classifier head) are treated

@@ -131,8 +131,9 @@ class GuardsConfig:
     trim_fraction: float = bounded(0.2, "[0, 0.5)")
     # Leave out whole updates before any rule averages (at most (K - 1) // 2 of
     # K, none below 3): "cosine" those whose mean cosine to the round's other
-    # updates is below min_cosine, "krum" those Multi-Krum scores worst.
-    filter: UpdateFilter = "none"
+    # updates is below min_cosine, "krum" those Multi-Krum scores worst; "auto"
+    # is cosine, and none with DP or SecAgg+ (ExperimentConfig.update_filter).
+    filter: UpdateFilter = "auto"
     # An evaluation reply's loss above eval_loss_factor x the round's lower-median
     # evaluation loss is clipped or dropped as norm_guard says (wider than the
     # update guard: honest clients' losses spread more than their update norms).

@@ -143,9 +143,11 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         ("guards.filter", "privacy.noise_multiplier"),
-        lambda c: c.privacy.noise_multiplier != 0 and c.guards.filter != "none",
-        "'none' with differential privacy (privacy.noise_multiplier > 0: leaving "
-        "out a client for what it sent is not in the accountant's analysis)",
+        lambda c: (
+            c.privacy.noise_multiplier != 0 and c.guards.filter not in ("none", "auto")
+        ),
+        "'none' or 'auto' with differential privacy (privacy.noise_multiplier > 0: "
+        "leaving out a client for what it sent is not in the accountant's analysis)",
     ),
     Refusal(
         ("head.mode", "head.calibration"),
@@ -203,8 +205,8 @@ REFUSALS: tuple[Refusal, ...] = (
     ),
     Refusal(
         ("guards.filter", "secagg.enabled"),
-        lambda c: c.secagg.enabled and c.guards.filter != "none",
-        f"'none' {_HIDDEN}",
+        lambda c: c.secagg.enabled and c.guards.filter not in ("none", "auto"),
+        f"'none' or 'auto' {_HIDDEN}",
     ),
     Refusal(
         ("compression.codec", "secagg.enabled"),

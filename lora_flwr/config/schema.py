@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_flwr.config import load
-from lora_flwr.config.choices import OnExisting
+from lora_flwr.config.choices import ActiveFilter, OnExisting
 from lora_flwr.config.fed import (
     CompressionConfig,
     FedConfig,
@@ -78,6 +78,20 @@ class ExperimentConfig:
         """Check the top-level fields and the refusals across sections."""
         check_fields(self, "")
         check_refusals(self, "")
+
+    def update_filter(self) -> ActiveFilter:
+        """Return the update filter this run uses (``guards.filter``, "auto" resolved).
+
+        "auto" is "cosine", except with differential privacy (leaving out a client
+        for what it sent is outside the accountant's analysis) or SecAgg+ (the
+        server sees no single update), where it is "none".
+        """
+        chosen = self.guards.filter
+        if chosen != "auto":
+            return chosen
+        if self.privacy.noise_multiplier != 0 or self.secagg.enabled:
+            return "none"
+        return "cosine"
 
     # ----------------------------------------------------------------- builders
     @classmethod

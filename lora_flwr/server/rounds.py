@@ -77,7 +77,7 @@ def fit_outcome(
         weight_cap=core.cfg.guards.weight_cap,
         norm_guard=core.cfg.guards.norm_guard,
         norm_factor=core.cfg.guards.norm_guard_factor,
-        update_filter=core.cfg.guards.filter,
+        update_filter=core.cfg.update_filter(),
         min_cosine=core.cfg.guards.min_cosine,
     )
     for warning in report.warnings:
@@ -92,7 +92,7 @@ def fit_outcome(
     rec.norm_rejected = report.norm_rejected
     if report.norm_bound is not None:
         rec.norm_bound = report.norm_bound
-    if core.cfg.guards.filter != "none":
+    if core.cfg.update_filter() != "none":
         rec.filtered = report.filtered
     fit = FitRound(server_round, rec, incoming, dropped)
     for hook in core.hooks:

@@ -242,3 +242,16 @@ def test_the_default_config_triggers_no_refusal() -> None:
     # Prepare / Execute / Assert
     assert cross_feature_errors(ExperimentConfig()) == []
     check_cross_feature(ExperimentConfig())
+
+
+def test_the_update_filter_is_cosine_by_default_and_off_where_it_cannot_act() -> None:
+    assert ExperimentConfig().guards.filter == "auto"
+    assert ExperimentConfig().update_filter() == "cosine"
+    dp = ExperimentConfig.from_flat({"privacy.noise_multiplier": 1.0})
+    assert dp.update_filter() == "none"
+    secagg = ExperimentConfig.from_flat(SECAGG)
+    assert secagg.update_filter() == "none"
+    krum = ExperimentConfig.from_flat({"guards.filter": "krum"})
+    assert krum.update_filter() == "krum"
+    off = ExperimentConfig.from_flat({"guards.filter": "none"})
+    assert off.update_filter() == "none"

@@ -764,8 +764,12 @@ def encoded(
 def test_compressed_replies_are_decoded_then_averaged(
     codec: Any, fraction: float
 ) -> None:
-    # Prepare: three clients move the start by different amounts.
-    core = core_on(compression={"codec": codec, "topk_fraction": fraction})
+    # Prepare: three clients move the start by different amounts (one the other
+    # way: no update filter, the decoding is under test).
+    core = core_on(
+        compression={"codec": codec, "topk_fraction": fraction},
+        guards={"filter": "none"},
+    )
     outs = open_fit(core, 1, ALL)
     moves = {0: 0.5, 1: -0.25, 2: 0.125}
     weights = {0: 1, 1: 2, 2: 5}

@@ -190,8 +190,9 @@ def flwr_caplog(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 # ------------------------------------------------------------- aggregate_fit
 def test_aggregate_fit_returns_the_example_weighted_mean() -> None:
-    # Prepare: 1, 2 and 5 examples; the fourth sampled client sends nothing.
-    strategy = _strategy()
+    # Prepare: 1, 2 and 5 examples; the fourth sampled client sends nothing. The
+    # third moves against the others: no update filter, the mean is under test.
+    strategy = _strategy(guards={"filter": "none"})
     sent = _configure(strategy, _manager())
     results = [
         (sent[0][0], _res(_full(8.0), 1, pid=0)),
@@ -846,6 +847,7 @@ def test_fedsa_keeps_each_nodes_b_private_and_reports_personal_accuracy() -> Non
             "eval.fraction=0.0",
             "sampling.min_clients=3",
             "fed.num_rounds=2",
+            "guards.filter=none",  # synthetic clients that disagree by design
         ]
     )
 
