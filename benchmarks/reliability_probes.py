@@ -28,6 +28,7 @@ from lora_flwr.config import ExperimentConfig
 from lora_flwr.fl.client import LoRAClient, node_partition
 from lora_flwr.protocol import ACCURACY, ROUND, SECONDS
 from lora_flwr.server.record import (
+    FILTERED,
     FIT_DROPPED,
     FIT_FAILED,
     FIT_OK,
@@ -61,7 +62,15 @@ SECAGG: dict[str, dict[str, Any]] = {
     "guards": {"norm_guard": "off", "weight_cap": 0.0},
 }
 # History counts that run_probe also sums over the run (``<count>_total``).
-COUNTS = (WEIGHT_CAPPED, NORM_CLIPPED, NORM_REJECTED, FIT_DROPPED, FIT_FAILED, FIT_OK)
+COUNTS = (
+    WEIGHT_CAPPED,
+    NORM_CLIPPED,
+    NORM_REJECTED,
+    FILTERED,
+    FIT_DROPPED,
+    FIT_FAILED,
+    FIT_OK,
+)
 
 
 class HostileClient(LoRAClient):

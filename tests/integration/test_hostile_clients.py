@@ -57,6 +57,20 @@ def test_malformed_metrics_change_nothing_but_the_metric(
 
 
 @pytest.mark.slow
+def test_a_sign_flipping_client_is_left_out_by_default(
+    tmp_path: Path, honest: dict[str, float]
+) -> None:
+    # start - 1.9 x its honest update, 10**9 examples: under the norm guard's bound,
+    # so only the update filter can see it. With guards.filter = "none" this run
+    # ends at 0.776 / 0.562 (docs/RELIABILITY.md).
+    last = _probes().run_probe(tmp_path, "sign_flip")
+
+    assert last["filtered_total"] == 2  # the attacker, both rounds
+    assert last["test_loss"] < honest["test_loss"] + 0.05
+    assert honest["filtered_total"] == 0  # the filter costs an honest run nothing
+
+
+@pytest.mark.slow
 def test_a_huge_evaluate_reply_cannot_own_the_federated_loss(
     tmp_path: Path, honest: dict[str, float]
 ) -> None:
