@@ -140,6 +140,12 @@ class GuardsConfig:
     eval_loss_factor: float = bounded(
         10.0, AT_LEAST_1, why="a multiple of the median evaluation loss"
     )
+    # An evaluation reply's example count is capped at eval_weight_cap x the
+    # round's lower-median count (0: off; weight_cap's twin, apart so that a
+    # skewed split can keep plain example weights in its reported metrics).
+    eval_weight_cap: float = bounded(
+        1.5, AT_LEAST_1, off=0.0, why="a multiple of the median example count"
+    )
     min_cosine: float = bounded(-0.05, "[-1, 1]")
 
     def __post_init__(self) -> None:

@@ -187,8 +187,9 @@ def eval_outcome(
     positive integer and its accuracy (if any) in [0, 1]; a malformed metric alone
     is ignored. The fit guards then apply (:func:`guard_eval`): the loss guard
     (``guards.norm_guard`` at ``eval_loss_factor`` x the round's lower-median
-    loss) and the count cap (``guards.weight_cap``). The means are example-weighted,
-    or with ``guards.robust`` the unweighted median / trimmed mean of the replies.
+    loss) and the count cap (``guards.eval_weight_cap``). The means are
+    example-weighted, or with ``guards.robust`` the unweighted median / trimmed
+    mean of the replies.
     ``failures`` are ``(node, repr of the failure)``. Returns the mean loss (None
     without a valid reply) and the history fields, which also go into the open
     round's record.
@@ -226,7 +227,7 @@ def eval_outcome(
     guards = core.cfg.guards
     kept, report = guard_eval(
         valid,
-        weight_cap=guards.weight_cap,
+        weight_cap=guards.eval_weight_cap,
         loss_guard=guards.norm_guard,
         loss_factor=guards.eval_loss_factor,
     )

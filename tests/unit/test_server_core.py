@@ -48,7 +48,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"lr": 0.01, "local_steps": 7},
     "fed": {"num_clients": 3, "max_failed_rounds": 100},
     "sampling": {"min_replies": 2},
-    "guards": {"weight_cap": 0.0, "norm_guard": "off"},
+    "guards": {
+        "weight_cap": 0.0,
+        "norm_guard": "off",
+        "filter": "none",
+        "eval_weight_cap": 0.0,
+    },
 }
 
 

@@ -1062,7 +1062,7 @@ def test_the_eval_count_cap_alone_bounds_a_lying_count(
     flwr_caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: a plausible loss, a count of 10**9; only the count cap on.
-    core = core_on(guards={"weight_cap": 1.5, "norm_guard": "off"})
+    core = core_on(guards={"eval_weight_cap": 1.5, "norm_guard": "off"})
     results = _evals(("x", 2.0, 10**9, 0.0))
 
     # Execute
@@ -1084,7 +1084,7 @@ def test_the_eval_loss_guard_clips_a_huge_loss(
     flwr_caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Prepare: an honest count, a loss of 1e30; only the loss guard (clip) on.
-    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "clip"})
+    core = core_on(guards={"eval_weight_cap": 0.0, "norm_guard": "clip"})
     results = _evals(("x", 1e30, 11, 0.75))
 
     # Execute
@@ -1102,7 +1102,7 @@ def test_the_eval_loss_guard_clips_a_huge_loss(
 
 def test_the_eval_loss_guard_rejects_a_huge_loss() -> None:
     # Prepare: the loss guard set to reject.
-    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "reject"})
+    core = core_on(guards={"eval_weight_cap": 0.0, "norm_guard": "reject"})
     results = _evals(("x", 1e30, 11, 1.0))
 
     # Execute
@@ -1117,7 +1117,7 @@ def test_the_eval_loss_guard_rejects_a_huge_loss() -> None:
 
 def test_eval_guards_off_leave_a_huge_reply_alone() -> None:
     # Prepare: weight_cap = 0 and norm_guard = "off".
-    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "off"})
+    core = core_on(guards={"eval_weight_cap": 0.0, "norm_guard": "off"})
     results = _evals(("x", 1e30, 11, 0.75))
 
     # Execute
@@ -1179,7 +1179,9 @@ def test_robust_guards_take_the_eval_means_unweighted(
 ) -> None:
     # Prepare: five replies, one far off with a huge count; only guards.robust on
     # (trim_fraction 0.2 of 5: one reply off each end).
-    core = core_on(guards={"weight_cap": 0.0, "norm_guard": "off", "robust": robust})
+    core = core_on(
+        guards={"eval_weight_cap": 0.0, "norm_guard": "off", "robust": robust}
+    )
     results = [
         EvalIncoming(who, loss, n, {ACCURACY: acc, PERPLEXITY: 1.0})
         for who, loss, n, acc in [
@@ -1214,7 +1216,7 @@ def test_honest_evaluations_are_bit_identical_under_the_shipped_guards() -> None
     old_loss = sum(n * lo for _, lo, n, _ in replies) / total
     old_accuracy = sum(n * float(acc) for _, _, n, acc in replies) / total
     guarded = core_on(guards=SHIPPED_GUARDS)
-    unguarded = core_on(guards={"weight_cap": 0.0, "norm_guard": "off"})
+    unguarded = core_on(guards={"eval_weight_cap": 0.0, "norm_guard": "off"})
 
     # Execute
     loss, metrics = guarded.eval_outcome(1, results, [])
@@ -1377,3 +1379,38 @@ def test_an_aborting_round_waits_for_its_evaluation() -> None:
     # Assert: the aborted round is reported with its evaluation.
     assert [r["round"] for r, *_ in reports] == [0, 1, 2]
     assert reports[2][0]["test_loss"] == 2.5 and reports[2][0]["aborted"]
+
+
+def test_the_shipped_filter_leaves_a_sign_flipped_update_out_of_the_aggregate() -> None:
+    # Prepare: the shipped guards; two honest clients step along one direction
+    # (plus noise), partition 2 sends start - 1.9 x such a step.
+    core = core_on(guards=SHIPPED_GUARDS)
+    outs = open_fit(core, 1, (0, 1, 2))
+    start = global_copy(core)
+    rng = np.random.default_rng(0)
+    direction = {n: rng.normal(size=a.shape) for n, a in start.items()}
+    steps = {
+        pid: {
+            n: 0.01 * (direction[n] + 0.5 * rng.normal(size=a.shape))
+            for n, a in start.items()
+        }
+        for pid in (0, 1, 2)
+    }
+    steps[2] = {n: -1.9 * s for n, s in steps[2].items()}
+    replies = [
+        reply(pid, [(start[n] + steps[pid][n]).astype(np.float32) for n in start], 10)
+        for pid in (0, 1, 2)
+    ]
+    assert set(outs) == {0, 1, 2}
+
+    # Execute
+    ok = core.fit_outcome(1, replies, [])
+
+    # Assert: the mean of the two honest replies; the filter counted one.
+    assert ok is True
+    assert core.record is not None
+    row = core.record.to_dict()
+    assert (row["fit_ok"], row["filtered"], row["norm_clipped"]) == (2, 1, 0)
+    for n, value in core.global_arrays().items():
+        expected = start[n] + (steps[0][n] + steps[1][n]) / 2
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=n)
