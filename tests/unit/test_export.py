@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
+from export_probe import run_probe  # tests/: on the path, beside conftest.py
+from export_runs import TEXT, logits, make_run, token_batch
 from safetensors.torch import load_file
 
 from lora_flwr.atomic import write_text_atomic
-from lora_flwr.config import ExperimentConfig, LoraConfig, ModelConfig, Task
+from lora_flwr.config import ExperimentConfig, Task
 from lora_flwr.export import ExportError, export_merged, export_peft, main
-from lora_flwr.lora import LoRAAdapter, load_adapter, save_base_delta, save_peft
+from lora_flwr.lora import load_adapter, save_base_delta
 from lora_flwr.lora.io import PEFT_TASK_TYPES
 from lora_flwr.models import base_model_source, load_model
 from lora_flwr.models import source as model_source
 
 pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parents[2]
-PROBE = ROOT / "tests" / "export_probe.py"
 ATOL = 1e-5
-TEXT = "To be, or not to be"
-NUM_LABELS = 3
 
 # name -> (tiny built-in saved as the base directory, task, targets, saved modules)
 CASES: dict[str, tuple[str, Task, tuple[str, ...], tuple[str, ...]]] = {
@@ -37,106 +29,6 @@ CASES: dict[str, tuple[str, Task, tuple[str, ...], tuple[str, ...]]] = {
     "gpt2-causal_lm": ("tiny-gpt2", "causal_lm", ("c_attn", "c_fc"), ()),
     "bert-seq_cls": ("tiny-bert", "seq_cls", ("query", "value"), ("classifier",)),
 }
-
-
-@dataclass
-class Run:
-    """A finished run on disk and the project's own model with its adapter."""
-
-    run_dir: Path
-    cfg: ExperimentConfig
-    model: Any
-    adapter: LoRAAdapter
-    tokenizer: Any
-    task: Task
-
-
-def make_run(
-    root: Path,
-    model_name: str,
-    task: Task,
-    targets: tuple[str, ...],
-    saved: tuple[str, ...] = (),
-    *,
-    save_base: str | None = None,
-) -> Run:
-    """Write ``root/run`` (config.toml + adapter/) as a run on ``model_name`` does.
-
-    ``save_base``: save that tiny built-in to ``root/base`` first and use the
-    directory as the model (a local model directory, as users pass one).
-    """
-    if save_base is not None:
-        tiny = load_model(ModelConfig(name=save_base, task=task, num_labels=NUM_LABELS))
-        tiny.model.save_pretrained(root / "base")
-        tiny.tokenizer.save_pretrained(root / "base")
-        model_name = str(root / "base")
-    cfg = ExperimentConfig(
-        name="run",
-        output_dir=str(root),
-        seed=7,
-        model=ModelConfig(name=model_name, task=task, num_labels=NUM_LABELS),
-        lora=LoraConfig(
-            r=4,
-            lora_alpha=8,
-            lora_dropout=0.0,
-            target_modules=targets,
-            modules_to_save=saved,
-        ),
-    )
-    run_dir = root / "run"
-    run_dir.mkdir()
-    write_text_atomic(run_dir / "config.toml", cfg.to_toml())
-    bundle = load_model(cfg.model, seed=cfg.seed)
-    adapter = LoRAAdapter(cfg.lora, seed=cfg.seed)
-    adapter.apply(bundle.model)
-    randomize_adapter(adapter, seed=3)
-    # What the server saves as <run>/adapter at the end of the last round.
-    save_peft(
-        adapter,
-        run_dir / "adapter",
-        base_model_name_or_path=base_model_source(cfg.model.name),
-        task_type=PEFT_TASK_TYPES[bundle.task],
-    )
-    return Run(run_dir, cfg, bundle.model, adapter, bundle.tokenizer, bundle.task)
-
-
-def randomize_adapter(adapter: LoRAAdapter, seed: int) -> None:
-    """Give every adapter tensor (B and the saved modules too) seeded values."""
-    generator = torch.Generator().manual_seed(seed)
-    adapter.set_weights(
-        [
-            (torch.randn(shape, generator=generator) * 0.1).numpy()
-            for shape in adapter.weight_shapes()
-        ]
-    )
-
-
-def probe(jobs: Sequence[dict[str, Any]], tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Run ``tests/export_probe.py`` in a fresh interpreter that lacks lora_flwr."""
-    jobs_file, out = tmp_path / "jobs.json", tmp_path / "probe.safetensors"
-    jobs_file.write_text(json.dumps(list(jobs)))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-I", str(PROBE), str(jobs_file), str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(out))
-
-
-def token_batch(tokenizer: Any) -> list[list[int]]:
-    """Two rows of ids, no padding: the text and its reversal."""
-    ids = list(tokenizer(TEXT)["input_ids"])
-    return [ids, ids[::-1]]
-
-
-def logits(model: Any, batch: list[list[int]]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor(batch)).logits
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -149,7 +41,7 @@ def test_exports_load_without_project_code(case: str, tmp_path: Path) -> None:
 
     # Execute
     rc = main(["--run", str(run.run_dir), "--merged", str(tmp_path / "merged")])
-    got = probe(
+    got = run_probe(
         [
             {
                 "loader": f"peft-{task}",
