@@ -26,6 +26,7 @@ from lora_flwr.config import (
     config_from_arguments,
 )
 from lora_flwr.experiment import centralized_train_data, get_workspace, heldout_data
+from lora_flwr.models import base_model_source
 
 log = logging.getLogger("lora_flwr.centralized")
 
@@ -102,7 +103,9 @@ def run_centralized(
         "final": history[-1],
         "train_seconds": time.perf_counter() - start,
     }
-    ws.trainer.save_adapter("adapter")
+    ws.trainer.save_adapter(
+        "adapter", base_model_name_or_path=base_model_source(cfg.model.name)
+    )
     write_text_atomic(out / "history.json", json.dumps(result, indent=2))
     return result
 

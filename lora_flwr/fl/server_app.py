@@ -34,9 +34,11 @@ from lora_flwr.fl.strategy import FedLoRA
 from lora_flwr.lifecycle import after_round
 from lora_flwr.lora.io import (
     BASE_DELTA_NAME,
+    PEFT_TASK_TYPES,
     save_base_delta,
     save_peft,
 )
+from lora_flwr.models import base_model_source
 from lora_flwr.preflight import preflight
 from lora_flwr.privacy import require_accountant
 from lora_flwr.results import (
@@ -58,7 +60,6 @@ from lora_flwr.server.guards import RunAborted
 
 logger = logging.getLogger(__name__)
 
-TASK_TYPES = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 SECAGG_LEVELS = 2**22  # quantisation levels over [-clip, clip]
 SECAGG_MODULUS = 2**32  # masked sums live modulo this
 
@@ -86,8 +87,10 @@ def build_strategy(
     ws.reset_adapter()
     layout = layout_of(ws.adapter)
     test = heldout_data(ws, cfg)
-    task_type = TASK_TYPES.get(ws.task)
-    base_name = cfg.model.name
+    task_type = PEFT_TASK_TYPES.get(ws.bundle.task)
+    # What PEFT and transformers load the base by (a directory or a Hub id), not
+    # the project's short name.
+    base_name = base_model_source(cfg.model.name)
 
     def load(arrays: Arrays, base_delta: Arrays) -> None:
         ws.adapter.set_base_delta(base_delta or None)

@@ -33,7 +33,7 @@ from lora_flwr.atomic import atomic_write, atomic_write_dir, recover
 # Re-exported (the explicit "as" form, for mypy): lora_flwr/fl/server_app.py
 # imports write_text_atomic from here.
 from lora_flwr.atomic import write_text_atomic as write_text_atomic
-from lora_flwr.config import LoraConfig
+from lora_flwr.config import LoraConfig, Task
 from lora_flwr.lora.model_ops import merge_and_unload
 
 if TYPE_CHECKING:  # the adapter imports this module, not the other way round
@@ -48,6 +48,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 BASE_DELTA_NAME = "base_delta.safetensors"
 JSON_FORMAT = "lora_flwr-adapter"
+# PEFT's task_type for each of our tasks (what AutoPeftModel picks its class by).
+PEFT_TASK_TYPES: dict[Task, str] = {"seq_cls": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
 JSON_VERSION = 1
 
 

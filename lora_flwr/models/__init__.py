@@ -22,6 +22,8 @@ processes that load the same model (Ray actors) share one copy in the page cache
 Modules: :mod:`~lora_flwr.models.loading` (:func:`load_model`, local directories and
 Hub ids), :mod:`~lora_flwr.models.tiny` (the tiny test models),
 :mod:`~lora_flwr.models.smollm2` (the one-off GGUF conversion),
+:mod:`~lora_flwr.models.source` (the name an export gives its base model, which
+PEFT and transformers resolve),
 :mod:`~lora_flwr.models.weights` (checks of safetensors files; which weights are
 memory-mapped, i.e. shared between processes) and
 :mod:`~lora_flwr.models.bundle` (:class:`ModelBundle` and :func:`resolve_task`,
@@ -30,10 +32,12 @@ which they all share).
 
 from lora_flwr.models.bundle import ModelBundle, resolve_task
 from lora_flwr.models.loading import BUILTIN_MODELS, load_model, model_load_count
+from lora_flwr.models.source import base_model_source
 
 __all__ = [
     "BUILTIN_MODELS",
     "ModelBundle",
+    "base_model_source",
     "load_model",
     "model_load_count",
     "resolve_task",

@@ -23,9 +23,10 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from lora_flwr.config import ComputeConfig, LossConfig, TrainConfig
+from lora_flwr.config import ComputeConfig, LossConfig, Task, TrainConfig
 from lora_flwr.data.tokenize import TokenizedDataset, infinite_batches, iter_batches
 from lora_flwr.lora import LoRAAdapter, save_peft
+from lora_flwr.lora.io import PEFT_TASK_TYPES
 from lora_flwr.profiling import NULL_TIMER, PhaseTimer, Timer, key
 
 # Metric keys live with the wire protocol: the server reads them without torch.
@@ -142,7 +143,7 @@ class LoRATrainer:
     def __init__(
         self,
         adapter: LoRAAdapter,
-        task: str,
+        task: Task,
         config: TrainConfig,
         *,
         loss: LossConfig | None = None,
@@ -195,11 +196,23 @@ class LoRATrainer:
         """Overwrite the adapter's arrays (count, shape, dtype and values checked)."""
         self.adapter.set_weights(arrays)
 
-    def save_adapter(self, name: str = "adapter") -> Path:
-        """Save the adapter as a PEFT directory inside the work dir."""
+    def save_adapter(
+        self, name: str = "adapter", *, base_model_name_or_path: str | None = None
+    ) -> Path:
+        """Save the adapter as a PEFT directory inside the work dir.
+
+        ``base_model_name_or_path`` is written to its config, for PEFT to load the
+        base by (see :func:`lora_flwr.models.base_model_source`); the task type is
+        the trainer's.
+        """
         if self.work_dir is None:
             raise ValueError("No work dir set; call `set_work_dir(path)` first")
-        return save_peft(self.adapter, self.work_dir / name)
+        return save_peft(
+            self.adapter,
+            self.work_dir / name,
+            base_model_name_or_path=base_model_name_or_path,
+            task_type=PEFT_TASK_TYPES.get(self.task),
+        )
 
     # ----------------------------------------------------------------- train
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
