@@ -283,7 +283,7 @@ def _tokenize(
         model_name=cfg.model.name,
     )
     if ds.messages is not None:
-        report_cuts(where, len(tok), tok.truncated, tok.dropped)
+        report_cuts(where, cfg.model.max_length, len(tok), tok.truncated, tok.dropped)
     return tok
 
 

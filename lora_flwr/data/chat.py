@@ -20,6 +20,13 @@ Truncation keeps the first ``max_length`` tokens. A conversation that loses part
 of a response there is kept and counted (``truncated``); one that loses every
 response token would train on nothing and is left out and counted (``dropped``):
 no response is dropped silently.
+
+Batches: length-bucketed, not packed. ``train.bucket_batches`` (shuffle, cut the
+order into chunks of that many batches, sort each chunk by length) already keeps
+padding low for conversations of mixed length, and every batch row stays one
+conversation. Packing would need per-document attention masks and position ids
+(else one conversation attends to the one packed before it), which neither the
+native models nor the ``transformers`` path give here.
 """
 
 from __future__ import annotations
@@ -246,17 +253,25 @@ def _target_mask(
     return target & (end > start)
 
 
-def report_cuts(where: str, total: int, truncated: int, dropped: int) -> None:
+def report_cuts(
+    where: str, max_length: int, kept: int, truncated: int, dropped: int
+) -> None:
     """Log how many responses ``model.max_length`` cut (a warning when any)."""
     if truncated == 0 and dropped == 0:
-        logger.info("%s: no response cut at model.max_length (%d kept)", where, total)
+        logger.info(
+            "%s: %d conversations, no response cut at model.max_length = %d",
+            where,
+            kept,
+            max_length,
+        )
         return
     logger.warning(
-        "%s: model.max_length cut part of the responses of %d conversation(s), kept; "
-        "and every response token of %d, left out (%d kept); raise "
-        "model.max_length to keep them",
+        "%s: model.max_length = %d cut the responses of %d conversation(s) short "
+        "(kept, %d in all) and of %d entirely (left out); raise model.max_length "
+        "to keep them whole",
         where,
+        max_length,
         truncated,
+        kept,
         dropped,
-        total,
     )

@@ -140,26 +140,8 @@ def tokenize(
         )
     pad_id = pad_token_id(tokenizer)
     if ds.messages is not None:
-        if task != "causal_lm":
-            raise ValueError(
-                "Instruction data trains a causal LM on its responses; set "
-                f"model.task = 'causal_lm' or 'auto' (not {task!r})"
-            )
-        chat = tokenize_chat(
-            ds.messages,
-            tokenizer,
-            max_length,
-            fallback_template=fallback_template,
-            model_name=model_name,
-        )
-        return TokenizedDataset(
-            chat.input_ids,
-            None,
-            task,
-            pad_id,
-            chat.targets,
-            truncated=chat.truncated,
-            dropped=chat.dropped,
+        return _tokenize_chat(
+            ds, tokenizer, task, max_length, pad_id, fallback_template, model_name
         )
     if len(ds) == 0:
         encoded: list[list[int]] = []
@@ -189,6 +171,40 @@ def tokenize(
     )
     return TokenizedDataset(
         input_ids=input_ids, labels=labels, task=task, pad_token_id=pad_id
+    )
+
+
+def _tokenize_chat(
+    ds: TextDataset,
+    tokenizer: Any,
+    task: Task,
+    max_length: int,
+    pad_id: int,
+    fallback_template: str,
+    model_name: str,
+) -> TokenizedDataset:
+    """Instruction data: rendered, with target masks and cut counts."""
+    assert ds.messages is not None, "only instruction data comes here"
+    if task != "causal_lm":
+        raise ValueError(
+            "Instruction data trains a causal LM on its responses; set "
+            f"model.task = 'causal_lm' or 'auto' (not {task!r})"
+        )
+    chat = tokenize_chat(
+        ds.messages,
+        tokenizer,
+        max_length,
+        fallback_template=fallback_template,
+        model_name=model_name,
+    )
+    return TokenizedDataset(
+        chat.input_ids,
+        None,
+        task,
+        pad_id,
+        chat.targets,
+        truncated=chat.truncated,
+        dropped=chat.dropped,
     )
 
 
