@@ -9,6 +9,8 @@ tensors. Used by the centralised CLI and by the Flower apps alike.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -36,6 +38,7 @@ from lora_flwr.data import (
     node_cache,
     tokenize,
 )
+from lora_flwr.data.chat import report_cuts
 from lora_flwr.data.datasets import source_stamp
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import ModelBundle, load_model
@@ -250,13 +253,38 @@ def clear_caches() -> None:
 def _tokenized(
     ws: Workspace, cfg: ExperimentConfig, key: tuple[object, ...], ds: TextDataset
 ) -> TokenizedDataset:
-    full_key = (cfg.data, cfg.seed, cfg.model.name, cfg.model.max_length, *key)
+    full_key = (
+        cfg.data,
+        cfg.seed,
+        cfg.model.name,
+        cfg.model.max_length,
+        cfg.model.fallback_template,
+        *key,
+    )
     with _LOCK:
         tok = _TOKENIZED.get(full_key)
         if tok is None:
-            tok = tokenize(ds, ws.bundle.tokenizer, ws.task, cfg.model.max_length)  # type: ignore[arg-type]
+            where = "the held-out set" if key[0] == "test" else "the train pool"
+            tok = _tokenize(ws, cfg, ds, where)
             _TOKENIZED[full_key] = tok
         return tok
+
+
+def _tokenize(
+    ws: Workspace, cfg: ExperimentConfig, ds: TextDataset, where: str
+) -> TokenizedDataset:
+    """Tokenize ``ds`` for the model; report what truncation cut of responses."""
+    tok = tokenize(
+        ds,
+        ws.bundle.tokenizer,
+        ws.task,  # type: ignore[arg-type]
+        cfg.model.max_length,
+        fallback_template=cfg.model.fallback_template,
+        model_name=cfg.model.name,
+    )
+    if ds.messages is not None:
+        report_cuts(where, cfg.model.max_length, len(tok), tok.truncated, tok.dropped)
+    return tok
 
 
 def splits(cfg: ExperimentConfig) -> DatasetSplits:
@@ -291,6 +319,7 @@ def client_datasets(
         cfg.seed,
         cfg.model.name,
         cfg.model.max_length,
+        cfg.model.fallback_template,
         partition_id,
         num_partitions,
     )
@@ -304,11 +333,10 @@ def client_datasets(
     stored = node_cache.load_partition(path, description)
     if stored is None:
         train, test = client_data(cfg.data, partition_id, num_partitions, seed=cfg.seed)
-        max_length = cfg.model.max_length
-        tokenizer = ws.bundle.tokenizer
+        where = f"partition {partition_id}'s local"
         stored = {
-            "train": tokenize(train, tokenizer, ws.task, max_length),  # type: ignore[arg-type]
-            "test": tokenize(test, tokenizer, ws.task, max_length),  # type: ignore[arg-type]
+            "train": _tokenize(ws, cfg, train, f"{where} train set"),
+            "test": _tokenize(ws, cfg, test, f"{where} test set"),
         }
         try:
             node_cache.save_partition(path, description, stored)
@@ -337,4 +365,13 @@ def _partition_description(
         "model": cfg.model.name,
         "max_length": cfg.model.max_length,
         "tokenizer": node_cache.tokenizer_identity(ws.bundle.tokenizer),
+        # instruction data: the template it is rendered with
+        "chat_template": _template_digest(ws, cfg),
     }
+
+
+def _template_digest(ws: Workspace, cfg: ExperimentConfig) -> str:
+    """SHA-256 of the chat template instruction data would be rendered with."""
+    own = getattr(ws.bundle.tokenizer, "chat_template", None)
+    text = json.dumps([own, cfg.model.fallback_template], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from lora_flwr.config import ExperimentConfig, check_cross_feature
 from lora_flwr.data.partition import partition_indices
-from lora_flwr.experiment import get_workspace, resolve_model_config, splits
+from lora_flwr.experiment import (
+    get_workspace,
+    heldout_data,
+    resolve_model_config,
+    splits,
+)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -22,7 +27,9 @@ def preflight(cfg: ExperimentConfig) -> None:
         On settings that cannot run together (every one of the schema's
         cross-feature refusals ``cfg`` triggers, one per line), data the run
         cannot use (bad encoding or labels, too few rows for the clients, an
-        empty partition), or a model / LoRA target that does not fit.
+        empty partition, instruction data without responses), a model / LoRA
+        target that does not fit, or a tokenizer without the chat template that
+        instruction data needs.
     FileNotFoundError
         On a missing data file.
     """
@@ -41,4 +48,9 @@ def preflight(cfg: ExperimentConfig) -> None:
             f"from {len(data.train)} rows split {cfg.data.partitioner!r}; use fewer "
             "clients or more data"
         )
-    get_workspace(cfg)  # the model directory, and target modules that match
+    ws = get_workspace(cfg)  # the model directory, and target modules that match
+    if data.train.messages is not None:
+        # Instruction data: renders the held-out set with the chat template (a
+        # tokenizer without one is refused here) and logs what max_length cut; the
+        # in-process server reuses it.
+        heldout_data(ws, cfg)

@@ -18,6 +18,13 @@ ModelTask = Literal["auto", Task]
 Implementation = Literal["auto", "native", "transformers"]
 # lora.init_lora_weights: the init of A (B starts at zero).
 InitLoraWeights = Literal["kaiming", "gaussian"]
+# data.format: how a data file's rows are read. "text": a text column (and labels);
+# "alpaca": instruction / input / output; "chat": messages (role / content) or
+# ShareGPT's conversations (from / value); "auto": chat or alpaca when the rows
+# have those fields, else text.
+DataFormat = Literal["auto", "text", "alpaca", "chat"]
+# model.fallback_template: the chat template used when the tokenizer has none.
+FallbackTemplate = Literal["none", "chatml"]
 # data.partitioner: how the training split is shared across clients.
 Partitioner = Literal["iid", "dirichlet", "natural"]
 # train.optimizer, train.lr_schedule, compute.precision.

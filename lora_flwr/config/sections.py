@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 from lora_flwr.config.choices import (
+    DataFormat,
+    FallbackTemplate,
     Implementation,
     InitLoraWeights,
     Loss,
@@ -92,6 +94,10 @@ class ModelConfig:
     # process starts seconds sooner) for minilm and smollm2-135m only,
     # "transformers", or "auto" (native where it exists, else transformers).
     implementation: Implementation = "auto"
+    # Instruction data is rendered with the tokenizer's own chat template; one
+    # without a template is refused ("none") unless this names a fallback
+    # ("chatml": <|im_start|>role\ncontent<|im_end|>, SmolLM2-Instruct's format).
+    fallback_template: FallbackTemplate = "none"
 
     def __post_init__(self) -> None:
         """Check the fields and the model section's refusals."""
@@ -102,11 +108,17 @@ class ModelConfig:
 class DataConfig:
     """Which text, how it is held out and how it is split across clients."""
 
-    # rotten_tomatoes | shakespeare | synthetic | a path to .csv / .jsonl / .txt
+    # rotten_tomatoes | shakespeare | synthetic | a path to .csv / .jsonl / .txt /
+    # .json / .parquet / .arrow or a datasets save_to_disk folder | a Hub data set id
     name: str = nonempty("rotten_tomatoes")
+    # auto | text | alpaca (instruction, input, output) | chat (messages or
+    # ShareGPT conversations): instruction data trains on the responses only
+    format: DataFormat = "auto"
     text_column: str = "text"  # local files: column with the text
     label_column: str = "label"  # local files: column with the class (seq_cls)
-    group_column: str = ""  # local files: column naming the natural owner
+    # local files: column naming the natural owner, or the category of instruction
+    # data (natural: whole categories per client; dirichlet: skew over them)
+    group_column: str = ""
     # global held-out split (centralised evaluation)
     test_fraction: float = bounded(0.2, "(0, 1)")
     # use a seeded subsample of this size (0: all)

@@ -10,6 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# One chat turn, ``(role, content)``; roles are "system", "user" and "assistant".
+Message = tuple[str, str]
+# A whole conversation, in order; it ends with an assistant turn.
+Conversation = tuple[Message, ...]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
 
 @dataclass(frozen=True)
 class TextDataset:
@@ -22,18 +28,26 @@ class TextDataset:
     labels
         Integer class per example, or ``None`` for causal-LM corpora.
     groups
-        Natural owner of each example: a movie, ``"<play>/<ROLE>"``, or ``""`` when
-        unknown.
+        Natural owner of each example: a movie, ``"<play>/<ROLE>"``, a category
+        (instruction data), or ``""`` when unknown.
+    messages
+        Instruction data: one :data:`Conversation` per example, rendered with the
+        tokenizer's chat template and trained on its assistant turns only
+        (``texts`` then hold a plain flattening, for reading only). ``None`` for
+        plain text and classification corpora.
     """
 
     texts: tuple[str, ...]
     labels: tuple[int, ...] | None
     groups: tuple[str, ...]
+    messages: tuple[Conversation, ...] | None = None
 
     def __post_init__(self) -> None:
         """Check the tuples are parallel."""
-        if len(self.groups) != len(self.texts) or (
-            self.labels is not None and len(self.labels) != len(self.texts)
+        if (
+            len(self.groups) != len(self.texts)
+            or (self.labels is not None and len(self.labels) != len(self.texts))
+            or (self.messages is not None and len(self.messages) != len(self.texts))
         ):
             raise ValueError(
                 f"`TextDataset` needs one label and one group per text but got "
@@ -68,11 +82,12 @@ class TextDataset:
                 f"{bad[:5]}"
             )
         texts, groups = self.texts, self.groups
-        labels = self.labels
+        labels, messages = self.labels, self.messages
         return TextDataset(
             texts=tuple(texts[i] for i in idx),
             labels=None if labels is None else tuple(labels[i] for i in idx),
             groups=tuple(groups[i] for i in idx),
+            messages=None if messages is None else tuple(messages[i] for i in idx),
         )
 
 

@@ -11,7 +11,10 @@ natural owner (group) of each example. Built-in sources:
 * ``synthetic``: 400 short texts, two learnable classes, 8 label-skewed groups.
 * ``synthetic_lm``: 400 short repetitive sentences, 8 groups with their own words.
 
-Anything else is a path to a ``.csv``, ``.jsonl`` or ``.txt`` file.
+Anything else is a path to a ``.csv``, ``.jsonl`` or ``.txt`` file, or data that
+Hugging Face ``datasets`` reads (``.json``, ``.parquet``, ``.arrow``, a
+``save_to_disk`` folder, a Hub id): plain text with labels, or instruction data
+(Alpaca or chat rows, :mod:`~lora_flwr.data.instruct`) by ``data.format``.
 
 This module holds the split and the dispatch by name; the loaders live in
 :mod:`~lora_flwr.data.shakespeare`, :mod:`~lora_flwr.data.synthetic` and
@@ -26,6 +29,8 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
+import json
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,7 +41,8 @@ import numpy as np
 from lora_flwr.assets import fetch_asset
 from lora_flwr.config import DataConfig, Task
 from lora_flwr.data.corpus import TextDataset, _Corpus
-from lora_flwr.data.local_files import LOCAL_SUFFIXES, _load_local
+from lora_flwr.data.instruct import HF_SUFFIXES, detect_format, load_instruct, read_hf
+from lora_flwr.data.local_files import LOCAL_SUFFIXES, _load_local, _rows_to_corpus
 from lora_flwr.data.shakespeare import _load_shakespeare, parse_play
 from lora_flwr.data.synthetic import _make_synthetic, _make_synthetic_lm
 
@@ -152,13 +158,23 @@ def eval_subset(test: TextDataset, max_examples: int, *, seed: int) -> TextDatas
 
 # -------------------------------------------------------------- split helpers
 def source_stamp(name: str) -> tuple[float, int] | None:
-    """Modification time and size of a local file, so edits invalidate the cache."""
+    """Modification time and size of a local file, so edits invalidate the cache.
+
+    For a folder (``save_to_disk``): the latest modification time and the total
+    size of the files in it.
+    """
     if name in BUILTIN_DATASETS:
         return None
     path = Path(name).expanduser()
     if path.is_file():
         st = path.stat()
         return (st.st_mtime, st.st_size)
+    if path.is_dir():
+        stats = [f.stat() for f in sorted(path.rglob("*")) if f.is_file()]
+        return (
+            max((st.st_mtime for st in stats), default=0.0),
+            sum(st.st_size for st in stats),
+        )
     return None
 
 
@@ -170,6 +186,7 @@ def _load_splits_cached(
     del stamp  # only part of the cache key
     corpus = _load_corpus(
         cfg.name,
+        cfg.format,
         cfg.text_column,
         cfg.label_column,
         cfg.group_column,
@@ -215,6 +232,7 @@ def _load_splits_cached(
 @functools.lru_cache(maxsize=8)
 def _load_corpus(
     name: str,
+    fmt: str,
     text_column: str,
     label_column: str,
     group_column: str,
@@ -229,18 +247,39 @@ def _load_corpus(
         "synthetic_lm": _make_synthetic_lm,
     }
     if name in builtin:
+        if fmt in ("alpaca", "chat"):
+            raise ValueError(
+                f"`data.format` = {fmt!r} reads instruction data from a file, a "
+                f"folder or a Hub id but `data.name` = {name!r} is a built-in text "
+                "corpus; set data.format = 'auto' or pass an instruction data file"
+            )
         corpus = builtin[name]()
         if corpus.num_labels == 0:
             corpus = replace(
                 corpus, unlabelled=f"dataset {name!r} has no labels (plain text)"
             )
+    elif _read_by_datasets(name, fmt):
+        rows, source = read_hf(name)
+        kind = detect_format(rows.column_names) if fmt == "auto" else fmt
+        if kind == "text":
+            corpus = _rows_to_corpus(
+                list(enumerate(rows.to_list(), start=1)),
+                list(rows.column_names),
+                Path(source),
+                text_column,
+                label_column,
+                group_column,
+            )
+        else:
+            corpus = load_instruct(rows, source, kind, group_column)
     else:
         path = Path(name).expanduser()
         if path.suffix.lower() not in LOCAL_SUFFIXES and not path.is_file():
             raise ValueError(
                 f"Unknown dataset `data.name` = {name!r}; use one of "
-                f"{', '.join(BUILTIN_DATASETS)} or a path to a "
-                f"{', '.join(LOCAL_SUFFIXES)} file"
+                f"{', '.join(BUILTIN_DATASETS)}, a path to a "
+                f"{', '.join(dict.fromkeys(LOCAL_SUFFIXES + HF_SUFFIXES))} "
+                "file or a save_to_disk folder, or a Hub id (owner/name)"
             )
         corpus = _load_local(name, text_column, label_column, group_column)
     if len(corpus.data) == 0:
@@ -248,6 +287,39 @@ def _load_corpus(
             f"`data.name` = {name!r} holds no examples; pass a non-empty corpus"
         )
     return corpus
+
+
+# A Hugging Face Hub data set id: "owner/name", nothing more.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _read_by_datasets(name: str, fmt: str) -> bool:
+    """Whether ``datasets`` reads ``name`` (else the plain csv/jsonl/txt reader).
+
+    ``datasets`` reads folders, .json / .parquet / .arrow files, Hub ids, and
+    .jsonl / .csv files of instruction data (named by ``data.format``, or a .jsonl
+    whose first row has chat or Alpaca fields under ``"auto"``).
+    """
+    path = Path(name).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in (".json", ".parquet", ".arrow"):
+        return True
+    if not path.exists():
+        return suffix not in LOCAL_SUFFIXES and bool(_HUB_ID.fullmatch(name))
+    if fmt in ("alpaca", "chat"):
+        return suffix in (".jsonl", ".csv")
+    return fmt == "auto" and suffix == ".jsonl" and _first_row_is_instruct(path)
+
+
+def _first_row_is_instruct(path: Path) -> bool:
+    """Whether the first JSON object of a .jsonl file has chat or Alpaca fields."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            first = next((line for line in fh if line.strip()), "")
+        obj = json.loads(first)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # the plain reader says what is wrong, with the line
+    return isinstance(obj, dict) and detect_format(list(obj)) != "text"
 
 
 def _load_rotten_tomatoes() -> _Corpus:

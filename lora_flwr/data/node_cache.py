@@ -34,7 +34,7 @@ from lora_flwr.data.tokenize import TokenizedDataset
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: instruction data's target masks and cut counts
 SPLITS = ("train", "test")
 
 
@@ -93,7 +93,15 @@ def save_partition(
         tensors[f"{name}.lengths"] = lengths
         if ds.labels is not None:
             tensors[f"{name}.labels"] = ds.labels.long().contiguous()
-        meta[name] = {"task": ds.task, "pad_token_id": ds.pad_token_id}
+        if ds.targets is not None and len(ds):
+            tensors[f"{name}.targets"] = torch.cat(ds.targets).to(torch.uint8)
+        meta[name] = {
+            "task": ds.task,
+            "pad_token_id": ds.pad_token_id,
+            "targets": ds.targets is not None,
+            "truncated": ds.truncated,
+            "dropped": ds.dropped,
+        }
     header = {"lora_flwr": json.dumps(meta, sort_keys=True, default=str)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
@@ -135,8 +143,23 @@ def _split(
     task = meta["task"]
     if (task == "seq_cls") != (labels is not None):
         raise ValueError(f"{name}: labels do not match task {task!r}")
-    input_ids = tuple(torch.split(ids, lengths.tolist())) if lengths.numel() else ()
-    return TokenizedDataset(input_ids, labels, task, int(meta["pad_token_id"]))
+    sizes = lengths.tolist()
+    input_ids = tuple(torch.split(ids, sizes)) if sizes else ()
+    targets = None
+    if meta.get("targets"):
+        flat = tensors.get(f"{name}.targets", torch.zeros(0, dtype=torch.uint8))
+        if flat.shape != ids.shape:
+            raise ValueError(f"{name}: {flat.numel()} target flags for {ids.numel()}")
+        targets = tuple(torch.split(flat.bool(), sizes)) if sizes else ()
+    return TokenizedDataset(
+        input_ids,
+        labels,
+        task,
+        int(meta["pad_token_id"]),
+        targets,
+        truncated=int(meta.get("truncated", 0)),
+        dropped=int(meta.get("dropped", 0)),
+    )
 
 
 def task_path(root: Path, description: Mapping[str, Any]) -> Path:

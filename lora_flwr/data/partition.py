@@ -3,7 +3,9 @@
 * ``iid``: :class:`~flwr_datasets.partitioner.IidPartitioner` on a seeded shuffle
   (the partitioner itself cuts contiguous shards and does not shuffle).
 * ``dirichlet``: :class:`~flwr_datasets.partitioner.DirichletPartitioner` over the
-  labels with concentration ``dirichlet_alpha`` (label skew).
+  labels with concentration ``dirichlet_alpha`` (label skew); for data without
+  labels, over the categories of ``data.group_column`` (instruction data split by
+  task category, as Shepherd splits Dolly).
 * ``natural``: whole groups (movies, ``play/ROLE``) per client.
   :class:`~flwr_datasets.partitioner.NaturalIdPartitioner` when there are exactly
   as many groups as partitions, else
@@ -80,8 +82,10 @@ def partition_indices(
         raise ValueError(
             f"`num_partitions` should be >= 1 but the value passed is {num_partitions}"
         )
+    # Unlabelled data with a category column: Dirichlet skew over the categories.
+    by_group = train.labels is None and bool(cfg.group_column)
     result = _partition_cached(
-        train, cfg.partitioner, cfg.dirichlet_alpha, num_partitions, seed
+        train, cfg.partitioner, cfg.dirichlet_alpha, num_partitions, seed, by_group
     )
     return [list(p) for p in result]
 
@@ -139,6 +143,7 @@ def _partition_cached(
     alpha: float,
     num_partitions: int,
     seed: int,
+    by_group: bool = False,
 ) -> tuple[tuple[int, ...], ...]:
     """Compute the partitions (see :func:`partition_indices`)."""
     n = len(train)
@@ -151,7 +156,7 @@ def _partition_cached(
     if partitioner == "iid":
         parts = _iid(train, num_partitions, seed)
     elif partitioner == "dirichlet":
-        parts = _dirichlet(train, alpha, num_partitions, seed)
+        parts = _dirichlet(train, alpha, num_partitions, seed, by_group)
     elif partitioner == "natural":
         parts = _natural(train, num_partitions, seed)
     else:
@@ -214,15 +219,20 @@ def _iid(train: TextDataset, num_partitions: int, seed: int) -> list[list[int]]:
 
 
 def _dirichlet(
-    train: TextDataset, alpha: float, num_partitions: int, seed: int
+    train: TextDataset,
+    alpha: float,
+    num_partitions: int,
+    seed: int,
+    by_group: bool = False,
 ) -> list[list[int]]:
-    """Per-class Dirichlet(alpha) proportions across partitions."""
+    """Per-class (or per-category) Dirichlet(alpha) proportions across partitions."""
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    if train.labels is None:
+    if train.labels is None and not by_group:
         raise ValueError(
             "`data.partitioner` = 'dirichlet' splits by label but this corpus has no "
-            "labels (causal LM); use `data.partitioner` = 'iid' or 'natural'"
+            "labels (causal LM); use `data.partitioner` = 'iid' or 'natural', or "
+            "name a category column in `data.group_column`"
         )
     min_size = max(1, min(_DIRICHLET_MIN_SIZE, len(train) // (2 * num_partitions)))
     dataset = _to_hf(train)
@@ -230,7 +240,7 @@ def _dirichlet(
     for attempt in range(_DIRICHLET_SEED_TRIES):
         partitioner = DirichletPartitioner(
             num_partitions=num_partitions,
-            partition_by=LABEL_COLUMN,
+            partition_by=GROUP_COLUMN if by_group else LABEL_COLUMN,
             alpha=float(alpha),
             min_partition_size=min_size,
             self_balancing=False,

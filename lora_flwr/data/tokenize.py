@@ -1,7 +1,9 @@
 """Tokenise a :class:`TextDataset` once, then batch it with dynamic padding.
 
 Examples are stored unpadded; :func:`collate` pads a batch to its longest example
-(right padding), so short snippets do not pay for ``max_length``.
+(right padding), so short snippets do not pay for ``max_length``. Instruction data
+(a dataset with ``messages``) is rendered by :mod:`lora_flwr.data.chat` instead and
+carries a per-token target mask: only the assistant's tokens carry loss.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 
 from lora_flwr.config import Task
+from lora_flwr.data.chat import tokenize_chat
 from lora_flwr.data.datasets import TextDataset
 
 IGNORE_INDEX = -100  # label value skipped by Hugging Face / torch cross-entropy
@@ -34,12 +37,25 @@ class TokenizedDataset:
         ``"seq_cls"`` or ``"causal_lm"``.
     pad_token_id
         Id written in padded positions.
+    targets
+        Instruction data: one bool tensor per example, the shape of its
+        ``input_ids``, true on the tokens that carry loss (the assistant's turns).
+        ``None``: every token is a target (plain causal LM) or none is (seq_cls).
+    truncated
+        Instruction data: examples kept with part of a response cut at
+        ``max_length``.
+    dropped
+        Instruction data: examples left out because ``max_length`` cut every one
+        of their response tokens.
     """
 
     input_ids: tuple[torch.Tensor, ...]
     labels: torch.Tensor | None
     task: Task
     pad_token_id: int
+    targets: tuple[torch.Tensor, ...] | None = None
+    truncated: int = 0
+    dropped: int = 0
 
     def __len__(self) -> int:
         """Return the number of examples."""
@@ -51,18 +67,33 @@ class TokenizedDataset:
         return sum(int(ids.numel()) for ids in self.input_ids)
 
     def subset(self, indices: Sequence[int]) -> TokenizedDataset:
-        """Return the examples at ``indices``, in that order."""
+        """Return the examples at ``indices``, in that order (counts reset to 0)."""
         idx = [int(i) for i in indices]
         labels = None if self.labels is None else self.labels[idx]
+        targets = self.targets
         return TokenizedDataset(
-            tuple(self.input_ids[i] for i in idx), labels, self.task, self.pad_token_id
+            tuple(self.input_ids[i] for i in idx),
+            labels,
+            self.task,
+            self.pad_token_id,
+            None if targets is None else tuple(targets[i] for i in idx),
         )
 
 
 def tokenize(
-    ds: TextDataset, tokenizer: Any, task: Task, max_length: int
+    ds: TextDataset,
+    tokenizer: Any,
+    task: Task,
+    max_length: int,
+    *,
+    fallback_template: str = "none",
+    model_name: str = "",
 ) -> TokenizedDataset:
     """Encode every text with one batched tokenizer call.
+
+    Instruction data (``ds.messages`` set) is rendered with the tokenizer's chat
+    template instead, with loss on the responses only
+    (:func:`lora_flwr.data.chat.tokenize_chat`).
 
     Parameters
     ----------
@@ -75,17 +106,23 @@ def tokenize(
         ``"seq_cls"`` (``ds`` must have labels) or ``"causal_lm"``.
     max_length
         Tokens kept per example, special tokens included.
+    fallback_template
+        Instruction data only: ``model.fallback_template``.
+    model_name
+        Instruction data only: the model, named in errors.
 
     Returns
     -------
     TokenizedDataset
-        Unpadded ids (and class ids for ``seq_cls``).
+        Unpadded ids (and class ids for ``seq_cls``, target masks for instruction
+        data).
 
     Raises
     ------
     ValueError
         For ``seq_cls`` without labels, a tokenizer without pad and eos tokens, a
-        ``max_length`` below 1, or a text that encodes to no token.
+        ``max_length`` below 1, or a text that encodes to no token; for
+        instruction data see :func:`~lora_flwr.data.chat.tokenize_chat`.
     """
     if task not in ("seq_cls", "causal_lm"):
         raise ValueError(
@@ -101,13 +138,10 @@ def tokenize(
             "`task` = 'seq_cls' needs a labelled corpus but this one has no labels; "
             "use a causal LM (`model.task` = 'causal_lm') or a corpus with labels"
         )
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None)
-    if pad_id is None:
-        raise ValueError(
-            f"The tokenizer {type(tokenizer).__name__} has neither a pad nor an eos "
-            "token; set `tokenizer.pad_token` before tokenizing"
+    pad_id = pad_token_id(tokenizer)
+    if ds.messages is not None:
+        return _tokenize_chat(
+            ds, tokenizer, task, max_length, pad_id, fallback_template, model_name
         )
     if len(ds) == 0:
         encoded: list[list[int]] = []
@@ -136,8 +170,61 @@ def tokenize(
         else None
     )
     return TokenizedDataset(
-        input_ids=input_ids, labels=labels, task=task, pad_token_id=int(pad_id)
+        input_ids=input_ids, labels=labels, task=task, pad_token_id=pad_id
     )
+
+
+def _tokenize_chat(
+    ds: TextDataset,
+    tokenizer: Any,
+    task: Task,
+    max_length: int,
+    pad_id: int,
+    fallback_template: str,
+    model_name: str,
+) -> TokenizedDataset:
+    """Instruction data: rendered, with target masks and cut counts."""
+    assert ds.messages is not None, "only instruction data comes here"
+    if task != "causal_lm":
+        raise ValueError(
+            "Instruction data trains a causal LM on its responses; set "
+            f"model.task = 'causal_lm' or 'auto' (not {task!r})"
+        )
+    chat = tokenize_chat(
+        ds.messages,
+        tokenizer,
+        max_length,
+        fallback_template=fallback_template,
+        model_name=model_name,
+    )
+    return TokenizedDataset(
+        chat.input_ids,
+        None,
+        task,
+        pad_id,
+        chat.targets,
+        truncated=chat.truncated,
+        dropped=chat.dropped,
+    )
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Return the tokenizer's pad id, else its eos id.
+
+    Raises
+    ------
+    ValueError
+        If it has neither.
+    """
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None)
+    if pad_id is None:
+        raise ValueError(
+            f"The tokenizer {type(tokenizer).__name__} has neither a pad nor an eos "
+            "token; set `tokenizer.pad_token` before tokenizing"
+        )
+    return int(pad_id)
 
 
 def collate(tok: TokenizedDataset, indices: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -156,7 +243,8 @@ def collate(tok: TokenizedDataset, indices: Sequence[int]) -> dict[str, torch.Te
         ``input_ids`` and ``attention_mask`` of shape ``(batch, longest)``, right
         padded; ``labels``: class ids ``(batch,)`` for ``seq_cls``, or a copy of
         ``input_ids`` with padded positions set to -100 for ``causal_lm`` (models
-        shift them internally).
+        shift them internally); with ``tok.targets``, every non-target (prompt)
+        position is -100 too, so the loss is on the responses only.
     """
     if len(indices) == 0:
         raise ValueError("`indices` should name at least one example but is empty")
@@ -172,7 +260,13 @@ def collate(tok: TokenizedDataset, indices: Sequence[int]) -> dict[str, torch.Te
         labels = tok.labels[torch.as_tensor([int(i) for i in indices])]
     else:
         # Mask by position, not by id: with pad == eos a real eos stays a target.
-        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        keep = attention_mask.bool()
+        if tok.targets is not None:
+            keep = torch.zeros_like(keep)
+            for row, i in enumerate(indices):
+                target = tok.targets[int(i)]
+                keep[row, : target.numel()] = target
+        labels = input_ids.masked_fill(~keep, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -1,10 +1,11 @@
 """A tokenizer on the ``tokenizers`` library alone (a model's ``tokenizer.json``).
 
 :class:`NativeTokenizer` offers the part of a ``transformers`` fast tokenizer's API
-that lora_flwr uses (batched encoding with truncation and optional padding, the
-special tokens and their ids, ``len``, ``decode``, ``name_or_path``,
-``save_pretrained``). Both read the same ``tokenizer.json``, so they give the same
-ids; importing it costs milliseconds instead of transformers' seconds.
+that lora_flwr uses (batched encoding with truncation, optional padding and
+character offsets, the special tokens and their ids, ``len``, ``decode``,
+``name_or_path``, ``save_pretrained``, ``apply_chat_template``). Both read the
+same ``tokenizer.json``, so they give the same ids; importing it costs
+milliseconds instead of transformers' seconds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class NativeTokenizer:
     model_input_names
         What a call returns besides ``input_ids`` by default (``attention_mask``,
         and ``token_type_ids`` for BERT).
+    chat_template
+        The model's Jinja chat template (``chat_template.jinja`` or the
+        ``chat_template`` of ``tokenizer_config.json``), or None.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class NativeTokenizer:
         special_tokens: dict[str, str],
         model_max_length: int,
         model_input_names: Sequence[str] = ("input_ids", "attention_mask"),
+        chat_template: str | None = None,
     ) -> None:
         backend.no_padding()
         backend.no_truncation()
@@ -66,6 +71,7 @@ class NativeTokenizer:
         self.name_or_path = name_or_path
         self.model_max_length = model_max_length
         self.model_input_names = list(model_input_names)
+        self.chat_template = chat_template
         self._special: dict[str, str | None] = dict.fromkeys(SPECIAL_NAMES)
         for name, token in special_tokens.items():
             self._set_special(name, token)
@@ -100,12 +106,18 @@ class NativeTokenizer:
             if settings.get(name) is not None
         }
         limit = int(settings.get("model_max_length", _NO_LIMIT) or _NO_LIMIT)
+        # transformers >= 4.43 saves the template as its own file.
+        jinja = path / "chat_template.jinja"
+        template = settings.get("chat_template")
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
         return cls(
             backend,
             name_or_path=str(path),
             special_tokens=special,
             model_max_length=min(limit, _NO_LIMIT),
             model_input_names=model_input_names,
+            chat_template=template if isinstance(template, str) else None,
         )
 
     # ------------------------------------------------------------ special tokens
@@ -207,6 +219,7 @@ class NativeTokenizer:
         return_attention_mask: bool | None = None,
         return_token_type_ids: bool | None = None,
         add_special_tokens: bool = True,
+        return_offsets_mapping: bool = False,
     ) -> dict[str, Any]:
         """Encode one text or a batch, as a ``transformers`` tokenizer call does.
 
@@ -228,6 +241,8 @@ class NativeTokenizer:
             Include these; None follows ``model_input_names``.
         add_special_tokens
             Apply the tokenizer's template (``[CLS] ... [SEP]`` for BERT).
+        return_offsets_mapping
+            Include ``offset_mapping``: each token's ``(start, end)`` characters.
 
         Returns
         -------
@@ -257,7 +272,65 @@ class NativeTokenizer:
             out["token_type_ids"] = types
         if self._wants("attention_mask", return_attention_mask):
             out["attention_mask"] = masks
+        if return_offsets_mapping:
+            out["offset_mapping"] = [[tuple(o) for o in e.offsets] for e in encodings]
         return _finish(out, return_tensors, single)
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, str]],
+        *,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+    ) -> str | list[int]:
+        """Render a conversation with a chat template, as ``transformers`` does.
+
+        The rendering is transformers' own (``render_jinja_template``, imported
+        here, ~1 s once), with the special tokens as template variables, so the
+        text is the one a ``transformers`` tokenizer renders.
+
+        Parameters
+        ----------
+        conversation
+            Messages with ``role`` and ``content``.
+        chat_template
+            The template (default: :attr:`chat_template`).
+        add_generation_prompt
+            End with the header of an assistant turn.
+        tokenize
+            Return ids (no special tokens added) instead of the text.
+
+        Returns
+        -------
+        str | list[int]
+            The rendered text, or its ids.
+
+        Raises
+        ------
+        ValueError
+            If there is no template.
+        """
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        template = self.chat_template if chat_template is None else chat_template
+        if not template:
+            raise ValueError(f"The tokenizer {self.name_or_path} has no chat template")
+        # Special tokens are template variables, as transformers passes them.
+        specials: dict[str, Any] = {
+            k: v for k, v in self._special.items() if v is not None
+        }
+        # Annotated "-> str" but returns (texts, generation indices).
+        out: Any = render_jinja_template(
+            conversations=[conversation],
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            **specials,
+        )
+        text = str(out[0][0])
+        if not tokenize:
+            return text
+        return list(self(text, add_special_tokens=False)["input_ids"])
 
     def _encode(
         self, texts: list[str], limit: int | None, add_special_tokens: bool
@@ -336,6 +409,8 @@ class NativeTokenizer:
             "model_input_names": self.model_input_names,
             **{k: v for k, v in self._special.items() if v is not None},
         }
+        if self.chat_template:
+            settings["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(
             json.dumps(settings, indent=2, sort_keys=True), encoding="utf-8"
         )
