@@ -20,7 +20,7 @@ from lora_flwr.protocol import BASE_VERSION, PARTITION_ID
 
 def _held(cfg: Any) -> list[int]:
     """Partition ids of this config held in memory, least recently used first."""
-    return [key[4] for key in experiment._CLIENT_DATA if key[0] == cfg.data]
+    return [key[-2] for key in experiment._CLIENT_DATA if key[0] == cfg.data]
 
 
 def test_a_process_holds_at_most_client_cache_size_partitions(
