@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import ModelConfig
 from lora_flwr.evaluation import BOARD_CATEGORIES, SPLITS, load_mmlu, run_benchmark
@@ -81,21 +83,11 @@ def evaluate_model(
         per_subject=per_subject,
         seed=seed,
     )
-    cfg = ModelConfig(
-        name=model_name,
-        task="causal_lm",
-        implementation=implementation,  # type: ignore[arg-type]
+    model, tokenizer = load_for_benchmark(
+        model_name, adapter=adapter, seed=seed, implementation=implementation
     )
-    bundle = load_model(cfg, seed=seed)
-    model = bundle.model
-    if adapter is not None:
-        lora = load_adapter(model, adapter, seed=seed)
-        delta = Path(adapter) / BASE_DELTA_NAME
-        if delta.is_file():
-            lora.set_base_delta(load_base_delta(delta))
-        model = lora.merge_and_unload()
     log.info("Answering %d %s questions", len(questions), split)
-    result, _ = run_benchmark(model, bundle.tokenizer, questions, batch_size=batch_size)
+    result, _ = run_benchmark(model, tokenizer, questions, batch_size=batch_size)
     return result, {
         "benchmark": "mmlu",
         "protocol": PROTOCOL,
@@ -108,6 +100,34 @@ def evaluate_model(
         **result.to_dict(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
+
+
+def load_for_benchmark(
+    model_name: str,
+    *,
+    adapter: str | Path | None = None,
+    seed: int = 0,
+    implementation: str = "auto",
+) -> tuple[nn.Module, Any]:
+    """Load the causal LM to score, with ``adapter`` merged in; and its tokenizer.
+
+    ``seed`` seeds the randomly initialised weights, which only the ``tiny-*``
+    test models have: pass the run's seed to score one of their adapters.
+    """
+    cfg = ModelConfig(
+        name=model_name,
+        task="causal_lm",
+        implementation=implementation,  # type: ignore[arg-type]
+    )
+    bundle = load_model(cfg, seed=seed)
+    model = bundle.model
+    if adapter is not None:
+        lora = load_adapter(model, adapter, seed=seed)
+        delta = Path(adapter) / BASE_DELTA_NAME
+        if delta.is_file():  # flora / fedex keep part of the update in the base
+            lora.set_base_delta(load_base_delta(delta))
+        model = lora.merge_and_unload()
+    return model, bundle.tokenizer
 
 
 def format_table(result: BenchmarkResult) -> str:

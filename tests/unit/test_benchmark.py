@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from export_runs import make_run  # tests/: on the path, beside conftest.py
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
@@ -17,6 +18,7 @@ from lora_flwr import assets, benchmark
 from lora_flwr.config import ModelConfig
 from lora_flwr.evaluation import (
     MCQuestion,
+    answer_questions,
     build_prompt,
     extract_answer,
     greedy_next_tokens,
@@ -422,6 +424,26 @@ def test_the_cli_prints_the_table_and_writes_json(
     assert report["questions"] == 7
     assert report["categories"]["stem"]["total"] == 4
     assert report["protocol"] == "flowertune-general-nlp"
+
+
+def test_an_adapter_is_merged_in_before_answering(tmp_path: Path) -> None:
+    # Prepare: a run's adapter with large random factors on the tiny Llama
+    run = make_run(tmp_path, "tiny-llama", "causal_lm", ("q_proj", "v_proj"), std=1.0)
+    questions = load_mmlu("dev", root=_save_mmlu(tmp_path / "mmlu"))
+    seed = run.cfg.seed  # the tiny model's weights come from the run's seed
+
+    # Execute
+    model, tokenizer = benchmark.load_for_benchmark(
+        "tiny-llama", adapter=run.run_dir / "adapter", seed=seed
+    )
+    base, _ = benchmark.load_for_benchmark("tiny-llama", seed=seed)
+    got = answer_questions(model, tokenizer, questions)
+    trained = answer_questions(run.model, run.tokenizer, questions)
+    untrained = answer_questions(base, tokenizer, questions)
+
+    # Assert
+    assert got == trained
+    assert got != untrained
 
 
 def test_a_failed_download_is_one_line_naming_the_pip_command(
