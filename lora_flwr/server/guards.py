@@ -201,21 +201,28 @@ def guard_replies(
     if update_filter != "none":
         kept = filter_updates(kept, update_filter, min_cosine, report)
     if weight_cap > 0 and kept:
-        counts = [r.num_examples for r in kept]
-        capped = cap_counts(counts, weight_cap)
-        out: list[ClientReply] = []
-        for reply, n, c in zip(kept, counts, capped, strict=True):
-            if c < n:
-                report.weight_capped += 1
-                report.warnings.append(
-                    f"capped the example count of partition {reply.partition}: "
-                    f"{n} -> {c} ({weight_cap:g} x the round's median count)"
-                )
-                reply = dataclasses.replace(reply, num_examples=c)
-            out.append(reply)
-        report.weight_moved = moved_weight(counts, capped)
-        kept = out
+        kept = _cap_reply_counts(kept, weight_cap, report)
     return kept, report
+
+
+def _cap_reply_counts(
+    replies: Sequence[ClientReply], weight_cap: float, report: GuardReport
+) -> list[ClientReply]:
+    """Cap each reply's count at ``weight_cap`` x the lower median; note it."""
+    counts = [r.num_examples for r in replies]
+    capped = cap_counts(counts, weight_cap)
+    out: list[ClientReply] = []
+    for reply, n, c in zip(replies, counts, capped, strict=True):
+        if c < n:
+            report.weight_capped += 1
+            report.warnings.append(
+                f"capped the example count of partition {reply.partition}: "
+                f"{n} -> {c} ({weight_cap:g} x the round's median count)"
+            )
+            reply = dataclasses.replace(reply, num_examples=c)
+        out.append(reply)
+    report.weight_moved = moved_weight(counts, capped)
+    return out
 
 
 def filter_updates(
