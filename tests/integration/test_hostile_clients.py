@@ -41,7 +41,8 @@ def test_a_random_adapter_with_a_billion_examples_loses_to_the_median(
 ) -> None:
     last = _probes().run_probe(tmp_path, "random_1e9", robust="median")
 
-    assert last["weight_capped_total"] == 2
+    # Each round either the update filter left it out or its count was capped.
+    assert last["weight_capped_total"] + last["filtered_total"] == 2
     assert last["test_loss"] < honest["test_loss"] + 0.1
 
 
