@@ -134,6 +134,9 @@ class GuardsConfig:
     # updates is below min_cosine, "krum" those Multi-Krum scores worst; "auto"
     # is cosine, and none with DP or SecAgg+ (ExperimentConfig.update_filter).
     filter: UpdateFilter = "auto"
+    # The cosine filter's threshold: in round 1 of the main job the ten honest
+    # updates score -0.014 to 0.196, a sign-flipped one about minus its own score.
+    min_cosine: float = bounded(-0.05, "[-1, 1]")
     # An evaluation reply's loss above eval_loss_factor x the round's lower-median
     # evaluation loss is clipped or dropped as norm_guard says (wider than the
     # update guard: honest clients' losses spread more than their update norms).
@@ -146,7 +149,6 @@ class GuardsConfig:
     eval_weight_cap: float = bounded(
         1.5, AT_LEAST_1, off=0.0, why="a multiple of the median example count"
     )
-    min_cosine: float = bounded(-0.05, "[-1, 1]")
 
     def __post_init__(self) -> None:
         """Check the fields."""
