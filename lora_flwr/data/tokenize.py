@@ -124,20 +124,7 @@ def tokenize(
         ``max_length`` below 1, or a text that encodes to no token; for
         instruction data see :func:`~lora_flwr.data.chat.tokenize_chat`.
     """
-    if task not in ("seq_cls", "causal_lm"):
-        raise ValueError(
-            f"`task` should be 'seq_cls' or 'causal_lm' but the value passed is "
-            f"{task!r}"
-        )
-    if max_length < 1:
-        raise ValueError(
-            f"`max_length` should be >= 1 but the value passed is {max_length}"
-        )
-    if task == "seq_cls" and ds.labels is None:
-        raise ValueError(
-            "`task` = 'seq_cls' needs a labelled corpus but this one has no labels; "
-            "use a causal LM (`model.task` = 'causal_lm') or a corpus with labels"
-        )
+    _check_request(ds, task, max_length)
     pad_id = pad_token_id(tokenizer)
     if ds.messages is not None:
         return _tokenize_chat(
@@ -172,6 +159,24 @@ def tokenize(
     return TokenizedDataset(
         input_ids=input_ids, labels=labels, task=task, pad_token_id=pad_id
     )
+
+
+def _check_request(ds: TextDataset, task: Task, max_length: int) -> None:
+    """Refuse an unknown task, ``max_length < 1`` or ``seq_cls`` without labels."""
+    if task not in ("seq_cls", "causal_lm"):
+        raise ValueError(
+            f"`task` should be 'seq_cls' or 'causal_lm' but the value passed is "
+            f"{task!r}"
+        )
+    if max_length < 1:
+        raise ValueError(
+            f"`max_length` should be >= 1 but the value passed is {max_length}"
+        )
+    if task == "seq_cls" and ds.labels is None:
+        raise ValueError(
+            "`task` = 'seq_cls' needs a labelled corpus but this one has no labels; "
+            "use a causal LM (`model.task` = 'causal_lm') or a corpus with labels"
+        )
 
 
 def _tokenize_chat(

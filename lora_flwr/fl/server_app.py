@@ -69,6 +69,10 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return Path(cfg.output_dir) / cfg.name
 
 
+# What the centralised evaluation reports to the round record.
+_SERVER_METRICS = ("loss", "accuracy", "perplexity")
+
+
 def build_strategy(
     cfg: ExperimentConfig,
     run_dir: Path | None = None,
@@ -88,8 +92,7 @@ def build_strategy(
     layout = layout_of(ws.adapter)
     test = heldout_data(ws, cfg)
     task_type = PEFT_TASK_TYPES.get(ws.bundle.task)
-    # What PEFT and transformers load the base by (a directory or a Hub id), not
-    # the project's short name.
+    # What PEFT and transformers load the base by, not the project's short name.
     base_name = base_model_source(cfg.model.name)
 
     def load(arrays: Arrays, base_delta: Arrays) -> None:
@@ -102,9 +105,7 @@ def build_strategy(
         load(arrays, base_delta)
         metrics = ws.trainer.evaluate(test, progress=False)
         after_round("server")  # the evaluation's activations: give pages back
-        return {
-            k: v for k, v in metrics.items() if k in ("loss", "accuracy", "perplexity")
-        }
+        return {k: v for k, v in metrics.items() if k in _SERVER_METRICS}
 
     def save(path: Path, strategy: RoundView) -> None:
         base_delta = dict(strategy.state.base_delta)
