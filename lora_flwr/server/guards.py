@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,10 @@ from lora_flwr.protocol import (
 from lora_flwr.validation import update_norm
 
 MetricValue = bool | bytes | float | int | str
+
+
+# A reply the count cap acts on (a dataclass with ``num_examples``).
+_Counted = TypeVar("_Counted", ClientReply, "EvalScore")
 
 
 class RunAborted(RuntimeError):
@@ -209,20 +213,36 @@ def _cap_reply_counts(
     replies: Sequence[ClientReply], weight_cap: float, report: GuardReport
 ) -> list[ClientReply]:
     """Cap each reply's count at ``weight_cap`` x the lower median; note it."""
-    counts = [r.num_examples for r in replies]
-    capped = cap_counts(counts, weight_cap)
-    out: list[ClientReply] = []
-    for reply, n, c in zip(replies, counts, capped, strict=True):
-        if c < n:
-            report.weight_capped += 1
-            report.warnings.append(
-                f"capped the example count of partition {reply.partition}: "
-                f"{n} -> {c} ({weight_cap:g} x the round's median count)"
-            )
-            reply = dataclasses.replace(reply, num_examples=c)
-        out.append(reply)
+    out, warnings, counts, capped = _cap_counted(
+        replies, weight_cap, lambda r: f"example count of partition {r.partition}"
+    )
+    report.weight_capped += len(warnings)
+    report.warnings.extend(warnings)
     report.weight_moved = moved_weight(counts, capped)
     return out
+
+
+def _cap_counted(
+    items: Sequence[_Counted], weight_cap: float, what: Callable[[_Counted], str]
+) -> tuple[list[_Counted], list[str], list[int], list[int]]:
+    """Cap the items' ``num_examples`` at ``weight_cap`` x their lower median.
+
+    Returns the items (an uncapped one as it came), a warning per capped one
+    (``capped the <what(item)>: n -> c ...``), and the counts before and after.
+    """
+    counts = [item.num_examples for item in items]
+    capped = cap_counts(counts, weight_cap)
+    out: list[_Counted] = []
+    warnings: list[str] = []
+    for item, n, c in zip(items, counts, capped, strict=True):
+        if c < n:
+            warnings.append(
+                f"capped the {what(item)}: {n} -> {c} "
+                f"({weight_cap:g} x the round's median count)"
+            )
+            item = dataclasses.replace(item, num_examples=c)
+        out.append(item)
+    return out, warnings, counts, capped
 
 
 def filter_updates(
@@ -347,17 +367,9 @@ def guard_eval(
             guarded.append(dataclasses.replace(score, loss=bound))
         kept = guarded
     if weight_cap > 0 and kept:
-        counts = [s.num_examples for s in kept]
-        capped = cap_counts(counts, weight_cap)
-        out: list[EvalScore] = []
-        for score, n, c in zip(kept, counts, capped, strict=True):
-            if c < n:
-                report.capped += 1
-                report.warnings.append(
-                    f"capped the evaluation example count of client {score.node}: "
-                    f"{n} -> {c} ({weight_cap:g} x the round's median count)"
-                )
-                score = dataclasses.replace(score, num_examples=c)
-            out.append(score)
-        kept = out
+        kept, warnings, _, _ = _cap_counted(
+            kept, weight_cap, lambda s: f"evaluation example count of client {s.node}"
+        )
+        report.capped += len(warnings)
+        report.warnings.extend(warnings)
     return kept, report
