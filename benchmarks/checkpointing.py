@@ -144,17 +144,19 @@ def main() -> None:
         return
     from lora_flwr.machine import cpu_model_name
 
-    rows = [
-        _child(args, impl, on) for impl in args.implementation for on in (False, True)
-    ]
     head = ("implementation", "ckpt", "load MiB", "peak MiB", "s/step")
     print(f"{head[0]:<13} {head[1]:<5} {head[2]:>9} {head[3]:>9} {head[4]:>7}  loss")
-    for r in rows:
-        print(
-            f"{r['implementation']:<13} {str(r['gradient_checkpointing']):<5} "
-            f"{r['rss_after_load_mib']:>9.0f} {r['peak_rss_mib']:>9.0f} "
-            f"{r['median_step_seconds']:>7.2f}  {r['train_loss']:.6f}"
-        )
+    rows = []
+    for impl in args.implementation:
+        for on in (False, True):
+            r = _child(args, impl, on)  # each row as it comes: a setting takes minutes
+            rows.append(r)
+            print(
+                f"{r['implementation']:<13} {str(r['gradient_checkpointing']):<5} "
+                f"{r['rss_after_load_mib']:>9.0f} {r['peak_rss_mib']:>9.0f} "
+                f"{r['median_step_seconds']:>7.2f}  {r['train_loss']:.6f}",
+                flush=True,
+            )
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": cpu_model_name(),
