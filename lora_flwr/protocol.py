@@ -88,6 +88,10 @@ BASE_VERSION = "base_version"  # the base-weight version the client now holds
 FIT_CALLS = "client_fit_calls"  # how many fit calls this node has served
 WORKER_PID = "worker_pid"  # which process served the call (critical path)
 MODEL_LOADS = "model_loads"  # base models built by that process so far
+# Instruction data: the client's training conversations whose responses
+# model.max_length cut short (kept), or cut entirely (left out).
+RESPONSES_TRUNCATED = "responses_truncated"
+RESPONSES_DROPPED = "responses_dropped"
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"

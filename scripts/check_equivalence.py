@@ -59,7 +59,7 @@ PLACEMENT_KEYS = frozenset({"workers", "model_loads_max", "client_fit_calls_max"
 # Fields the new side adds on purpose (absent from the base's rows, never compared).
 ADDED_FIELDS = frozenset(
     "weight_cap_moved eval_dropped eval_capped eval_clipped eval_rejected "
-    "eval_loss_bound filtered".split()
+    "eval_loss_bound filtered responses_truncated responses_dropped".split()
 )
 # Example-weighted means over the client replies, summed in the order the replies
 # arrived (Ray's, not ours): with 3+ replies the last bits vary from run to run.

@@ -12,7 +12,10 @@ Exempt, because they cannot change a result:
 * ``name`` and ``output_dir``: where the run is written (``--resume DIR`` and
   the deployment scripts' absolute ``output_dir`` change them);
 * ``on_existing``: how this attempt treats the folder (a resume sets it);
-* ``compute.profile``: adds timing columns to the history, computes the same.
+* ``compute.profile``: adds timing columns to the history, computes the same;
+* ``compute.gradient_checkpointing``: recomputes the same activations in the
+  backward pass (the same gradients; a resume may turn it on to fit memory);
+* ``compute.progress_every``: how often a client logs its progress.
 
 Everything else stays in, also where an effect is small or indirect:
 ``fed.num_rounds`` (the last round's evaluation and head refit),
@@ -33,7 +36,14 @@ from lora_flwr.config.load import FlatValue, toml_value
 if TYPE_CHECKING:
     from lora_flwr.config.schema import ExperimentConfig
 
-IDENTITY_EXEMPT = ("name", "output_dir", "on_existing", "compute.profile")
+IDENTITY_EXEMPT = (
+    "name",
+    "output_dir",
+    "on_existing",
+    "compute.profile",
+    "compute.gradient_checkpointing",
+    "compute.progress_every",
+)
 
 
 def run_identity(cfg: ExperimentConfig) -> dict[str, FlatValue]:

@@ -203,6 +203,13 @@ class ComputeConfig:
     # Time every phase of a round (lora_flwr/profiling.py) into the history;
     # off: no timer runs and no device sync is added.
     profile: bool = False
+    # Recompute each transformer block's activations in the backward pass instead
+    # of keeping them (torch.utils.checkpoint, non-reentrant): less memory, about
+    # one more forward per step; the same gradients.
+    gradient_checkpointing: bool = False
+    # A client logs "step k/K, loss, tokens/s" every this many seconds of local
+    # training (0: never); the simulation shows it on the console.
+    progress_every: float = bounded(10.0, AT_LEAST_0, why="0: off")
 
     def __post_init__(self) -> None:
         """Check the fields."""

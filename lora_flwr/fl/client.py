@@ -51,6 +51,8 @@ from lora_flwr.protocol import (
     PARTITION_ID,
     PERPLEXITY,
     PROX_MU,
+    RESPONSES_DROPPED,
+    RESPONSES_TRUNCATED,
     ROUND,
     SECONDS,
     TOPK_FRACTION,
@@ -242,10 +244,14 @@ class LoRAClient(NumPyClient):
             ``compression`` says, see :mod:`lora_flwr.compression`), the number of
             local training examples (the aggregation weight ``n_k``), and metrics
             ``train_loss``, ``seconds``, ``num_tokens``, ``num_steps``,
-            ``base_version`` (and, with ``compute.profile``, the call's phases:
-            :mod:`lora_flwr.profiling`).
+            ``base_version``; for instruction data ``responses_truncated`` and
+            ``responses_dropped`` (the local training set's cut counts); with
+            ``compute.profile`` the call's phases (:mod:`lora_flwr.profiling`).
         """
         from lora_flwr.models import model_load_count  # loaded with the model
+        from lora_flwr.training.progress import show_progress_lines
+
+        show_progress_lines()  # a Ray worker's logging is not configured
 
         prof = self._profile()
         codec = check_codec(str(config.get(COMPRESSION, "none")))
@@ -263,6 +269,7 @@ class LoRAClient(NumPyClient):
             seed=client_train_seed(self.cfg.seed, server_round, self.partition_id),
             progress=False,
             prox_mu=float(config.get(PROX_MU, 0.0)),
+            name=f"client {self.partition_id} (round {server_round})",
         )
         with maybe_phase(prof, "serialization"):
             reply = finish(self.ws.adapter, plan, self.store)
@@ -294,6 +301,9 @@ class LoRAClient(NumPyClient):
             WORKER_PID: os.getpid(),
             MODEL_LOADS: model_load_count(),
         }
+        if self.train_data.targets is not None:  # instruction data
+            out[RESPONSES_TRUNCATED] = self.train_data.truncated
+            out[RESPONSES_DROPPED] = self.train_data.dropped
         if prof is not None:
             prof.add_train(metrics)
             out.update(prof.metrics())

@@ -30,6 +30,8 @@ from lora_flwr.protocol import (
     MODEL_LOADS,
     NUM_TOKENS,
     PERPLEXITY,
+    RESPONSES_DROPPED,
+    RESPONSES_TRUNCATED,
     SECONDS,
     TRAIN_LOSS,
     WORKER_PID,
@@ -49,7 +51,14 @@ class RunAborted(RuntimeError):
 
 # Metrics the server computes with, and what each must be.
 _REALS = (TRAIN_LOSS, SECONDS, ACCURACY, PERPLEXITY)
-_COUNTS = (NUM_TOKENS, MODEL_LOADS, FIT_CALLS, BASE_VERSION)
+_COUNTS = (
+    NUM_TOKENS,
+    MODEL_LOADS,
+    FIT_CALLS,
+    BASE_VERSION,
+    RESPONSES_TRUNCATED,
+    RESPONSES_DROPPED,
+)
 
 
 def is_finite_number(value: object) -> bool:

@@ -54,6 +54,10 @@ class RoundRecord:
     client_seconds_max: float | None = None
     client_seconds_sum: float | None = None
     tokens: int | None = None
+    # Instruction data, summed over the replies: training conversations whose
+    # responses model.max_length cut short (kept) or cut entirely (left out).
+    responses_truncated: int | None = None
+    responses_dropped: int | None = None
     # Compute critical path: one worker's calls run in turn, workers in parallel.
     client_seconds_critical: float | None = None
     workers: int | None = None
@@ -164,6 +168,8 @@ NORM_CLIPPED = "norm_clipped"
 NORM_REJECTED = "norm_rejected"
 FILTERED = "filtered"
 TRAIN_LOSS = "train_loss"
+RESPONSES_TRUNCATED = "responses_truncated"
+RESPONSES_DROPPED = "responses_dropped"
 CLIENT_SECONDS_MAX = "client_seconds_max"
 CLIENT_SECONDS_CRITICAL = "client_seconds_critical"
 MODEL_LOADS_MAX = "model_loads_max"
@@ -207,6 +213,8 @@ assert {
     NORM_REJECTED,
     FILTERED,
     TRAIN_LOSS,
+    RESPONSES_TRUNCATED,
+    RESPONSES_DROPPED,
     CLIENT_SECONDS_MAX,
     CLIENT_SECONDS_CRITICAL,
     MODEL_LOADS_MAX,

@@ -21,6 +21,8 @@ from lora_flwr.protocol import (
     FIT_CALLS,
     MODEL_LOADS,
     NUM_TOKENS,
+    RESPONSES_DROPPED,
+    RESPONSES_TRUNCATED,
     SECONDS,
     TRAIN_LOSS,
     WORKER_PID,
@@ -134,7 +136,9 @@ def fit_metrics(
     """Example-weighted train loss, client compute time, tokens and model loads.
 
     ``client_seconds_critical`` is the round's compute critical path: calls served by
-    one worker process run one after another, workers run in parallel.
+    one worker process run one after another, workers run in parallel. The
+    instruction-data cut counts (``responses_truncated``, ``responses_dropped``) are
+    summed over the clients that report them, and absent when none does.
     """
     if not metrics:
         return {}
@@ -155,6 +159,11 @@ def fit_metrics(
         "workers": len(per_worker),
         "model_loads_max": max(_count(m, MODEL_LOADS) for _, m in metrics),
         "client_fit_calls_max": max(_count(m, FIT_CALLS) for _, m in metrics),
+        **{
+            key: sum(_count(m, key) for _, m in metrics)
+            for key in (RESPONSES_TRUNCATED, RESPONSES_DROPPED)
+            if any(key in m for _, m in metrics)
+        },
     }
 
 

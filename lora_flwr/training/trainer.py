@@ -42,8 +42,10 @@ from lora_flwr.protocol import (  # noqa: E402
     TRAIN_LOSS,
 )
 from lora_flwr.training.adamw import SGD, AdamW
+from lora_flwr.training.checkpointing import set_checkpointing, supports_checkpointing
 from lora_flwr.training.losses import class_counts, skew_loss
 from lora_flwr.training.precision import resolve_precision
+from lora_flwr.training.progress import ProgressLine, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +135,8 @@ class LoRATrainer:
     loss
         The local loss (default: cross-entropy).
     compute
-        Device, precision, threads and profiling (default: ``ComputeConfig()``).
+        Device, precision, threads, profiling, gradient checkpointing and progress
+        lines (default: ``ComputeConfig()``).
     eval_batch_size
         Batch size of :meth:`evaluate` and the head statistics.
     work_dir
@@ -177,6 +180,11 @@ class LoRATrainer:
             )
         if compute.num_threads > 0:
             torch.set_num_threads(compute.num_threads)
+        if compute.gradient_checkpointing and not supports_checkpointing(self.model):
+            raise ValueError(
+                "`compute.gradient_checkpointing` is on but "
+                f"{type(self.model).__name__} has no checkpointing switch"
+            )
         self.model.to(self.device)
         self.work_dir: Path | None = None
         if work_dir is not None:
@@ -240,6 +248,7 @@ class LoRATrainer:
         progress: bool | None = None,
         on_step: Callable[[int, float], None] | None = None,
         prox_mu: float = 0.0,
+        name: str = "train",
     ) -> dict[str, float]:
         """Run ``steps`` optimiser steps (``train.optimizer``) on the trained adapter.
 
@@ -258,7 +267,9 @@ class LoRATrainer:
             Seeds batch order and dropout; same seed, same data, same start weights
             give bit-identical results on CPU.
         progress
-            Show a progress bar (default: when stderr is a terminal).
+            Show a progress bar (default: when stderr is a terminal); without one,
+            a line every ``compute.progress_every`` seconds
+            (:class:`~lora_flwr.training.progress.ProgressLine`).
         on_step
             Called as ``on_step(step, loss)`` after each optimiser step (1-based),
             e.g. to evaluate mid-run without breaking the schedule.
@@ -266,6 +277,8 @@ class LoRATrainer:
             FedProx's proximal term (Li et al., MLSys 2020): adds
             ``prox_mu / 2 * ||w - w_start||^2`` over the trained parameters, where
             ``w_start`` is their value when the call starts. 0 turns it off.
+        name
+            Who trains, first in each progress line (``"client 3 (round 2)"``).
 
         Returns
         -------
@@ -284,12 +297,14 @@ class LoRATrainer:
             data, cfg.batch_size, generator=generator, bucket_batches=cfg.bucket_batches
         )
         show = sys.stderr.isatty() if progress is None else progress
+        line = ProgressLine(name, total, 0.0 if show else self.compute.progress_every)
+        set_checkpointing(self.model, self.compute.gradient_checkpointing)
         self.model.train()
         clock = self._phase_timer()
         start = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            tally = self._run_steps(run, batches, clock, show, on_step)
+            tally = self._run_steps(run, batches, clock, (show, line), on_step)
         seconds = time.perf_counter() - start
         self.model.eval()
         metrics = tally.metrics(total, seconds)
@@ -339,12 +354,13 @@ class LoRATrainer:
         run: _Run,
         batches: Iterator[dict[str, torch.Tensor]],
         clock: Timer,
-        show: bool,
+        shown: tuple[bool, ProgressLine],
         on_step: Callable[[int, float], None] | None,
     ) -> _Tally:
         """Take every optimiser step of a ``train`` call; count what it saw."""
         tally = _Tally()
-        for step in _progress(range(run.total), show, "train"):
+        show, line = shown
+        for step in progress_bar(range(run.total), show, "train"):
             clock.restart()
             batch = self._to_device(next(batches))
             clock.lap("data")
@@ -352,8 +368,10 @@ class LoRATrainer:
             tally.losses.append(loss.item())
             if on_step is not None:
                 on_step(step + 1, tally.losses[-1])
+            tokens = int(batch["attention_mask"].sum().item())
+            line.step(step + 1, tally.losses[-1], tokens)
             tally.examples += int(batch["input_ids"].shape[0])
-            tally.tokens += int(batch["attention_mask"].sum().item())
+            tally.tokens += tokens
         return tally
 
     def _train_step(
@@ -480,7 +498,7 @@ class LoRATrainer:
         count = 0
         correct = 0
         start = time.perf_counter()
-        for batch in _progress(
+        for batch in progress_bar(
             iter_batches(
                 data,
                 self.eval_batch_size,
@@ -575,12 +593,3 @@ class LoRATrainer:
         line = json.dumps({"event": kind, "time": time.time(), **metrics})
         with (self.work_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(line + "\n")
-
-
-def _progress(it: range | Iterator[Any], show: bool, desc: str) -> Iterator[Any]:
-    if not show:
-        yield from it
-        return
-    from tqdm.auto import tqdm
-
-    yield from tqdm(it, desc=desc, leave=False)

@@ -64,7 +64,7 @@ def _edit_toml(path: Path, section: str, key: str, value: str) -> None:
 
 
 # ---------------------------------------------------------------- identity
-def test_the_identity_leaves_out_only_where_a_run_is_written_and_profiling() -> None:
+def test_the_identity_leaves_out_only_where_a_run_is_written_and_how_it_shows() -> None:
     # Prepare
     cfg = _smoke()
     moved = cfg.with_overrides(
@@ -73,6 +73,8 @@ def test_the_identity_leaves_out_only_where_a_run_is_written_and_profiling() -> 
             "output_dir=/elsewhere",
             "on_existing=resume",
             "compute.profile=true",
+            "compute.gradient_checkpointing=true",
+            "compute.progress_every=0",
         ]
     )
     other_lr = cfg.with_overrides(["train.lr=0.5"])
@@ -81,7 +83,14 @@ def test_the_identity_leaves_out_only_where_a_run_is_written_and_profiling() -> 
     keys = run_identity(cfg).keys()
 
     # Assert
-    assert IDENTITY_EXEMPT == ("name", "output_dir", "on_existing", "compute.profile")
+    assert IDENTITY_EXEMPT == (
+        "name",
+        "output_dir",
+        "on_existing",
+        "compute.profile",
+        "compute.gradient_checkpointing",
+        "compute.progress_every",
+    )
     assert set(keys) == set(cfg.to_flat()) - set(IDENTITY_EXEMPT)
     assert fingerprint(run_identity(moved)) == fingerprint(run_identity(cfg))
     assert fingerprint(run_identity(other_lr)) != fingerprint(run_identity(cfg))

@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_flwr.dropout import Dropout, dropout
-from lora_flwr.models.native.common import ModelOutput, NativeConfig, embedding
+from lora_flwr.models.native.common import (
+    Checkpointable,
+    ModelOutput,
+    NativeConfig,
+    embedding,
+    run_block,
+)
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
@@ -267,6 +273,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(
             BertLayer(config) for _ in range(config.num_hidden_layers)
         )
+        self.gradient_checkpointing = False  # see Checkpointable
 
     def forward(self, x: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor:
         """Run every block; return each row's first token's final state.
@@ -277,8 +284,8 @@ class BertEncoder(nn.Module):
             return first_tokens(x, layout)
         *blocks, last = self.layer
         for block in blocks:
-            x = block(x, layout)
-        out: torch.Tensor = last(x, layout, first_only=True)
+            x = run_block(self, block, x, layout)
+        out = run_block(self, last, x, layout, first_only=True)
         return out
 
 
@@ -332,7 +339,7 @@ class BertModel(nn.Module):
         return out
 
 
-class BertForSequenceClassification(nn.Module):
+class BertForSequenceClassification(Checkpointable):
     """BERT with dropout and a linear classifier on the pooled output.
 
     Parameters

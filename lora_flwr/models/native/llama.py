@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_flwr.models.native.common import ModelOutput, NativeConfig, embedding
+from lora_flwr.models.native.common import (
+    Checkpointable,
+    ModelOutput,
+    NativeConfig,
+    embedding,
+    run_block,
+)
 
 IGNORE_INDEX = -100
 
@@ -203,6 +209,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = LlamaRMSNorm(config.hidden_size, float(config.rms_norm_eps))
         self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.gradient_checkpointing = False  # see Checkpointable
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
@@ -221,12 +228,12 @@ class LlamaModel(nn.Module):
             causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
             mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x = run_block(self, layer, x, cos, sin, mask)
         out: torch.Tensor = self.norm(x)
         return out
 
 
-class _LlamaBase(nn.Module):
+class _LlamaBase(Checkpointable):
     """What both heads share: the config, the body, ``dtype`` and ``init_head``."""
 
     def __init__(self, config: NativeConfig) -> None:
