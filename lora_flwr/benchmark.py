@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,15 +29,14 @@ from torch import nn
 
 from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import ModelConfig
-from lora_flwr.evaluation import BOARD_CATEGORIES, SPLITS, load_mmlu, run_benchmark
+from lora_flwr.evaluation import SPLITS
+from lora_flwr.evaluation.after_run import benchmark_report, format_table, percent
 from lora_flwr.evaluation.flowertune import BenchmarkResult
 from lora_flwr.lora import load_adapter, load_base_delta
 from lora_flwr.lora.io import BASE_DELTA_NAME
 from lora_flwr.models import load_model
 
 log = logging.getLogger("lora_flwr.benchmark")
-
-PROTOCOL = "flowertune-general-nlp"
 
 
 def evaluate_model(
@@ -74,32 +71,23 @@ def evaluate_model(
     -------
     tuple[BenchmarkResult, dict]
         The scores, and a JSON-ready report: the settings,
-        :meth:`BenchmarkResult.to_dict` and ``wall_s``.
+        :meth:`BenchmarkResult.to_dict`, ``letter_choice`` and ``wall_s``
+        (:func:`lora_flwr.evaluation.after_run.benchmark_report`).
     """
-    started = time.perf_counter()
-    questions = load_mmlu(
-        split,  # type: ignore[arg-type]  # argparse restricts it to SPLITS
-        root=data,
-        per_subject=per_subject,
-        seed=seed,
-    )
     model, tokenizer = load_for_benchmark(
         model_name, adapter=adapter, seed=seed, implementation=implementation
     )
-    log.info("Answering %d %s questions", len(questions), split)
-    result, _ = run_benchmark(model, tokenizer, questions, batch_size=batch_size)
-    return result, {
-        "benchmark": "mmlu",
-        "protocol": PROTOCOL,
-        "model": model_name,
-        "adapter": None if adapter is None else str(adapter),
-        "split": split,
-        "per_subject": per_subject,
-        "seed": seed,
-        "questions": len(questions),
-        **result.to_dict(),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
+    result, report = benchmark_report(
+        model,
+        tokenizer,
+        split=split,  # type: ignore[arg-type]  # argparse restricts it to SPLITS
+        per_subject=per_subject,
+        seed=seed,
+        batch_size=batch_size,
+        root=data,
+    )
+    head = {"model": model_name, "adapter": None if adapter is None else str(adapter)}
+    return result, {**head, **report}
 
 
 def load_for_benchmark(
@@ -128,27 +116,6 @@ def load_for_benchmark(
             lora.set_base_delta(load_base_delta(delta))
         model = lora.merge_and_unload()
     return model, bundle.tokenizer
-
-
-def format_table(result: BenchmarkResult) -> str:
-    """Render the per-category table and the board's average as text."""
-    lines = [f"{'category':<22}{'correct':>8}{'total':>8}{'accuracy':>10}"]
-    for category, score in result.categories.items():
-        label = category if category in BOARD_CATEGORIES else f"{category} (*)"
-        lines.append(
-            f"{label:<22}{score.correct:>8,}{score.total:>8,}"
-            f"{_percent(score.accuracy):>10}"
-        )
-    averaged = [c for c in BOARD_CATEGORIES if c in result]
-    lines.append(f"{'average':<38}{_percent(result.average):>10}")
-    lines.append(f"average: unweighted mean of {', '.join(averaged) or 'nothing'}")
-    if "other" in result:
-        lines.append("(*) reported, not averaged (FlowerTune's board leaves it out)")
-    return "\n".join(lines)
-
-
-def _percent(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,6 +167,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report['wall_s']} s"
     )
     print(format_table(result))
+    print(
+        "letter choice (the option letter the model ranks first): average "
+        f"{percent(report['letter_choice']['average'])}"
+    )
     if args.json is not None:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"scores: {args.json}")

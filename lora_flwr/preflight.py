@@ -16,6 +16,7 @@ from lora_flwr.experiment import (
     resolve_model_config,
     splits,
 )
+from lora_flwr.readout import check_readout
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -54,3 +55,4 @@ def preflight(cfg: ExperimentConfig) -> None:
         # tokenizer without one is refused here) and logs what max_length cut; the
         # in-process server reuses it.
         heldout_data(ws, cfg)
+    check_readout(ws, cfg)  # a benchmark / samples the run could not produce

@@ -25,6 +25,10 @@ InitLoraWeights = Literal["kaiming", "gaussian"]
 DataFormat = Literal["auto", "text", "alpaca", "chat"]
 # model.fallback_template: the chat template used when the tokenizer has none.
 FallbackTemplate = Literal["none", "chatml"]
+# eval.benchmark: what the server scores the final global model on ("none": nothing).
+Benchmark = Literal["none", "mmlu"]
+# eval.benchmark_split: which of MMLU's splits.
+BenchmarkSplit = Literal["test", "validation", "dev"]
 # data.partitioner: how the training split is shared across clients.
 Partitioner = Literal["iid", "dirichlet", "natural"]
 # train.optimizer, train.lr_schedule, compute.precision.

@@ -15,7 +15,10 @@ Exempt, because they cannot change a result:
 * ``compute.profile``: adds timing columns to the history, computes the same;
 * ``compute.gradient_checkpointing``: recomputes the same activations in the
   backward pass (the same gradients; a resume may turn it on to fit memory);
-* ``compute.progress_every``: how often a client logs its progress.
+* ``compute.progress_every``: how often a client logs its progress;
+* ``eval.benchmark*``, ``eval.samples``, ``eval.sample_tokens``: read-outs of the
+  final global model after the last round, which no round depends on (a resume
+  may add or change them).
 
 Everything else stays in, also where an effect is small or indirect:
 ``fed.num_rounds`` (the last round's evaluation and head refit),
@@ -43,6 +46,11 @@ IDENTITY_EXEMPT = (
     "compute.profile",
     "compute.gradient_checkpointing",
     "compute.progress_every",
+    "eval.benchmark",
+    "eval.benchmark_split",
+    "eval.benchmark_per_subject",
+    "eval.samples",
+    "eval.sample_tokens",
 )
 
 

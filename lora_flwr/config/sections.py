@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 from lora_flwr.config.choices import (
+    Benchmark,
+    BenchmarkSplit,
     DataFormat,
     FallbackTemplate,
     Implementation,
@@ -237,6 +239,17 @@ class EvalConfig:
     batch_size: int = bounded(64, AT_LEAST_1)
     # cap the held-out set used per centralised evaluation (0: all)
     max_examples: int = bounded(0, AT_LEAST_0)
+    # After the last round the server scores the global model on a multiple-choice
+    # benchmark (causal LM only) under FlowerTune's General-NLP protocol, and by
+    # letter choice, into <run>/benchmark.json: "none" or "mmlu" (an offline copy).
+    benchmark: Benchmark = "none"
+    benchmark_split: BenchmarkSplit = "validation"
+    # at most this many questions per subject, a seeded sample (0: every one)
+    benchmark_per_subject: int = bounded(0, AT_LEAST_0)
+    # After the last round: greedy answers to this many held-out prompts of
+    # instruction data, at most sample_tokens tokens each, in <run>/samples.jsonl.
+    samples: int = bounded(0, AT_LEAST_0)
+    sample_tokens: int = bounded(128, AT_LEAST_1)
 
     def __post_init__(self) -> None:
         """Check the fields."""

@@ -151,6 +151,29 @@ def render(tokenizer: Any, template: str, conversation: Conversation) -> Rendere
     return RenderedSpans(full, tuple(spans))
 
 
+def render_prompt(tokenizer: Any, template: str, conversation: Conversation) -> str:
+    r"""Render a conversation's turns before its last response, ready to answer.
+
+    The turns up to (not including) the last assistant turn, with the generation
+    prompt (``"<|im_start|>assistant\n"`` in ChatML): what the model sees when it
+    is asked to write that response.
+
+    Raises
+    ------
+    ValueError
+        If the conversation has no assistant turn, or none with a turn before it.
+    """
+    last = max(
+        (k for k, (r, _) in enumerate(conversation) if r == "assistant"), default=0
+    )
+    if last == 0:
+        raise ValueError(
+            "a conversation needs a turn before its last assistant turn to be asked"
+        )
+    messages = [{"role": r, "content": c} for r, c in conversation[:last]]
+    return _apply(tokenizer, template, messages, generation=True)
+
+
 def _apply(
     tokenizer: Any,
     template: str,

@@ -10,6 +10,9 @@ natural owner (group) of each example. Built-in sources:
   the natural clients of LEAF's Shakespeare benchmark.
 * ``synthetic``: 400 short texts, two learnable classes, 8 label-skewed groups.
 * ``synthetic_lm``: 400 short repetitive sentences, 8 groups with their own words.
+* ``alpaca_demo``: 999 Alpaca rows (instruction, optional input, a long-form
+  response) from LlamaFactory 0.9.5's ``data/alpaca_en_demo.json``: instruction
+  data, trained on the responses only (:mod:`~lora_flwr.data.instruct`).
 
 Anything else is a path to a ``.csv``, ``.jsonl`` or ``.txt`` file, or data that
 Hugging Face ``datasets`` reads (``.json``, ``.parquet``, ``.arrow``, a
@@ -63,7 +66,12 @@ BUILTIN_DATASETS: tuple[str, ...] = (
     "shakespeare",
     "synthetic",
     "synthetic_lm",
+    "alpaca_demo",
 )
+# Built-in instruction data: name -> (asset, format).
+_BUILTIN_INSTRUCT: dict[str, tuple[str, str]] = {
+    "alpaca_demo": ("alpaca_demo", "alpaca")
+}
 
 # Streams of the seeded generator, so that e.g. changing max_examples does not
 # change how the test split is drawn from the same examples.
@@ -240,6 +248,15 @@ def _load_corpus(
 ) -> _Corpus:
     """Load a built-in corpus or a local file (cached; ``stamp`` keys file edits)."""
     del stamp  # only part of the cache key
+    if name in _BUILTIN_INSTRUCT:
+        asset, kind = _BUILTIN_INSTRUCT[name]
+        if fmt not in ("auto", kind):
+            raise ValueError(
+                f"`data.format` = {fmt!r} but the built-in `data.name` = {name!r} "
+                f"is {kind} instruction data; set data.format = 'auto' or {kind!r}"
+            )
+        rows, source = read_hf(str(fetch_asset(asset)))
+        return load_instruct(rows, source, kind, group_column)
     builtin: dict[str, Callable[[], _Corpus]] = {
         "rotten_tomatoes": _load_rotten_tomatoes,
         "shakespeare": _load_shakespeare,

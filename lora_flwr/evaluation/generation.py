@@ -75,6 +75,32 @@ def greedy_next_tokens(
     ValueError
         If ``batch_size`` is not positive or a prompt is empty.
     """
+    greedy, _ = next_tokens(
+        model, prompts, pad_token_id=pad_token_id, batch_size=batch_size
+    )
+    return greedy
+
+
+def next_tokens(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    candidates: Sequence[Sequence[int]] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Greedy next token of every prompt, and the best of its candidate tokens.
+
+    One forward pass per batch gives both: the argmax over the vocabulary, and
+    the argmax over ``candidates[i]`` (e.g. the tokens of the letters A-D), an
+    index into that list. ``candidates`` None: the second list is empty.
+
+    Raises
+    ------
+    ValueError
+        If ``batch_size`` is not positive, a prompt is empty, or ``candidates``
+        does not give a non-empty list per prompt.
+    """
     if batch_size < 1:
         raise ValueError(
             f"`batch_size` should be a positive integer but the value passed is "
@@ -82,8 +108,13 @@ def greedy_next_tokens(
         )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token; got an empty one")
+    if candidates is not None and (
+        len(candidates) != len(prompts) or any(not c for c in candidates)
+    ):
+        raise ValueError("`candidates` needs a non-empty list of tokens per prompt")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers = [0] * len(prompts)
+    greedy = [0] * len(prompts)
+    chosen = [0] * len(prompts) if candidates is not None else []
     was_training = model.training
     model.eval()
     try:
@@ -93,11 +124,14 @@ def greedy_next_tokens(
                 logits = last_token_logits(
                     model, [prompts[i] for i in rows], pad_token_id=pad_token_id
                 )
-                for i, token in zip(rows, logits.argmax(-1).tolist(), strict=True):
-                    answers[i] = int(token)
+                for row, i in enumerate(rows):
+                    greedy[i] = int(logits[row].argmax())
+                    if candidates is not None:
+                        ids = torch.tensor(list(candidates[i]), device=logits.device)
+                        chosen[i] = int(logits[row, ids].argmax())
     finally:
         model.train(was_training)
-    return answers
+    return greedy, chosen
 
 
 def last_token_logits(
@@ -193,14 +227,54 @@ def answer_questions(
         The decoded answer token of each question (``skip_special_tokens=True``,
         so an end-of-turn token decodes to ``""`` and scores wrong).
     """
+    outputs, _ = answer_and_choose(model, tokenizer, questions, batch_size=batch_size)
+    return outputs
+
+
+def answer_and_choose(
+    model: nn.Module,
+    tokenizer: Any,
+    questions: Sequence[MCQuestion],
+    *,
+    batch_size: int = 16,
+) -> tuple[list[str], list[str]]:
+    """Each question's protocol answer, and the option letter the model ranks first.
+
+    Both come from the same next-token logits: the first is the decoded greedy
+    token (:func:`answer_questions`); the second is the letter among the
+    question's own (``A``-``D`` for MMLU) whose token has the highest logit, the
+    "letter choice" scoring of lm-evaluation-harness-style MMLU. It measures what
+    the model knows whether or not it answers with a letter on its own.
+    """
     prompts = encode_prompts(tokenizer, [build_prompt(q) for q in questions])
     pad = tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad token; set `pad_token` first")
-    tokens = greedy_next_tokens(
-        model, prompts, pad_token_id=int(pad), batch_size=batch_size
+    letters = [
+        chr(65 + k) for k in range(max((len(q.choices) for q in questions), default=0))
+    ]
+    letter_ids = [_letter_token(tokenizer, letter) for letter in letters]
+    candidates = [letter_ids[: len(q.choices)] for q in questions]
+    greedy, chosen = next_tokens(
+        model,
+        prompts,
+        pad_token_id=int(pad),
+        batch_size=batch_size,
+        candidates=candidates,
     )
-    return [str(tokenizer.decode([t], skip_special_tokens=True)) for t in tokens]
+    outputs = [str(tokenizer.decode([t], skip_special_tokens=True)) for t in greedy]
+    return outputs, [letters[k] for k in chosen]
+
+
+def _letter_token(tokenizer: Any, letter: str) -> int:
+    """Return the id of the single token that spells ``letter``."""
+    ids = encode_prompts(tokenizer, [letter])[0]
+    if not ids or str(tokenizer.decode([ids[-1]])).strip() != letter:
+        raise ValueError(
+            f"the tokenizer has no single token for the option letter {letter!r}; "
+            "letter-choice scoring needs one"
+        )
+    return ids[-1]
 
 
 def run_benchmark(
@@ -213,3 +287,25 @@ def run_benchmark(
     """Answer and score ``questions``: the result and each decoded answer."""
     outputs = answer_questions(model, tokenizer, questions, batch_size=batch_size)
     return score_outputs(questions, outputs), outputs
+
+
+def score_benchmark(
+    model: nn.Module,
+    tokenizer: Any,
+    questions: Sequence[MCQuestion],
+    *,
+    batch_size: int = 16,
+) -> tuple[BenchmarkResult, BenchmarkResult]:
+    """Score ``questions`` two ways from one pass: FlowerTune's protocol, and letters.
+
+    Returns
+    -------
+    tuple[BenchmarkResult, BenchmarkResult]
+        The protocol's result (greedy token, :func:`answer_questions`) and the
+        letter-choice result (the highest-ranked option letter,
+        :func:`answer_and_choose`).
+    """
+    outputs, letters = answer_and_choose(
+        model, tokenizer, questions, batch_size=batch_size
+    )
+    return score_outputs(questions, outputs), score_outputs(questions, letters)

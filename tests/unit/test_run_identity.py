@@ -90,6 +90,11 @@ def test_the_identity_leaves_out_only_where_a_run_is_written_and_how_it_shows() 
         "compute.profile",
         "compute.gradient_checkpointing",
         "compute.progress_every",
+        "eval.benchmark",
+        "eval.benchmark_split",
+        "eval.benchmark_per_subject",
+        "eval.samples",
+        "eval.sample_tokens",
     )
     assert set(keys) == set(cfg.to_flat()) - set(IDENTITY_EXEMPT)
     assert fingerprint(run_identity(moved)) == fingerprint(run_identity(cfg))

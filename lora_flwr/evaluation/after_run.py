@@ -1,0 +1,223 @@
+"""After the last round: a benchmark score and a few generated answers, on disk.
+
+The server runs :func:`after_run` once, on the global model of the last round,
+when ``eval.benchmark`` or ``eval.samples`` asks for it:
+
+* ``benchmark.json``: MMLU (:mod:`~lora_flwr.evaluation.mmlu`) under FlowerTune's
+  General-NLP protocol (:mod:`~lora_flwr.evaluation.flowertune`), per category
+  and averaged, and the same questions scored by letter choice (the option
+  letter the model ranks first; :func:`~lora_flwr.evaluation.generation.
+  answer_and_choose`);
+* ``samples.jsonl``: greedy answers to held-out prompts of instruction data, one
+  JSON object per line with the prompt, the data's own response and the model's,
+  so a person can read what the model learned.
+
+Flower-free: the model, tokenizer and data come in as plain objects.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_flwr.atomic import write_text_atomic
+from lora_flwr.data.chat import render_prompt
+from lora_flwr.data.corpus import Conversation
+from lora_flwr.evaluation.flowertune import BOARD_CATEGORIES, BenchmarkResult
+from lora_flwr.evaluation.generation import (
+    encode_prompts,
+    last_token_logits,
+    score_benchmark,
+)
+from lora_flwr.evaluation.mmlu import Split, load_mmlu
+
+BENCHMARK_FILE = "benchmark.json"
+SAMPLES_FILE = "samples.jsonl"
+PROTOCOL = "flowertune-general-nlp"
+
+
+def benchmark_report(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    split: Split = "test",
+    per_subject: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    root: str | Path | None = None,
+) -> tuple[BenchmarkResult, dict[str, Any]]:
+    """Answer MMLU with ``model`` and return the protocol's result and a report.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM (adapter merged or attached) and its tokenizer.
+    split, per_subject, seed, root
+        Which questions (:func:`~lora_flwr.evaluation.load_mmlu`); ``per_subject``
+        None or 0 takes every question of the split.
+    batch_size
+        Prompts per forward pass.
+
+    Returns
+    -------
+    tuple[BenchmarkResult, dict]
+        FlowerTune's result, and a JSON-ready report: the settings, that result's
+        :meth:`~BenchmarkResult.to_dict`, ``letter_choice`` (the same for the
+        letter-choice scoring) and ``wall_s``.
+    """
+    started = time.perf_counter()
+    questions = load_mmlu(split, root=root, per_subject=per_subject or None, seed=seed)
+    result, letters = score_benchmark(
+        model, tokenizer, questions, batch_size=batch_size
+    )
+    report = {
+        "benchmark": "mmlu",
+        "protocol": PROTOCOL,
+        "split": split,
+        "per_subject": per_subject or None,
+        "seed": seed,
+        "questions": len(questions),
+        **result.to_dict(),
+        "letter_choice": letters.to_dict(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    return result, report
+
+
+def format_table(result: BenchmarkResult) -> str:
+    """Render the per-category table and the board's average as text."""
+    lines = [f"{'category':<22}{'correct':>8}{'total':>8}{'accuracy':>10}"]
+    for category, score in result.categories.items():
+        label = category if category in BOARD_CATEGORIES else f"{category} (*)"
+        lines.append(
+            f"{label:<22}{score.correct:>8,}{score.total:>8,}"
+            f"{percent(score.accuracy):>10}"
+        )
+    averaged = [c for c in BOARD_CATEGORIES if c in result]
+    lines.append(f"{'average':<38}{percent(result.average):>10}")
+    lines.append(f"average: unweighted mean of {', '.join(averaged) or 'nothing'}")
+    if "other" in result:
+        lines.append("(*) reported, not averaged (FlowerTune's board leaves it out)")
+    return "\n".join(lines)
+
+
+def percent(value: float | None) -> str:
+    """``value`` as a percentage with two decimals; ``n/a`` for None or NaN."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{100 * value:.2f}"
+
+
+def generate_greedy(
+    model: nn.Module,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[int],
+    pad_token_id: int,
+) -> list[int]:
+    """Greedy continuation of one prompt, up to a stop token or ``max_new_tokens``.
+
+    One full forward pass per new token (no key/value cache), through
+    :func:`~lora_flwr.evaluation.generation.last_token_logits`, so native and
+    ``transformers`` models decode alike. A stop token ends the answer and is
+    not returned.
+    """
+    ids = list(prompt)
+    out: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _ in range(max_new_tokens):
+                logits = last_token_logits(model, [ids], pad_token_id=pad_token_id)
+                token = int(logits[0].argmax())
+                if token in stop:
+                    break
+                out.append(token)
+                ids.append(token)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def sample_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    template: str,
+    conversations: Sequence[Conversation],
+    *,
+    max_new_tokens: int,
+) -> list[dict[str, str]]:
+    """Return the model's greedy answer to each conversation's last request.
+
+    Returns
+    -------
+    list[dict[str, str]]
+        Per conversation: ``prompt`` (the last user turn), ``reference`` (the
+        data's response) and ``answer`` (the model's, special tokens removed).
+    """
+    pad = tokenizer.pad_token_id
+    stop = [t for t in (tokenizer.eos_token_id, pad) if t is not None]
+    rows = []
+    for conversation in conversations:
+        prompt = render_prompt(tokenizer, template, conversation)
+        ids = encode_prompts(tokenizer, [prompt])[0]
+        answer = generate_greedy(
+            model,
+            ids,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            pad_token_id=int(pad if pad is not None else 0),
+        )
+        last = max(k for k, (role, _) in enumerate(conversation) if role == "assistant")
+        asked = [c for r, c in conversation[:last] if r == "user"]
+        rows.append(
+            {
+                "prompt": asked[-1] if asked else "",
+                "reference": conversation[last][1],
+                "answer": str(tokenizer.decode(answer, skip_special_tokens=True)),
+            }
+        )
+    return rows
+
+
+def write_samples(rows: Sequence[dict[str, str]], out: Path) -> Path:
+    """Write ``rows`` to ``out/samples.jsonl`` atomically; return the path."""
+    path = out / SAMPLES_FILE
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_text_atomic(path, text)
+    return path
+
+
+def write_benchmark(report: dict[str, Any], out: Path) -> Path:
+    """Write a benchmark report to ``out/benchmark.json`` atomically."""
+    path = out / BENCHMARK_FILE
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line: the protocol's average and categories, and the letter choice's."""
+    cats = report["categories"]
+    parts = ", ".join(
+        f"{c} {percent(cats[c]['accuracy'])}" for c in BOARD_CATEGORIES if c in cats
+    )
+    sample = (
+        f", at most {report['per_subject']} per subject"
+        if report["per_subject"]
+        else ""
+    )
+    return (
+        f"MMLU {report['split']} ({report['questions']:,} questions{sample}), "
+        f"FlowerTune General-NLP protocol: average {percent(report['average'])} "
+        f"({parts}); letter choice: average "
+        f"{percent(report['letter_choice']['average'])} ({report['wall_s']} s)"
+    )
