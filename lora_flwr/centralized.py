@@ -27,6 +27,7 @@ from lora_flwr.config import (
 )
 from lora_flwr.experiment import centralized_train_data, get_workspace, heldout_data
 from lora_flwr.models import base_model_source
+from lora_flwr.readout import check_readout, final_readout, wants_readout
 
 log = logging.getLogger("lora_flwr.centralized")
 
@@ -49,8 +50,9 @@ def run_centralized(
     eval_every
         Evaluate every N steps as well (0: only before and after).
     out_dir
-        Where to write ``config.toml``, ``history.json`` and the adapter (PEFT dir);
-        default ``<output_dir>/<name>-centralized``.
+        Where to write ``config.toml``, ``history.json`` and the adapter (PEFT dir),
+        and ``benchmark.json`` / ``samples.jsonl`` when ``eval.benchmark`` /
+        ``eval.samples`` ask for them; default ``<output_dir>/<name>-centralized``.
 
     Returns
     -------
@@ -68,6 +70,7 @@ def run_centralized(
     ws.trainer.set_work_dir(out)
     train = centralized_train_data(ws, cfg)
     test = heldout_data(ws, cfg)
+    check_readout(ws, cfg)  # before training: a benchmark it could not run
     log.info(
         "centralized: %s on %s, %d train / %d test examples, %d steps, %d trainable",
         cfg.model.name,
@@ -107,6 +110,9 @@ def run_centralized(
         "adapter", base_model_name_or_path=base_model_source(cfg.model.name)
     )
     write_text_atomic(out / "history.json", json.dumps(result, indent=2))
+    if wants_readout(cfg):  # eval.benchmark / eval.samples on the trained model
+        for line in final_readout(ws, cfg, out):
+            print(line, flush=True)
     return result
 
 

@@ -1,31 +1,46 @@
 """After the last round: what ``eval.benchmark`` and ``eval.samples`` ask of the model.
 
-The server calls :func:`final_readout` once, with the last round's global adapter
-loaded into the workspace's model; :func:`check_readout` is the pre-flight's
-share (the task, the data, the benchmark's questions), so a run that cannot
-produce them stops before round 1. Flower-free.
+The server (and the centralised trainer) calls :func:`final_readout` once, with
+the last round's global adapter loaded into the workspace's model. It writes
+
+* ``benchmark.json``: :func:`~lora_flwr.evaluation.after_run.benchmark_report`;
+* ``samples.jsonl``: greedy answers to held-out prompts of instruction data, one
+  JSON object per line with the prompt, the data's own response and the model's,
+  so a person can read what the model learned.
+
+:func:`check_readout` is the pre-flight's share (the task, the data, the
+benchmark's questions), so a run that cannot produce them stops before round 1.
+Flower-free.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.data import eval_subset
-from lora_flwr.data.chat import chat_template
+from lora_flwr.data.chat import chat_template, render_prompt
+from lora_flwr.data.corpus import Conversation
 from lora_flwr.evaluation.after_run import (
+    answer_prompts,
     benchmark_report,
-    sample_answers,
     summary_line,
-    write_benchmark,
-    write_samples,
 )
 from lora_flwr.evaluation.mmlu import load_mmlu
 from lora_flwr.experiment import Workspace, splits
 
+BENCHMARK_FILE = "benchmark.json"
+SAMPLES_FILE = "samples.jsonl"
 # Prompts per forward pass: MMLU prompts run from ~60 to ~700 tokens, and a batch
 # is padded to its longest, so a small batch of length-sorted prompts pads least.
 BENCHMARK_BATCH = 16
+# Seed of the per-subject question sample: the same questions for every run,
+# whatever its own seed, so runs of several seeds are scored alike.
+BENCHMARK_SAMPLE_SEED = 0
 
 
 def wants_readout(cfg: ExperimentConfig) -> bool:
@@ -64,7 +79,7 @@ def check_readout(ws: Workspace, cfg: ExperimentConfig) -> None:
         load_mmlu(
             cfg.eval.benchmark_split,
             per_subject=cfg.eval.benchmark_per_subject or None,
-            seed=cfg.seed,
+            seed=BENCHMARK_SAMPLE_SEED,
         )
 
 
@@ -89,21 +104,56 @@ def final_readout(ws: Workspace, cfg: ExperimentConfig, out: Path) -> list[str]:
             tokenizer,
             split=cfg.eval.benchmark_split,
             per_subject=cfg.eval.benchmark_per_subject or None,
-            seed=cfg.seed,
+            seed=BENCHMARK_SAMPLE_SEED,
             batch_size=BENCHMARK_BATCH,
         )
-        path = write_benchmark(report, out)
+        path = out / BENCHMARK_FILE
+        write_text_atomic(path, json.dumps(report, indent=2) + "\n")
         lines += [summary_line(report), f"benchmark -> {path}"]
     if cfg.eval.samples > 0:
         heldout = eval_subset(splits(cfg).test, cfg.eval.samples, seed=cfg.seed)
         template = chat_template(tokenizer, cfg.model.fallback_template, cfg.model.name)
-        rows = sample_answers(
+        rows = sample_rows(
             model,
             tokenizer,
             template,
             heldout.messages or (),
             max_new_tokens=cfg.eval.sample_tokens,
         )
-        path = write_samples(rows, out)
+        path = out / SAMPLES_FILE
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_text_atomic(path, text)
         lines.append(f"{len(rows)} answers to held-out prompts -> {path}")
     return lines
+
+
+def sample_rows(
+    model: Any,
+    tokenizer: Any,
+    template: str,
+    conversations: Sequence[Conversation],
+    *,
+    max_new_tokens: int,
+) -> list[dict[str, str]]:
+    """Return the model's greedy answer to each conversation's last request.
+
+    Returns
+    -------
+    list[dict[str, str]]
+        Per conversation: ``prompt`` (the last user turn), ``reference`` (the
+        data's response) and ``answer`` (the model's, special tokens removed).
+    """
+    prompts = [render_prompt(tokenizer, template, c) for c in conversations]
+    answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    rows = []
+    for conversation, answer in zip(conversations, answers, strict=True):
+        last = max(k for k, (r, _) in enumerate(conversation) if r == "assistant")
+        asked = [c for r, c in conversation[:last] if r == "user"]
+        rows.append(
+            {
+                "prompt": asked[-1] if asked else "",
+                "reference": conversation[last][1],
+                "answer": answer,
+            }
+        )
+    return rows

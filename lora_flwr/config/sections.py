@@ -244,7 +244,7 @@ class EvalConfig:
     # letter choice, into <run>/benchmark.json: "none" or "mmlu" (an offline copy).
     benchmark: Benchmark = "none"
     benchmark_split: BenchmarkSplit = "validation"
-    # at most this many questions per subject, a seeded sample (0: every one)
+    # at most this many questions per subject, one fixed sample (0: every one)
     benchmark_per_subject: int = bounded(0, AT_LEAST_0)
     # After the last round: greedy answers to this many held-out prompts of
     # instruction data, at most sample_tokens tokens each, in <run>/samples.jsonl.

@@ -1,23 +1,18 @@
-"""After the last round: a benchmark score and a few generated answers, on disk.
+"""A trained model's read-outs: a benchmark report, and greedy answers to prompts.
 
-The server runs :func:`after_run` once, on the global model of the last round,
-when ``eval.benchmark`` or ``eval.samples`` asks for it:
+* :func:`benchmark_report`: MMLU (:mod:`~lora_flwr.evaluation.mmlu`) under
+  FlowerTune's General-NLP protocol (:mod:`~lora_flwr.evaluation.flowertune`), per
+  category and averaged, and the same questions scored by letter choice (the
+  option letter the model ranks first;
+  :func:`~lora_flwr.evaluation.generation.answer_and_choose`), as one JSON-ready
+  report;
+* :func:`answer_prompts`: greedy answers to rendered prompts, for a person to read.
 
-* ``benchmark.json``: MMLU (:mod:`~lora_flwr.evaluation.mmlu`) under FlowerTune's
-  General-NLP protocol (:mod:`~lora_flwr.evaluation.flowertune`), per category
-  and averaged, and the same questions scored by letter choice (the option
-  letter the model ranks first; :func:`~lora_flwr.evaluation.generation.
-  answer_and_choose`);
-* ``samples.jsonl``: greedy answers to held-out prompts of instruction data, one
-  JSON object per line with the prompt, the data's own response and the model's,
-  so a person can read what the model learned.
-
-Flower-free: the model, tokenizer and data come in as plain objects.
+:mod:`lora_flwr.readout` runs both after a run's last round and writes the files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -27,9 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_flwr.atomic import write_text_atomic
-from lora_flwr.data.chat import render_prompt
-from lora_flwr.data.corpus import Conversation
 from lora_flwr.evaluation.flowertune import BOARD_CATEGORIES, BenchmarkResult
 from lora_flwr.evaluation.generation import (
     encode_prompts,
@@ -38,8 +30,6 @@ from lora_flwr.evaluation.generation import (
 )
 from lora_flwr.evaluation.mmlu import Split, load_mmlu
 
-BENCHMARK_FILE = "benchmark.json"
-SAMPLES_FILE = "samples.jsonl"
 PROTOCOL = "flowertune-general-nlp"
 
 
@@ -148,60 +138,32 @@ def generate_greedy(
     return out
 
 
-def sample_answers(
+def answer_prompts(
     model: nn.Module,
     tokenizer: Any,
-    template: str,
-    conversations: Sequence[Conversation],
+    prompts: Sequence[str],
     *,
     max_new_tokens: int,
-) -> list[dict[str, str]]:
-    """Return the model's greedy answer to each conversation's last request.
+) -> list[str]:
+    """Return the model's greedy answer to each rendered prompt, special tokens removed.
 
-    Returns
-    -------
-    list[dict[str, str]]
-        Per conversation: ``prompt`` (the last user turn), ``reference`` (the
-        data's response) and ``answer`` (the model's, special tokens removed).
+    A prompt is text the model continues (a chat rendered up to the generation
+    prompt); the answer ends at the end-of-sequence or pad token, or after
+    ``max_new_tokens``.
     """
     pad = tokenizer.pad_token_id
     stop = [t for t in (tokenizer.eos_token_id, pad) if t is not None]
-    rows = []
-    for conversation in conversations:
-        prompt = render_prompt(tokenizer, template, conversation)
-        ids = encode_prompts(tokenizer, [prompt])[0]
-        answer = generate_greedy(
+    answers = []
+    for ids in encode_prompts(tokenizer, prompts):
+        tokens = generate_greedy(
             model,
             ids,
             max_new_tokens=max_new_tokens,
             stop=stop,
             pad_token_id=int(pad if pad is not None else 0),
         )
-        last = max(k for k, (role, _) in enumerate(conversation) if role == "assistant")
-        asked = [c for r, c in conversation[:last] if r == "user"]
-        rows.append(
-            {
-                "prompt": asked[-1] if asked else "",
-                "reference": conversation[last][1],
-                "answer": str(tokenizer.decode(answer, skip_special_tokens=True)),
-            }
-        )
-    return rows
-
-
-def write_samples(rows: Sequence[dict[str, str]], out: Path) -> Path:
-    """Write ``rows`` to ``out/samples.jsonl`` atomically; return the path."""
-    path = out / SAMPLES_FILE
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_text_atomic(path, text)
-    return path
-
-
-def write_benchmark(report: dict[str, Any], out: Path) -> Path:
-    """Write a benchmark report to ``out/benchmark.json`` atomically."""
-    path = out / BENCHMARK_FILE
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-    return path
+        answers.append(str(tokenizer.decode(tokens, skip_special_tokens=True)))
+    return answers
 
 
 def summary_line(report: dict[str, Any]) -> str:
