@@ -43,7 +43,9 @@ from lora_flwr.data.datasets import source_stamp
 from lora_flwr.lora import LoRAAdapter
 from lora_flwr.models import ModelBundle, load_model
 from lora_flwr.models.bundle import EncoderOnlyError
+from lora_flwr.models.quantize import check_device, quantize_linears
 from lora_flwr.training import LoRATrainer
+from lora_flwr.training.trainer import resolve_device
 
 _LOCK = threading.RLock()
 logger = logging.getLogger(__name__)
@@ -222,6 +224,8 @@ def get_workspace(cfg: ExperimentConfig) -> Workspace:
                     raise
                 # The task came from the data: say why the data has no labels.
                 raise ValueError(_no_labels_for_classifier(cfg, exc)) from None
+            if model_cfg.quantization != "none":
+                _quantize(bundle, cfg)
             adapter = LoRAAdapter(cfg.lora, seed=cfg.seed)
             adapter.apply(bundle.model)
             shared = _Shared(bundle, adapter, adapter.get_named_weights())
@@ -239,6 +243,14 @@ def get_workspace(cfg: ExperimentConfig) -> Workspace:
             )
             shared.trainers[settings] = trainer
         return Workspace(shared.bundle, shared.adapter, trainer, shared.initial)
+
+
+def _quantize(bundle: ModelBundle, cfg: ExperimentConfig) -> None:
+    """Swap the frozen base's linear layers for int8 / NF4 ones (model.quantization)."""
+    mode = cfg.model.quantization
+    check_device(mode, resolve_device(cfg.compute.device))
+    names = quantize_linears(bundle.model, mode, skip=cfg.lora.modules_to_save)
+    logger.info("model.quantization = %r: %d linear layers quantized", mode, len(names))
 
 
 def clear_caches() -> None:

@@ -23,6 +23,11 @@ InitLoraWeights = Literal["kaiming", "gaussian"]
 # ShareGPT's conversations (from / value); "auto": chat or alpaca when the rows
 # have those fields, else text.
 DataFormat = Literal["auto", "text", "alpaca", "chat"]
+# model.quantization: the frozen base's linear layers in int8 or NF4 (bitsandbytes).
+Quantization = Literal["none", "int8", "nf4"]
+# The rules that fold part of the update into the base weights (a base delta),
+# which a quantized base cannot hold.
+BASE_DELTA_RULES: tuple[str, ...] = ("flora", "fedex")
 # model.fallback_template: the chat template used when the tokenizer has none.
 FallbackTemplate = Literal["none", "chatml"]
 # eval.benchmark: what the server scores the final global model on ("none": nothing).

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lora_flwr.config.choices import NATIVE_MODEL_NAMES
+from lora_flwr.config.choices import BASE_DELTA_RULES, NATIVE_MODEL_NAMES
 
 if TYPE_CHECKING:
     from lora_flwr.config.schema import ExperimentConfig
@@ -109,6 +109,16 @@ REFUSALS: tuple[Refusal, ...] = (
         "with a plain-torch implementation)",
     ),
     # ------------------------------------------------------------------- train
+    Refusal(
+        ("model.quantization", "fed.aggregation"),
+        lambda c: (
+            c.model.quantization != "none" and c.fed.aggregation in BASE_DELTA_RULES
+        ),
+        "'none' with fed.aggregation={fed.aggregation}: "
+        f"{' and '.join(BASE_DELTA_RULES)} fold part of the update into the base "
+        "weights, which a quantized base cannot hold; use another rule (e.g. "
+        "fedit, flexlora)",
+    ),
     Refusal(
         ("train.local_steps", "train.local_epochs"),
         lambda c: c.train.local_steps == 0 and c.train.local_epochs == 0,

@@ -23,6 +23,7 @@ from lora_flwr.config.choices import (
     Optimizer,
     Partitioner,
     Precision,
+    Quantization,
 )
 from lora_flwr.config.fields import (
     ABOVE_0,
@@ -100,6 +101,11 @@ class ModelConfig:
     # without a template is refused ("none") unless this names a fallback
     # ("chatml": <|im_start|>role\ncontent<|im_end|>, SmolLM2-Instruct's format).
     fallback_template: FallbackTemplate = "none"
+    # The frozen base's linear layers in 8 bits ("int8", LLM.int8()) or 4 bits
+    # ("nf4", QLoRA) through bitsandbytes, on the CPU or a CUDA GPU; LoRA factors,
+    # head and embeddings stay float32. Smaller weights, slower steps on a CPU
+    # (docs/BENCHMARKS.md).
+    quantization: Quantization = "none"
 
     def __post_init__(self) -> None:
         """Check the fields and the model section's refusals."""

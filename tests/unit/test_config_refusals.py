@@ -29,6 +29,10 @@ CASES: dict[tuple[str, ...], tuple[dict[str, Any], dict[str, Any]]] = {
         {"model.name": "tiny-bert", "model.implementation": "native"},
         {"model.name": "minilm", "model.implementation": "native"},
     ),
+    ("model.quantization", "fed.aggregation"): (
+        {"model.quantization": "nf4", "fed.aggregation": "flora"},
+        {"model.quantization": "nf4", "fed.aggregation": "flexlora"},
+    ),
     ("train.local_steps", "train.local_epochs"): (
         {"train.local_steps": 0},
         {"train.local_steps": 0, "train.local_epochs": 1.0},
