@@ -1,4 +1,7 @@
-"""Peak memory and step time with and without ``compute.gradient_checkpointing``.
+"""Peak memory and step time with and without checkpointing and a quantized base.
+
+``compute.gradient_checkpointing`` on and off, for each ``model.quantization``
+(none, int8, nf4: bitsandbytes' layers under the LoRA factors).
 
 Not a test. SmolLM2-135M-Instruct (built-in ``smollm2-135m``), LoRA r=8 on
 ``q_proj``/``v_proj`` (the project's defaults), batches of 8 x 256 tokens drawn
@@ -44,7 +47,11 @@ def _rss_mb() -> float:
 
 
 def measure(
-    implementation: str, checkpointing: bool, steps: int, threads: int
+    implementation: str,
+    checkpointing: bool,
+    steps: int,
+    threads: int,
+    quantization: str = "none",
 ) -> dict[str, Any]:
     """Train ``steps`` steps in this process; return its memory and step times."""
     import torch
@@ -53,6 +60,7 @@ def measure(
     from lora_flwr.data import TokenizedDataset
     from lora_flwr.lora import LoRAAdapter
     from lora_flwr.models import load_model
+    from lora_flwr.models.quantize import quantize_linears
     from lora_flwr.training import LoRATrainer
 
     torch.set_num_threads(threads)
@@ -60,6 +68,8 @@ def measure(
         name="smollm2-135m", task="causal_lm", implementation=implementation
     )
     bundle = load_model(cfg, seed=0)
+    if quantization != "none":
+        quantize_linears(bundle.model, quantization)
     adapter = LoRAAdapter(LoraConfig(r=8, lora_alpha=16.0, lora_dropout=0.05), seed=0)
     adapter.apply(bundle.model)
     vocab = int(bundle.model.config.vocab_size)
@@ -89,6 +99,7 @@ def measure(
     times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     out = {
         "implementation": implementation,
+        "quantization": quantization,
         "gradient_checkpointing": checkpointing,
         "rss_after_load_mib": round(loaded, 1),
         # ru_maxrss is in KiB on Linux
@@ -106,13 +117,16 @@ def measure(
     return out
 
 
-def _child(args: argparse.Namespace, implementation: str, on: bool) -> dict[str, Any]:
+def _child(
+    args: argparse.Namespace, implementation: str, quantization: str, on: bool
+) -> dict[str, Any]:
     """Run one setting in a fresh interpreter; return its JSON line."""
     cmd = [
         sys.executable,
         __file__,
         "--child",
         implementation,
+        quantization,
         "on" if on else "off",
         "--steps",
         str(args.steps),
@@ -135,28 +149,43 @@ def main() -> None:
         default=["native"],
         choices=["native", "transformers"],
     )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none", "int8", "nf4"],
+        choices=["none", "int8", "nf4"],
+    )
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        impl, on = args.child
-        print(json.dumps(measure(impl, on == "on", args.steps, args.threads)))
+        impl, quant, on = args.child
+        print(json.dumps(measure(impl, on == "on", args.steps, args.threads, quant)))
         return
     from lora_flwr.machine import cpu_model_name
 
-    head = ("implementation", "ckpt", "load MiB", "peak MiB", "s/step")
-    print(f"{head[0]:<13} {head[1]:<5} {head[2]:>9} {head[3]:>9} {head[4]:>7}  loss")
+    head = ("implementation", "quant", "ckpt", "load MiB", "peak MiB", "s/step")
+    print(
+        f"{head[0]:<13} {head[1]:<5} {head[2]:<5} {head[3]:>9} {head[4]:>9} "
+        f"{head[5]:>7}  loss"
+    )
     rows = []
-    for impl in args.implementation:
-        for on in (False, True):
-            r = _child(args, impl, on)  # each row as it comes: a setting takes minutes
-            rows.append(r)
-            print(
-                f"{r['implementation']:<13} {str(r['gradient_checkpointing']):<5} "
-                f"{r['rss_after_load_mib']:>9.0f} {r['peak_rss_mib']:>9.0f} "
-                f"{r['median_step_seconds']:>7.2f}  {r['train_loss']:.6f}",
-                flush=True,
-            )
+    settings = [
+        (impl, quant, on)
+        for impl in args.implementation
+        for quant in args.quantization
+        for on in (False, True)
+    ]
+    for impl, quant, on in settings:
+        r = _child(args, impl, quant, on)  # each row as it comes: minutes each
+        rows.append(r)
+        print(
+            f"{r['implementation']:<13} {r['quantization']:<5} "
+            f"{str(r['gradient_checkpointing']):<5} "
+            f"{r['rss_after_load_mib']:>9.0f} {r['peak_rss_mib']:>9.0f} "
+            f"{r['median_step_seconds']:>7.2f}  {r['train_loss']:.6f}",
+            flush=True,
+        )
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": cpu_model_name(),
