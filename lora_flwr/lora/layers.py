@@ -120,6 +120,18 @@ class LoRALinear(nn.Module):
         assert isinstance(weight, torch.Tensor)
         return weight
 
+    def _writable_base_weight(self, what: str) -> torch.Tensor:
+        """The base weight, refused when it is quantized (integer codes)."""
+        weight = self._base_weight()
+        if not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"cannot {what} a quantized base layer "
+                f"({type(self.base_layer).__name__}, {weight.dtype}); keep the "
+                "adapter separate, or load the base with model.quantization = "
+                "'none' to merge"
+            )
+        return weight
+
     @torch.no_grad()
     def reset_lora_parameters(
         self,
@@ -173,6 +185,7 @@ class LoRALinear(nn.Module):
                 weight.copy_(self._pristine_weight)
             self._delta_active = False
             return
+        weight = self._writable_base_weight("set a base delta on")
         if tuple(delta.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"base delta of shape {tuple(delta.shape)}, expected "
@@ -208,7 +221,7 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
-        weight = self._base_weight()
+        weight = self._writable_base_weight("merge LoRA into")
         merged = weight + self.get_delta_weight()
         if not torch.isfinite(merged).all():
             raise ValueError(

@@ -8,9 +8,12 @@ kernels), so one code path serves both; the layers are swapped in place after th
 model is built in float32, before LoRA wraps them, and move to a GPU with the
 model (bitsandbytes carries their scales along).
 
-What this gives and costs is measured in docs/BENCHMARKS.md: the weights shrink
-(int8 to about 2/5, NF4 to about 1/3 of float32 for SmolLM2-135M), the step gets
-slower on a CPU and the peak memory of training is not lower there.
+The layers run under :class:`_FrozenBase`: their forward keeps nothing for the
+backward pass, which recomputes the input's gradient from the quantized weight
+(dequantized for the moment it takes). bitsandbytes' own autograd keeps a float
+copy of every weight (and int8 also the layer's input) until backward, so without
+this a quantized base would need *more* memory in training than a float32 one.
+What this gives and costs is measured in docs/BENCHMARKS.md.
 
 Merging a delta into a quantized weight is not defined, so the rules that keep part
 of the update in the base (flora, fedex) are refused with a quantized base, and
@@ -117,13 +120,64 @@ def quantize_linears(
     return [name for name, _ in targets]
 
 
+class _FrozenBase(torch.autograd.Function):
+    """``y = layer(x)`` for a frozen quantized layer, saving nothing for backward.
+
+    The weight takes no gradient, so the only gradient is the input's,
+    ``dL/dx = dL/dy @ W``; backward dequantizes ``W`` to compute it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module, run: Any) -> Any:
+        ctx.layer = layer
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        weight = dequantized_weight(ctx.layer)
+        return grad @ weight.to(grad.dtype), None, None
+
+
+def dequantized_weight(layer: Any) -> torch.Tensor:
+    """Return the float32 ``(out, in)`` weight a quantized layer computes with."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if type(weight).__name__ == "Params4bit":
+        out = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return torch.as_tensor(out).float()
+    # LLM.int8() without outliers: each row is int8 codes times its absmax / 127.
+    # The row scales move from the weight to the layer's state at its first call.
+    scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+    return torch.as_tensor(weight.data.float() * (scales.float() / 127.0)[:, None])
+
+
+_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def _frozen_class(bnb: Any, mode: str) -> type[nn.Module]:
+    """Return the bitsandbytes layer class for ``mode``, run by :class:`_FrozenBase`."""
+    if mode not in _CLASSES:
+        base = bnb.nn.Linear8bitLt if mode == "int8" else bnb.nn.Linear4bit
+
+        class Frozen(base):  # type: ignore[misc, valid-type]
+            def forward(self, x: torch.Tensor) -> Any:
+                return _FrozenBase.apply(x, self, super().forward)  # type: ignore[no-untyped-call]
+
+        Frozen.__name__ = Frozen.__qualname__ = "Frozen" + base.__name__
+        _CLASSES[mode] = Frozen
+    return _CLASSES[mode]
+
+
 def _quantized(bnb: Any, linear: nn.Linear, mode: str) -> nn.Module:
     """One bitsandbytes layer holding ``linear``'s weight and bias, quantized."""
     weight = linear.weight.detach().float().contiguous()
     bias = linear.bias is not None
     layer: nn.Module
+    cls = _frozen_class(bnb, mode)
     if mode == "int8":
-        layer = bnb.nn.Linear8bitLt(
+        layer = cls(
             linear.in_features,
             linear.out_features,
             bias=bias,
@@ -134,7 +188,7 @@ def _quantized(bnb: Any, linear: nn.Linear, mode: str) -> nn.Module:
             weight, requires_grad=False, has_fp16_weights=False
         )
     else:
-        layer = bnb.nn.Linear4bit(
+        layer = cls(
             linear.in_features,
             linear.out_features,
             bias=bias,

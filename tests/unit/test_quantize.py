@@ -17,6 +17,7 @@ from lora_flwr.lora.layers import LoRALinear
 from lora_flwr.models.quantize import (
     QuantizationUnavailable,
     check_device,
+    dequantized_weight,
     quantize_linears,
 )
 
@@ -91,7 +92,8 @@ def test_lora_trains_on_a_quantized_base_that_stays_as_it_was(
 
     # Assert
     assert wrapped and all(
-        type(m.base_layer).__name__ in ("Linear8bitLt", "Linear4bit") for m in wrapped
+        type(m.base_layer).__name__ in ("FrozenLinear8bitLt", "FrozenLinear4bit")
+        for m in wrapped
     )
     assert all(m.lora_A.weight.dtype == torch.float32 for m in wrapped)
     moved = ws.adapter.get_named_weights()
@@ -134,3 +136,52 @@ def test_a_missing_library_or_an_unsupported_device_is_one_line(
     assert "not on 'mps'" in str(mps.value)
     with pytest.raises(ValueError, match="should be one of"):
         quantize_linears(nn.Sequential(nn.Linear(4, 4)), "int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("called_before", [False, True])
+def test_the_frozen_base_keeps_nothing_for_backward_and_gives_the_exact_gradient(
+    mode: str, called_before: bool
+) -> None:
+    # Prepare: a layer called once already has moved its int8 scales to its state
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 96))
+    quantize_linears(model, mode)
+    layer = model[0]
+    if called_before:
+        layer(torch.randn(2, 64))
+    x = torch.randn(5, 64, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    # Execute
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    (y.square().sum()).backward()
+    got = x.grad
+    x.grad = None
+    weight = dequantized_weight(layer)
+    (x @ weight.T + layer.bias).square().sum().backward()
+
+    # Assert
+    assert type(layer).__name__ in ("FrozenLinear8bitLt", "FrozenLinear4bit")
+    assert sum(saved) == 0
+    assert got is not None and x.grad is not None
+    torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_into_a_quantized_layer_is_refused_not_silently_dropped() -> None:
+    # Prepare
+    model = nn.Sequential(nn.Linear(8, 8))
+    quantize_linears(model, "int8")
+    lora = LoRALinear(model[0], r=2, lora_alpha=2.0, lora_dropout=0.0, scaling=1.0)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="cannot merge LoRA into a quantized base"):
+        lora.merge()
+    with pytest.raises(ValueError, match="cannot set a base delta on a quantized"):
+        lora.set_base_delta(torch.zeros(8, 8))
+    lora.set_base_delta(None)  # the workspace's reset: nothing to undo, no error
