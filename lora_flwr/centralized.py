@@ -27,7 +27,7 @@ from lora_flwr.config import (
 )
 from lora_flwr.experiment import centralized_train_data, get_workspace, heldout_data
 from lora_flwr.models import base_model_source
-from lora_flwr.readout import check_readout, final_readout, wants_readout
+from lora_flwr.readout import check_readout, print_readout
 
 log = logging.getLogger("lora_flwr.centralized")
 
@@ -110,9 +110,7 @@ def run_centralized(
         "adapter", base_model_name_or_path=base_model_source(cfg.model.name)
     )
     write_text_atomic(out / "history.json", json.dumps(result, indent=2))
-    if wants_readout(cfg):  # eval.benchmark / eval.samples on the trained model
-        for line in final_readout(ws, cfg, out):
-            print(line, flush=True)
+    print_readout(ws, cfg, out)  # eval.benchmark / eval.samples, if asked
     return result
 
 

@@ -83,6 +83,13 @@ def check_readout(ws: Workspace, cfg: ExperimentConfig) -> None:
         )
 
 
+def print_readout(ws: Workspace, cfg: ExperimentConfig, out: Path) -> None:
+    """Run :func:`final_readout` if the config asks for one; print its lines."""
+    if wants_readout(cfg):
+        for line in final_readout(ws, cfg, out):
+            print(line, flush=True)
+
+
 def final_readout(ws: Workspace, cfg: ExperimentConfig, out: Path) -> list[str]:
     """Score the loaded global model and write its read-outs to ``out``.
 

@@ -41,7 +41,7 @@ from lora_flwr.lora.io import (
 from lora_flwr.models import base_model_source
 from lora_flwr.preflight import preflight
 from lora_flwr.privacy import require_accountant
-from lora_flwr.readout import final_readout, wants_readout
+from lora_flwr.readout import print_readout
 from lora_flwr.results import (
     format_header,
     format_row,
@@ -136,9 +136,7 @@ def build_strategy(
             if rnd == cfg.fed.num_rounds:
                 save(out / "adapter", strategy)  # loads the global adapter too
                 plot_history(history, out)
-                if wants_readout(cfg):
-                    for line in final_readout(ws, cfg, out):
-                        print(line, flush=True)
+                print_readout(ws, cfg, out)  # eval.benchmark, eval.samples
             if rnd > 0:
                 # Last: a resume restarts after the newest round whose state is
                 # here, and drops any later history row.

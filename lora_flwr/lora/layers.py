@@ -121,7 +121,7 @@ class LoRALinear(nn.Module):
         return weight
 
     def _writable_base_weight(self, what: str) -> torch.Tensor:
-        """The base weight, refused when it is quantized (integer codes)."""
+        """Return the base weight; refuse a quantized one (integer codes)."""
         weight = self._base_weight()
         if not weight.dtype.is_floating_point:
             raise ValueError(
