@@ -116,7 +116,7 @@ def _row(label: str, folder: Path | None, bench: Path) -> dict[str, Any]:
         row["tokens_s"] = sum(r["tokens"] for r in rounds) / sum(
             r["client_seconds_sum"] for r in rounds
         )
-        row["round_s"] = statistics.mean(r["seconds"] for r in rounds)
+        row["round_s"] = statistics.mean(r["round_seconds"] for r in rounds)
     elif isinstance(data, dict):  # centralised: evaluations by step
         row["loss0"] = data["history"][0]["loss"]
         row["loss"] = data["final"]["loss"]

@@ -1,8 +1,8 @@
 """configs/instruct.toml end to end: SmolLM2-135M-Instruct on the offline Alpaca rows.
 
 Runs ``python run_simulation.py --config configs/instruct.toml`` as a user does,
-shortened (one round of two steps, one MMLU question per subject, two sample
-answers), and checks what it prints and writes. Fetches the SmolLM2, Alpaca
+shortened (one round of two steps of batch 2, one MMLU question per subject, two
+sample answers), and checks what it prints and writes. Fetches the SmolLM2, Alpaca
 (LlamaFactory sdist) and MMLU assets once.
 """
 
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHORT = [
     "fed.num_rounds=1",
     "train.local_steps=2",
+    "train.batch_size=2",  # half the activations: two actors fit beside other jobs
     "eval.max_examples=8",
     "eval.benchmark_per_subject=1",
     "eval.samples=2",
