@@ -3,8 +3,8 @@
 QLoRA's recipe (Dettmers et al. 2023): every linear layer of the frozen base holds
 its weight in int8 (LLM.int8(), ``Linear8bitLt``) or NF4 (``Linear4bit``) and
 dequantizes it on the fly; the LoRA factors, the head and the embeddings stay in
-float32. bitsandbytes runs both on CUDA and, since 0.46, on the CPU (its own
-kernels), so one code path serves both; the layers are swapped in place after the
+float32. bitsandbytes runs both on CUDA and on the CPU (its own kernels; 0.50.2
+measured here), so one code path serves both; the layers are swapped in place after the
 model is built in float32, before LoRA wraps them, and move to a GPU with the
 model (bitsandbytes carries their scales along).
 
@@ -33,9 +33,10 @@ from torch import nn
 MODES = ("int8", "nf4")
 # The release whose CPU kernels were measured here; any later one should do.
 BITSANDBYTES = "bitsandbytes==0.50.2"
-# Never quantized: the output projection (often tied to the embeddings) and any
-# module trained in full (modules_to_save, e.g. a classifier head).
-ALWAYS_SKIPPED = ("lm_head",)
+# Never quantized: the output projection (often tied to the embeddings), the
+# classification heads of BERT- and Llama-style models, and (passed by the caller)
+# any module trained in full (modules_to_save).
+ALWAYS_SKIPPED = ("lm_head", "classifier", "score")
 
 
 class QuantizationUnavailable(ValueError):
