@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ CONFIG = REPO / "configs" / "instruct.toml"
 sys.path.insert(0, str(REPO))
 
 from lora_flwr.config import ExperimentConfig  # noqa: E402
+from lora_flwr.server.sampling import sample_count  # noqa: E402
 
 
 def _run(cmd: list[str], log: Path) -> float:
@@ -75,7 +75,10 @@ def run_parts(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
             )
             (out / f"fed-s{seed}" / "wall.json").write_text(json.dumps(seconds))
         if "central" in args.parts:
-            steps = cfg.fed.num_rounds * _per_round(cfg) * cfg.train.local_steps
+            per_round = sample_count(
+                cfg.fed.num_clients, cfg.sampling.fraction, cfg.sampling.min_clients
+            )
+            steps = cfg.fed.num_rounds * per_round * cfg.train.local_steps
             seconds = _run(
                 [py, "-m", "lora_flwr.centralized", "--config", str(CONFIG)]
                 + _sets(common)
@@ -83,12 +86,6 @@ def run_parts(args: argparse.Namespace, cfg: ExperimentConfig) -> None:
                 out / f"central-s{seed}.log",
             )
             (out / f"central-s{seed}" / "wall.json").write_text(json.dumps(seconds))
-
-
-def _per_round(cfg: ExperimentConfig) -> int:
-    """Clients sampled per round (fraction of the federation, at least the minimum)."""
-    by_fraction = math.floor(cfg.sampling.fraction * cfg.fed.num_clients)
-    return max(cfg.sampling.min_clients, by_fraction)
 
 
 def _score(path: Path) -> tuple[float | None, float | None]:

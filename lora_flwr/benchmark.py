@@ -30,8 +30,14 @@ from torch import nn
 from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import ModelConfig
 from lora_flwr.evaluation import SPLITS
-from lora_flwr.evaluation.after_run import benchmark_report, format_table, percent
+from lora_flwr.evaluation.after_run import (
+    benchmark_report,
+    format_table,
+    percent,
+    questions_phrase,
+)
 from lora_flwr.evaluation.flowertune import BenchmarkResult
+from lora_flwr.export import one_line
 from lora_flwr.lora import load_adapter, load_base_delta
 from lora_flwr.lora.io import BASE_DELTA_NAME
 from lora_flwr.models import load_model
@@ -156,15 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             implementation=args.implementation,
         )
     except (ValueError, RuntimeError, OSError) as exc:
-        lines = str(exc).strip().splitlines()
-        print(f"error: {lines[0] if lines else type(exc).__name__}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    sample = f", at most {args.per_subject} per subject" if args.per_subject else ""
     adapter = f" + {args.adapter}" if args.adapter else ""
     print(
-        f"MMLU {args.split} ({report['questions']:,} questions{sample}), "
-        f"{args.model}{adapter}, FlowerTune General-NLP protocol, "
-        f"{report['wall_s']} s"
+        f"{questions_phrase(report)}, {args.model}{adapter}, FlowerTune General-NLP "
+        f"protocol, {report['wall_s']} s"
     )
     print(format_table(result))
     print(

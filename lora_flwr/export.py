@@ -107,7 +107,7 @@ def read_run(run_dir: str | Path) -> RunAdapter:
         cfg = ExperimentConfig.from_toml(config_file)
         peft_config = json.loads((adapter_dir / CONFIG_NAME).read_text("utf-8"))
     except (ValueError, OSError) as exc:
-        raise ExportError(f"Cannot read run {run}: {_one_line(exc)}") from exc
+        raise ExportError(f"Cannot read run {run}: {one_line(exc)}") from exc
     if not isinstance(peft_config, dict):
         raise ExportError(f"{adapter_dir / CONFIG_NAME} is not a JSON object")
     return RunAdapter(cfg, adapter_dir, peft_config)
@@ -209,7 +209,7 @@ def export_merged(
     except (ValueError, FileNotFoundError) as exc:
         raise ExportError(
             f"Cannot merge the adapter in {run.adapter_dir} into "
-            f"{cfg.model.name!r}: {_one_line(exc)}"
+            f"{cfg.model.name!r}: {one_line(exc)}"
         ) from exc
     model.to(DTYPES[dtype])
     save_pretrained = getattr(model, "save_pretrained", None)
@@ -231,7 +231,7 @@ def _load_base(model_cfg: ModelConfig, seed: int) -> Any:
         return load_model(model_cfg, seed=seed)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ExportError(
-            f"Cannot load the run's base model {model_cfg.name!r}: {_one_line(exc)}"
+            f"Cannot load the run's base model {model_cfg.name!r}: {one_line(exc)}"
         ) from exc
 
 
@@ -250,7 +250,8 @@ def _run_task(run: RunAdapter) -> Task:
     return resolved
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """Return the first line of an error's message (its type name if empty)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 

@@ -23,7 +23,7 @@ from typing import Any
 from lora_flwr.atomic import write_text_atomic
 from lora_flwr.config import ExperimentConfig
 from lora_flwr.data import eval_subset
-from lora_flwr.data.chat import chat_template, render_prompt
+from lora_flwr.data.chat import chat_template, last_response, render_prompt
 from lora_flwr.data.corpus import Conversation
 from lora_flwr.evaluation.after_run import (
     answer_prompts,
@@ -154,7 +154,7 @@ def sample_rows(
     answers = answer_prompts(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     rows = []
     for conversation, answer in zip(conversations, answers, strict=True):
-        last = max(k for k, (r, _) in enumerate(conversation) if r == "assistant")
+        last = last_response(conversation)
         asked = [c for r, c in conversation[:last] if r == "user"]
         rows.append(
             {

@@ -151,6 +151,14 @@ def render(tokenizer: Any, template: str, conversation: Conversation) -> Rendere
     return RenderedSpans(full, tuple(spans))
 
 
+def last_response(conversation: Conversation) -> int:
+    """Return the index of the conversation's last assistant turn (-1: none)."""
+    return max(
+        (k for k, (role, _) in enumerate(conversation) if role == "assistant"),
+        default=-1,
+    )
+
+
 def render_prompt(tokenizer: Any, template: str, conversation: Conversation) -> str:
     r"""Render a conversation's turns before its last response, ready to answer.
 
@@ -163,10 +171,8 @@ def render_prompt(tokenizer: Any, template: str, conversation: Conversation) -> 
     ValueError
         If the conversation has no assistant turn, or none with a turn before it.
     """
-    last = max(
-        (k for k, (r, _) in enumerate(conversation) if r == "assistant"), default=0
-    )
-    if last == 0:
+    last = last_response(conversation)
+    if last < 1:
         raise ValueError(
             "a conversation needs a turn before its last assistant turn to be asked"
         )

@@ -166,19 +166,21 @@ def answer_prompts(
     return answers
 
 
+def questions_phrase(report: dict[str, Any]) -> str:
+    """Return ``MMLU <split> (<n> questions[, at most <k> per subject])``."""
+    k = report["per_subject"]
+    sample = f", at most {k} per subject" if k else ""
+    return f"MMLU {report['split']} ({report['questions']:,} questions{sample})"
+
+
 def summary_line(report: dict[str, Any]) -> str:
     """One line: the protocol's average and categories, and the letter choice's."""
     cats = report["categories"]
     parts = ", ".join(
         f"{c} {percent(cats[c]['accuracy'])}" for c in BOARD_CATEGORIES if c in cats
     )
-    sample = (
-        f", at most {report['per_subject']} per subject"
-        if report["per_subject"]
-        else ""
-    )
     return (
-        f"MMLU {report['split']} ({report['questions']:,} questions{sample}), "
+        f"{questions_phrase(report)}, "
         f"FlowerTune General-NLP protocol: average {percent(report['average'])} "
         f"({parts}); letter choice: average "
         f"{percent(report['letter_choice']['average'])} ({report['wall_s']} s)"

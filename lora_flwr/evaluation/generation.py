@@ -227,8 +227,11 @@ def answer_questions(
         The decoded answer token of each question (``skip_special_tokens=True``,
         so an end-of-turn token decodes to ``""`` and scores wrong).
     """
-    outputs, _ = answer_and_choose(model, tokenizer, questions, batch_size=batch_size)
-    return outputs
+    prompts = encode_prompts(tokenizer, [build_prompt(q) for q in questions])
+    tokens = greedy_next_tokens(
+        model, prompts, pad_token_id=_pad_id(tokenizer), batch_size=batch_size
+    )
+    return [str(tokenizer.decode([t], skip_special_tokens=True)) for t in tokens]
 
 
 def answer_and_choose(
@@ -247,9 +250,6 @@ def answer_and_choose(
     the model knows whether or not it answers with a letter on its own.
     """
     prompts = encode_prompts(tokenizer, [build_prompt(q) for q in questions])
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has no pad token; set `pad_token` first")
     letters = [
         chr(65 + k) for k in range(max((len(q.choices) for q in questions), default=0))
     ]
@@ -258,12 +258,20 @@ def answer_and_choose(
     greedy, chosen = next_tokens(
         model,
         prompts,
-        pad_token_id=int(pad),
+        pad_token_id=_pad_id(tokenizer),
         batch_size=batch_size,
         candidates=candidates,
     )
     outputs = [str(tokenizer.decode([t], skip_special_tokens=True)) for t in greedy]
     return outputs, [letters[k] for k in chosen]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Return the tokenizer's pad token id; refuse a tokenizer without one."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad token; set `pad_token` first")
+    return int(pad)
 
 
 def _letter_token(tokenizer: Any, letter: str) -> int:
